@@ -1,0 +1,266 @@
+"""Decode attention (one query token per sequence) over a quantized cache plus a float residual window.
+
+The Triton path is split over the sequence (flash-decoding): each program takes one KV head, all of its
+``n_rep`` query heads (GQA) and a chunk of tokens, dequantizes the packed keys and values in registers and
+runs an online softmax; a second kernel merges the partial ``(max, sum, acc)`` of all chunks. The
+quantized tokens come first in the sequence, then the residual window; the result does not depend on the
+order, since softmax attention is permutation invariant over keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvcompress.cache.quant import Packed, dequantize
+
+from .pack import load_dequant
+
+_TARGET_PROGRAMS = 512  # enough chunk programs to fill a large GPU several times over
+_REGISTER_TILE = 8192  # elements of the [heads, tokens, dim] product held by one program
+
+
+def _check(
+    q: torch.Tensor, k: Packed | None, v: Packed | None, k_res: torch.Tensor, v_res: torch.Tensor
+) -> tuple[int, int]:
+    """Validate shapes; return ``(n_rep, Tq)``."""
+    b, hq, dk = q.shape
+    _, hkv, tr, _ = k_res.shape
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of KV heads {hkv}")
+    if k_res.shape != (b, hkv, tr, dk) or v_res.shape[:3] != (b, hkv, tr):
+        raise ValueError(f"residual shapes {tuple(k_res.shape)}, {tuple(v_res.shape)} do not match q")
+    if (k is None) != (v is None):
+        raise ValueError("keys and values must both be quantized or both be absent")
+    if k is None or v is None:
+        return hq // hkv, 0
+    if k.along != "tokens" or v.along != "channels":
+        raise ValueError("keys must be quantized along tokens and values along channels")
+    if k.codes.shape[:3] != (b, hkv, k.num_tokens) or v.codes.shape[:3] != (b, hkv, k.num_tokens):
+        raise ValueError("quantized keys and values must be [B, Hkv, Tq, ...] with the same Tq")
+    if k.dim != dk or v.dim != v_res.shape[-1]:
+        raise ValueError("quantized and residual head dims differ")
+    return hq // hkv, k.num_tokens
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k: Packed | None,
+    v: Packed | None,
+    k_res: torch.Tensor,
+    v_res: torch.Tensor,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention with dequantize + dense torch (the CPU path).
+
+    Parameters
+    ----------
+    q
+        Queries ``[B, Hq, Dk]`` with ``Hq = Hkv * n_rep``.
+    k, v
+        Quantized keys ``[B, Hkv, Tq, Dk]`` (``along="tokens"``) and values ``[B, Hkv, Tq, Dv]``
+        (``along="channels"``), or both ``None``.
+    k_res, v_res
+        Float residual window ``[B, Hkv, Tr, Dk]`` and ``[B, Hkv, Tr, Dv]``; ``Tr`` may be 0.
+    sm_scale
+        Multiplier of ``q · k`` before the softmax.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        ``out`` float32 ``[B, Hq, Dv]`` and the natural-log ``lse`` float32 ``[B, Hq]`` of the scaled
+        scores (``-inf`` with ``out == 0`` when there are no tokens).
+    """
+    n_rep, _ = _check(q, k, v, k_res, v_res)
+    b, hq, dk = q.shape
+    keys = torch.cat([*([dequantize(k)] if k is not None else []), k_res.float()], dim=2)
+    values = torch.cat([*([dequantize(v)] if v is not None else []), v_res.float()], dim=2)
+    scores = torch.matmul(q.float().reshape(b, hq // n_rep, n_rep, dk), keys.transpose(-1, -2)) * sm_scale
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), values)
+    return out.reshape(b, hq, -1), lse.reshape(b, hq)
+
+
+@triton.jit
+def _load_query(q_ptr, bh, qk_scale, N_REP, DK, BLOCK_R: tl.constexpr, BLOCK_DK: tl.constexpr):
+    r = tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_DK)
+    mask = (r < N_REP)[:, None] & (c < DK)[None, :]
+    q = tl.load(q_ptr + (bh * N_REP + r)[:, None] * DK + c[None, :], mask=mask, other=0.0)
+    return q.to(tl.float32) * qk_scale
+
+
+@triton.jit
+def _attend(q, k, v, valid, m_i, l_i, acc):
+    """Online-softmax step (base 2) of scaled queries ``[R, Dk]`` over a tile ``k [N, Dk]``, ``v [N, Dv]``."""
+    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_partial(m_ptr, l_ptr, acc_ptr, bh, split, n_split, m_i, l_i, acc, N_REP, DV,
+                   BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    r = tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_DV)
+    slot = (bh * N_REP + r) * n_split + split
+    tl.store(m_ptr + slot, m_i, mask=r < N_REP)
+    tl.store(l_ptr + slot, l_i, mask=r < N_REP)
+    tl.store(acc_ptr + slot[:, None] * DV + c[None, :], acc, mask=(r < N_REP)[:, None] & (c < DV)[None, :])
+
+
+@triton.jit
+def _quantized_partial_kernel(
+    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, m_ptr, l_ptr, acc_ptr,
+    T, split_size, n_split, qk_scale, N_REP, DK, DV, K_GROUP, V_GROUP,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PER: tl.constexpr, V_PER: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_VB: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    q = _load_query(q_ptr, bh, qk_scale, N_REP, DK, BLOCK_R, BLOCK_KB * K_PER)
+    m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_VB * V_PER), tl.float32)
+    lo = split * split_size
+    hi = tl.minimum(lo + split_size, T)
+    for start in range(lo, hi, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        valid = t < hi
+        rows = bh * T + t
+        k = load_dequant(kc_ptr, ks_ptr, km_ptr, rows, valid, DK, K_GROUP, 1, K_BITS, K_PER, BLOCK_KB)
+        v = load_dequant(vc_ptr, vs_ptr, vm_ptr, rows, valid, DV, 1, V_GROUP, V_BITS, V_PER, BLOCK_VB)
+        k = tl.reshape(k, (BLOCK_N, BLOCK_KB * K_PER))
+        v = tl.reshape(v, (BLOCK_N, BLOCK_VB * V_PER))
+        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc)
+    _store_partial(m_ptr, l_ptr, acc_ptr, bh, split, n_split, m_i, l_i, acc, N_REP, DV,
+                   BLOCK_R, BLOCK_VB * V_PER)
+
+
+@triton.jit
+def _dense_partial_kernel(
+    q_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr,
+    stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt, stride_vd,
+    H_KV, T, split_size, split_offset, n_split, qk_scale, N_REP, DK, DV,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    q = _load_query(q_ptr, bh, qk_scale, N_REP, DK, BLOCK_R, BLOCK_DK)
+    k_base = k_ptr + (bh // H_KV) * stride_kb + (bh % H_KV) * stride_kh
+    v_base = v_ptr + (bh // H_KV) * stride_vb + (bh % H_KV) * stride_vh
+    ck = tl.arange(0, BLOCK_DK)
+    cv = tl.arange(0, BLOCK_DV)
+    m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
+    lo = split * split_size
+    hi = tl.minimum(lo + split_size, T)
+    for start in range(lo, hi, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        valid = t < hi
+        k = tl.load(k_base + t[:, None] * stride_kt + ck[None, :] * stride_kd,
+                    mask=valid[:, None] & (ck < DK)[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_base + t[:, None] * stride_vt + cv[None, :] * stride_vd,
+                    mask=valid[:, None] & (cv < DV)[None, :], other=0.0).to(tl.float32)
+        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc)
+    _store_partial(m_ptr, l_ptr, acc_ptr, bh, split_offset + split, n_split, m_i, l_i, acc, N_REP, DV,
+                   BLOCK_R, BLOCK_DV)
+
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, n_split, DV,
+                  BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_DV)
+    s_mask = s < n_split
+    m = tl.load(m_ptr + row * n_split + s, mask=s_mask, other=float("-inf"))
+    l = tl.load(l_ptr + row * n_split + s, mask=s_mask, other=0.0)
+    acc = tl.load(acc_ptr + (row * n_split + s)[:, None] * DV + c[None, :],
+                  mask=s_mask[:, None] & (c < DV)[None, :], other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - m_max)
+    total = tl.sum(w * l, axis=0)
+    tl.store(out_ptr + row * DV + c, tl.sum(w[:, None] * acc, axis=0) / total, mask=c < DV)
+    tl.store(lse_ptr + row, (m_max + tl.log2(total)) * 0.6931471805599453)
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k: Packed | None,
+    v: Packed | None,
+    k_res: torch.Tensor,
+    v_res: torch.Tensor,
+    sm_scale: float,
+    *,
+    split_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`decode_attention_ref` (same arguments, same outputs).
+
+    ``split_size`` (tokens per program) overrides the heuristic, which aims at about
+    ``_TARGET_PROGRAMS`` programs and whole tiles of tokens.
+    """
+    n_rep, tq = _check(q, k, v, k_res, v_res)
+    b, hq, dk = q.shape
+    hkv, tr, dv = k_res.shape[1], k_res.shape[2], v_res.shape[-1]
+    out = q.new_zeros((b, hq, dv), dtype=torch.float32)
+    lse = q.new_full((b, hq), -math.inf, dtype=torch.float32)
+    if tq + tr == 0 or out.numel() == 0:
+        return out, lse
+    block_r = triton.next_power_of_2(n_rep)
+    block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    block_n = max(16, min(64, _REGISTER_TILE // (block_r * max(block_dk, block_dv))))
+    if split_size is None:
+        per_head = triton.cdiv(tq + tr, max(1, _TARGET_PROGRAMS // (b * hkv)))
+        split_size = block_n * triton.cdiv(per_head, block_n)
+    n_quant, n_dense = triton.cdiv(tq, split_size), triton.cdiv(tr, split_size)
+    n_split = n_quant + n_dense
+    m = q.new_empty((b * hq, n_split), dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = q.new_empty((b * hq, n_split, dv), dtype=torch.float32)
+    q = q.contiguous()
+    qk_scale = sm_scale * math.log2(math.e)
+    if n_quant:
+        block_kb = triton.next_power_of_2(dk * k.bits // 8)
+        block_vb = triton.next_power_of_2(dv * v.bits // 8)
+        _quantized_partial_kernel[(b * hkv, n_quant)](
+            q, k.codes.contiguous(), k.scale.contiguous(), k.minimum.contiguous(),
+            v.codes.contiguous(), v.scale.contiguous(), v.minimum.contiguous(), m, l, acc,
+            tq, split_size, n_split, qk_scale, n_rep, dk, dv, k.group_size, v.group_size,
+            K_BITS=k.bits, V_BITS=v.bits, K_PER=8 // k.bits, V_PER=8 // v.bits,
+            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_KB=block_kb, BLOCK_VB=block_vb,
+        )
+    if n_dense:
+        _dense_partial_kernel[(b * hkv, n_dense)](
+            q, k_res, v_res, m, l, acc, *k_res.stride(), *v_res.stride(),
+            hkv, tr, split_size, n_quant, n_split, qk_scale, n_rep, dk, dv,
+            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+        )
+    _merge_kernel[(b * hq,)](m, l, acc, out, lse, n_split, dv,
+                             BLOCK_S=triton.next_power_of_2(n_split), BLOCK_DV=block_dv)
+    return out, lse
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: Packed | None,
+    v: Packed | None,
+    k_res: torch.Tensor,
+    v_res: torch.Tensor,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over quantized and residual tokens: Triton on CUDA, torch otherwise.
+
+    See :func:`decode_attention_ref` for the arguments and outputs.
+    """
+    fn = decode_attention_triton if q.is_cuda else decode_attention_ref
+    return fn(q, k, v, k_res, v_res, sm_scale)

@@ -1,0 +1,385 @@
+"""Group-wise asymmetric quantization into bit-packed codes: Triton kernels and plain-torch twins.
+
+A tensor ``x`` of shape ``[..., T, D]`` is cut into groups of ``GT`` tokens by ``GC`` channels and each
+group is stored as ``minimum + code * scale`` with ``code`` in ``[0, 2**bits - 1]``:
+
+- ``along="tokens"`` (keys): ``GT = group_size``, ``GC = 1``, one scale per channel per block of tokens;
+- ``along="channels"`` (values): ``GT = 1``, ``GC = group_size``, one scale per token per block of channels.
+
+``scale`` and ``minimum`` are float16 of shape ``[..., T // GT, D // GC]``. Codes are packed along the last
+dim into uint8 ``[..., T, D * bits // 8]``: channel ``d`` goes to byte ``d // (8 // bits)`` at bit offset
+``bits * (d % (8 // bits))``, low bits first. The decode-attention kernel reads this layout directly.
+
+Rounding: the minimum is rounded *down* and the scale *up* to float16, so every value of a group lies in
+``[minimum, minimum + (2**bits - 1) * scale]`` and the reconstruction error is at most ``scale / 2`` (plus
+float32 rounding). Inputs must therefore lie within the float16 range.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+Along = Literal["tokens", "channels"]
+
+_BITS = (2, 4, 8)
+_REL = 2.0**-10  # one float16 ulp relative to the value (normal range)
+_TINY = 2.0**-24  # the smallest float16 subnormal
+_TILE = 4096  # elements per program in the quantize/dequantize kernels
+
+
+def group_shape(
+    shape: torch.Size | tuple[int, ...], bits: int, group_size: int, along: Along
+) -> tuple[int, int]:
+    """Validate a quantization layout and return its group extent ``(tokens, channels)``.
+
+    Parameters
+    ----------
+    shape
+        Shape ``[..., T, D]`` of the unpacked tensor.
+    bits
+        Code width, one of 2, 4 or 8.
+    group_size
+        Group extent along ``along``; must divide ``T`` (tokens) or ``D`` (channels).
+    along
+        ``"tokens"`` for per-channel groups running along tokens, ``"channels"`` for per-token groups.
+
+    Returns
+    -------
+    tuple[int, int]
+        ``(GT, GC)``: tokens and channels per group.
+
+    Raises
+    ------
+    ValueError
+        On any unsupported combination.
+    """
+    if bits not in _BITS:
+        raise ValueError(f"bits must be one of {_BITS}, got {bits}")
+    if len(shape) < 2:
+        raise ValueError(f"expected a tensor [..., T, D], got shape {tuple(shape)}")
+    t, d = shape[-2], shape[-1]
+    if d % (8 // bits):
+        raise ValueError(f"last dim {d} must be divisible by {8 // bits} to pack {bits}-bit codes")
+    if group_size < 1:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    if along == "tokens":
+        if t % group_size:
+            raise ValueError(f"token count {t} must be a multiple of group_size {group_size}")
+        return group_size, 1
+    if along == "channels":
+        if d % group_size:
+            raise ValueError(f"last dim {d} must be a multiple of group_size {group_size}")
+        return 1, group_size
+    raise ValueError(f"along must be 'tokens' or 'channels', got {along!r}")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``[..., D]`` (values below ``2**bits``) into uint8 ``[..., D * bits // 8]``.
+
+    Parameters
+    ----------
+    codes
+        Integer tensor; the last dim must be divisible by ``8 // bits``.
+    bits
+        Code width, one of 2, 4 or 8.
+
+    Returns
+    -------
+    torch.Tensor
+        The packed bytes.
+    """
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    per = 8 // bits
+    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    return (grouped << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 ``[..., B]`` to uint8 codes ``[..., B * 8 // bits]``.
+
+    Parameters
+    ----------
+    packed
+        Packed bytes.
+    bits
+        Code width, one of 2, 4 or 8.
+
+    Returns
+    -------
+    torch.Tensor
+        The codes.
+    """
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+
+
+def _fp16_floor(v: torch.Tensor) -> torch.Tensor:
+    h = v.half()
+    return torch.where(h.float() <= v, h, (v - v.abs() * _REL - _TINY).half())
+
+
+def _fp16_ceil(v: torch.Tensor) -> torch.Tensor:
+    h = v.half()
+    return torch.where(h.float() >= v, h, (v + v.abs() * _REL + _TINY).half())
+
+
+def _empty_outputs(x: torch.Tensor, bits: int, gt: int, gc: int) -> tuple[torch.Tensor, ...]:
+    *lead, t, d = x.shape
+    codes = x.new_empty((*lead, t, d * bits // 8), dtype=torch.uint8)
+    stats = x.new_empty((*lead, t // gt, d // gc), dtype=torch.float16)
+    return codes, stats, stats.clone()
+
+
+def quantize_pack_ref(
+    x: torch.Tensor, bits: int, group_size: int, along: Along
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize and bit-pack ``x`` with vectorized torch (the CPU path).
+
+    Parameters
+    ----------
+    x
+        Float tensor ``[..., T, D]``.
+    bits
+        Code width, one of 2, 4 or 8.
+    group_size
+        Exact group extent along ``along`` (see :func:`group_shape`).
+    along
+        ``"tokens"`` (keys) or ``"channels"`` (values).
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ``codes`` uint8 ``[..., T, D * bits // 8]``, ``scale`` and ``minimum`` float16
+        ``[..., T // GT, D // GC]``.
+    """
+    gt, gc = group_shape(x.shape, bits, group_size, along)
+    if x.numel() == 0:
+        return _empty_outputs(x, bits, gt, gc)
+    *lead, t, d = x.shape
+    levels = float(2**bits - 1)
+    groups = x.float().reshape(math.prod(lead), t // gt, gt, d // gc, gc)
+    minimum = _fp16_floor(groups.amin(dim=(2, 4)))
+    scale = _fp16_ceil((groups.amax(dim=(2, 4)) - minimum.float()) / levels)
+    s = scale.float()[:, :, None, :, None]
+    inv = torch.where(s > 0, 1.0 / s, 0.0)
+    codes = torch.floor((groups - minimum.float()[:, :, None, :, None]) * inv + 0.5).clamp_(0, levels)
+    packed = pack_codes(codes.reshape(*lead, t, d), bits)
+    return packed, scale.reshape(*lead, t // gt, d // gc), minimum.reshape(*lead, t // gt, d // gc)
+
+
+def unpack_dequantize_ref(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    bits: int,
+    group_size: int,
+    along: Along,
+    dim: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Unpack codes and dequantize with vectorized torch (the CPU path).
+
+    Parameters
+    ----------
+    codes, scale, minimum
+        As returned by :func:`quantize_pack_ref`.
+    bits, group_size, along
+        The layout the codes were made with.
+    dim
+        Unpacked last-dim size ``D``.
+    dtype
+        Output dtype.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[..., T, D]`` reconstruction ``minimum + code * scale``.
+    """
+    *lead, t, _ = codes.shape
+    gt, gc = group_shape((*lead, t, dim), bits, group_size, along)
+    n = math.prod(lead)
+    q = unpack_codes(codes, bits).float().reshape(n, t // gt, gt, dim // gc, gc)
+    s = scale.float().reshape(n, t // gt, 1, dim // gc, 1)
+    m = minimum.float().reshape(n, t // gt, 1, dim // gc, 1)
+    return (m + q * s).reshape(*lead, t, dim).to(dtype)
+
+
+@triton.jit
+def _fp16_floor_tl(v):
+    h = v.to(tl.float16)
+    below = v - tl.abs(v) * 0.0009765625 - 5.960464477539063e-08  # _REL and _TINY
+    return tl.where(h.to(tl.float32) <= v, h, below.to(tl.float16))
+
+
+@triton.jit
+def _fp16_ceil_tl(v):
+    h = v.to(tl.float16)
+    above = v + tl.abs(v) * 0.0009765625 + 5.960464477539063e-08  # _REL and _TINY
+    return tl.where(h.to(tl.float32) >= v, h, above.to(tl.float16))
+
+
+@triton.jit
+def _group_index(rows, c, D, GT, GC):
+    """Flat index into scale/minimum of rows ``[R]`` (flattened ``n * T + t``) by channels ``[B, PER]``."""
+    return (rows // GT)[:, None, None] * (D // GC) + (c // GC)[None, :, :]
+
+
+@triton.jit
+def load_dequant(codes_ptr, scale_ptr, min_ptr, rows, row_mask, D, GT, GC,
+                  BITS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Dequantize whole rows to float32 ``[R, BLOCK_B, PER]``; channel ``b * PER + j``, zeros when masked."""
+    b = tl.arange(0, BLOCK_B)
+    j = tl.arange(0, PER)
+    c = b[:, None] * PER + j[None, :]
+    n_bytes = D // PER
+    byte = tl.load(codes_ptr + rows[:, None] * n_bytes + b[None, :],
+                   mask=row_mask[:, None] & (b < n_bytes)[None, :], other=0)
+    q = (byte.to(tl.int32)[:, :, None] >> (j * BITS)[None, None, :]) & ((1 << BITS) - 1)
+    mask = row_mask[:, None, None] & (c < D)[None, :, :]
+    g = _group_index(rows, c, D, GT, GC)
+    s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(min_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    return m + q.to(tl.float32) * s
+
+
+@triton.jit
+def _group_stats_kernel(x_ptr, scale_ptr, min_ptr, n_groups, D, GT, GC, levels,
+                        BLOCK_K: tl.constexpr, BLOCK_GT: tl.constexpr, BLOCK_GC: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < n_groups
+    row0 = (k // (D // GC)) * GT
+    col0 = (k % (D // GC)) * GC
+    i = tl.arange(0, BLOCK_GT)
+    j = tl.arange(0, BLOCK_GC)
+    offs = (row0[:, None, None] + i[None, :, None]) * D + col0[:, None, None] + j[None, None, :]
+    mask = k_mask[:, None, None] & (i < GT)[None, :, None] & (j < GC)[None, None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    lo = tl.min(tl.min(tl.where(mask, x, float("inf")), axis=2), axis=1)
+    hi = tl.max(tl.max(tl.where(mask, x, float("-inf")), axis=2), axis=1)
+    minimum = _fp16_floor_tl(tl.where(k_mask, lo, 0.0))
+    scale = _fp16_ceil_tl(tl.div_rn(tl.where(k_mask, hi, 0.0) - minimum.to(tl.float32), levels))
+    tl.store(scale_ptr + k, scale, mask=k_mask)
+    tl.store(min_ptr + k, minimum, mask=k_mask)
+
+
+@triton.jit
+def _encode_kernel(x_ptr, scale_ptr, min_ptr, codes_ptr, n_rows, D, GT, GC, levels,
+                   BITS: tl.constexpr, PER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = tl.arange(0, BLOCK_B)
+    j = tl.arange(0, PER)
+    c = b[:, None] * PER + j[None, :]
+    mask = (rows < n_rows)[:, None, None] & (c < D)[None, :, :]
+    x = tl.load(x_ptr + rows[:, None, None] * D + c[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    g = _group_index(rows, c, D, GT, GC)
+    s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(min_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    inv = tl.where(s > 0, tl.div_rn(1.0, tl.where(s > 0, s, 1.0)), 0.0)
+    q = tl.minimum(tl.maximum(tl.floor((x - m) * inv + 0.5), 0.0), levels).to(tl.int32)
+    packed = tl.sum(q << (j * BITS)[None, None, :], axis=2)
+    n_bytes = D // PER
+    tl.store(codes_ptr + rows[:, None] * n_bytes + b[None, :], packed.to(tl.uint8),
+             mask=(rows < n_rows)[:, None] & (b < n_bytes)[None, :])
+
+
+@triton.jit
+def _decode_kernel(codes_ptr, scale_ptr, min_ptr, out_ptr, n_rows, D, GT, GC,
+                   BITS: tl.constexpr, PER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    x = load_dequant(codes_ptr, scale_ptr, min_ptr, rows, row_mask, D, GT, GC, BITS, PER, BLOCK_B)
+    c = tl.arange(0, BLOCK_B)[:, None] * PER + tl.arange(0, PER)[None, :]
+    tl.store(out_ptr + rows[:, None, None] * D + c[None, :, :], x.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None, None] & (c < D)[None, :, :])
+
+
+def _row_tiles(d: int, bits: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_B)`` for kernels that process whole rows of ``d`` channels."""
+    block_b = triton.next_power_of_2(d * bits // 8)
+    return max(1, _TILE // (block_b * (8 // bits))), block_b
+
+
+def quantize_pack_triton(
+    x: torch.Tensor, bits: int, group_size: int, along: Along
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`quantize_pack_ref` (same arguments, same outputs)."""
+    gt, gc = group_shape(x.shape, bits, group_size, along)
+    codes, scale, minimum = _empty_outputs(x, bits, gt, gc)
+    if x.numel() == 0:
+        return codes, scale, minimum
+    x = x.contiguous()
+    d = x.shape[-1]
+    n_rows = x.numel() // d
+    levels = float(2**bits - 1)
+    block_gt, block_gc = triton.next_power_of_2(gt), triton.next_power_of_2(gc)
+    block_k = max(1, _TILE // (block_gt * block_gc))
+    _group_stats_kernel[(triton.cdiv(scale.numel(), block_k),)](
+        x, scale, minimum, scale.numel(), d, gt, gc, levels,
+        BLOCK_K=block_k, BLOCK_GT=block_gt, BLOCK_GC=block_gc,
+    )
+    block_r, block_b = _row_tiles(d, bits)
+    _encode_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, scale, minimum, codes, n_rows, d, gt, gc, levels,
+        BITS=bits, PER=8 // bits, BLOCK_R=block_r, BLOCK_B=block_b,
+    )
+    return codes, scale, minimum
+
+
+def unpack_dequantize_triton(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    bits: int,
+    group_size: int,
+    along: Along,
+    dim: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Triton twin of :func:`unpack_dequantize_ref` (same arguments, same output)."""
+    *lead, t, _ = codes.shape
+    gt, gc = group_shape((*lead, t, dim), bits, group_size, along)
+    out = codes.new_empty((*lead, t, dim), dtype=dtype)
+    if out.numel() == 0:
+        return out
+    n_rows = out.numel() // dim
+    block_r, block_b = _row_tiles(dim, bits)
+    _decode_kernel[(triton.cdiv(n_rows, block_r),)](
+        codes.contiguous(), scale.contiguous(), minimum.contiguous(), out, n_rows, dim, gt, gc,
+        BITS=bits, PER=8 // bits, BLOCK_R=block_r, BLOCK_B=block_b,
+    )
+    return out
+
+
+def quantize_pack(
+    x: torch.Tensor, bits: int, group_size: int, along: Along
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize and pack ``x``: Triton on CUDA tensors, vectorized torch otherwise.
+
+    See :func:`quantize_pack_ref` for the arguments and outputs.
+    """
+    fn = quantize_pack_triton if x.is_cuda else quantize_pack_ref
+    return fn(x, bits, group_size, along)
+
+
+def unpack_dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    bits: int,
+    group_size: int,
+    along: Along,
+    dim: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Unpack and dequantize: Triton on CUDA tensors, vectorized torch otherwise.
+
+    See :func:`unpack_dequantize_ref` for the arguments and output.
+    """
+    fn = unpack_dequantize_triton if codes.is_cuda else unpack_dequantize_ref
+    return fn(codes, scale, minimum, bits, group_size, along, dim, dtype)

@@ -1,0 +1,202 @@
+"""``analyze``: spectra, rank schedule and bit allocation for one model, turned into a recipe."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kvcompress.analysis import schedule as schedules
+from kvcompress.analysis.calibration import attention_input_grams, calibration_ids
+from kvcompress.analysis.sensitivity import METHOD as SENSITIVITY_METHOD
+from kvcompress.analysis.sensitivity import allocate_bits, layer_sensitivity
+from kvcompress.analysis.svd import (
+    GroupSVD,
+    condition_number,
+    energy_kept,
+    group_svd,
+    split_groups,
+    whitening_factor,
+)
+from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
+from kvcompress.recipe import LayerRecipe, Recipe
+from kvcompress.skeleton import load_full
+from kvcompress.sources import Source, attn_prefix
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class LayerReport:
+    """One row of the analysis table."""
+
+    layer: int
+    rank_k: int
+    rank_v: int
+    kappa_k: float
+    kappa_v: float
+    energy_k: float
+    energy_v: float
+    bits_k: int
+    bits_v: int
+    sensitivity: float
+
+
+@dataclass
+class Analysis:
+    """Everything ``analyze`` found, plus the recipe it produced."""
+
+    model: str
+    recipe: Recipe
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    head_group: int
+    group_width: int
+    layers: list[LayerReport]
+    kv_bytes_per_token: dict[str, float]
+    compression_ratio: float
+    context: int
+    sensitivity_method: str
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """The ``--json`` object."""
+        lr = self.recipe.lowrank
+        return {
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "head_group": self.head_group,
+            "group_width": self.group_width,
+            "svd": lr.svd,
+            "schedule": lr.schedule,
+            "target_ratio": lr.target_ratio,
+            "avg_bits": self.recipe.quant.avg_bits,
+            "quant_enabled": self.recipe.quant.enabled,
+            "sensitivity_method": self.sensitivity_method,
+            "context": self.context,
+            "layers": [asdict(r) for r in self.layers],
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "compression_ratio": self.compression_ratio,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def layer_group_svds(
+    source: Source, layer: int, head_group: int, s_factor: torch.Tensor | None
+) -> tuple[list[GroupSVD], list[GroupSVD]]:
+    """SVDs of one layer's K and V projections, one per head group (whitened when ``s_factor`` is given)."""
+    spec = source.spec
+    out = []
+    for proj in ("k", "v"):
+        w = source.tensor(f"{attn_prefix(layer)}{proj}_proj.weight")
+        out.append([group_svd(g, s_factor) for g in split_groups(w, spec.num_kv_heads, spec.head_dim, head_group)])
+    return out[0], out[1]
+
+
+def _log_kappa(source: Source, layer: int, head_group: int) -> tuple[float, float]:
+    spec = source.spec
+    logs = []
+    for proj in ("k", "v"):
+        w = source.tensor(f"{attn_prefix(layer)}{proj}_proj.weight")
+        groups = split_groups(w, spec.num_kv_heads, spec.head_dim, head_group)
+        logs.append(sum(math.log(condition_number(g)) for g in groups) / len(groups))  # geometric mean
+    return logs[0], logs[1]
+
+
+def analyze(
+    source: Source,
+    tokenizer,
+    recipe: Recipe,
+    context: int = 2048,
+    sensitivity: bool = True,
+    progress: Progress | None = None,
+) -> Analysis:
+    """Analyse ``source`` under ``recipe``'s settings and fill in its per-layer ranks and bits.
+
+    Parameters
+    ----------
+    source : Source
+        The model, read tensor by tensor.
+    tokenizer
+        Its tokenizer (for the calibration text).
+    recipe : Recipe
+        Method settings; its ``layers`` are replaced.
+    context : int
+        Context length at which KV bytes per token are reported.
+    sensitivity : bool
+        Measure per-layer KL sensitivity (needs the model in memory); if False, bits are uniform.
+    progress : callable, optional
+        ``(phase, done, total)`` callback.
+    """
+    start = time.perf_counter()
+    spec = source.spec
+    recipe.validate(spec)
+    lr, cal = recipe.lowrank, recipe.calibration
+    g = recipe.head_group(spec)
+    width = g * spec.head_dim
+    tick = progress or (lambda *_: None)
+    ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
+
+    grams = None
+    if lr.enabled and lr.svd == "whitened":
+        grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))
+
+    kappas, energy_k, energy_v = [], [], []
+    spectra = []  # per layer: (K sigmas, V sigmas), one per head group
+    for i in range(spec.num_layers):
+        kappas.append(_log_kappa(source, i, g))
+        s = whitening_factor(grams[i]) if grams is not None else None
+        k_svds, v_svds = layer_group_svds(source, i, g, s)
+        spectra.append(([x.sigma for x in k_svds], [x.sigma for x in v_svds]))
+        tick("svd", i + 1, spec.num_layers)
+
+    n = spec.num_layers
+    if not lr.enabled:
+        ranks_k = ranks_v = [width] * n
+    elif lr.schedule == "progressive":
+        ranks_k = ranks_v = schedules.progressive([a + b for a, b in kappas], width, lr.target_ratio,
+                                                  lr.rank_multiple)
+    elif lr.schedule == "uniform":
+        ranks_k = ranks_v = schedules.uniform(n, width, lr.target_ratio, lr.rank_multiple)
+    else:
+        # the rank a layer needs is the rank its hungriest head group needs
+        ranks_k = [max(schedules.energy([x.tolist() for x in k], width, lr.energy, lr.rank_multiple))
+                   for k, _ in spectra]
+        ranks_v = [max(schedules.energy([x.tolist() for x in v], width, lr.energy, lr.rank_multiple))
+                   for _, v in spectra]
+    for i, (k_sig, v_sig) in enumerate(spectra):
+        energy_k.append(sum(energy_kept(x, ranks_k[i]) for x in k_sig) / len(k_sig))
+        energy_v.append(sum(energy_kept(x, ranks_v[i]) for x in v_sig) / len(v_sig))
+
+    if sensitivity:
+        model = load_full(source)
+        sens = layer_sensitivity(model, ids[:1], group_size=recipe.quant.group_size,
+                                 on_layer=lambda i: tick("sensitivity", i + 1, n))
+        del model
+        method = SENSITIVITY_METHOD
+    else:
+        sens = [0.0] * n
+        method = "none (uniform bits)"
+    bits = allocate_bits(sens, recipe.quant.avg_bits)
+
+    recipe.layers = [LayerRecipe(i, ranks_k[i], ranks_v[i], bits[i], bits[i]) for i in range(n)]
+    reports = [
+        LayerReport(i, ranks_k[i], ranks_v[i], math.exp(kappas[i][0]), math.exp(kappas[i][1]),
+                    energy_k[i], energy_v[i], bits[i], bits[i], sens[i])
+        for i in range(n)
+    ]
+    base = baseline_bytes_per_token(spec)
+    comp = compressed_bytes_per_token(spec, recipe.layers, g, recipe.quant, context)
+    return Analysis(
+        model=source.origin, recipe=recipe, num_layers=n, num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, head_group=g, group_width=width, layers=reports,
+        kv_bytes_per_token={"baseline": base, "compressed": comp}, compression_ratio=base / comp,
+        context=context, sensitivity_method=method, seconds=time.perf_counter() - start,
+    )

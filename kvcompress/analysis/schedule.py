@@ -1,0 +1,77 @@
+"""Layer-wise rank schedules: progressive (LoRC), uniform, and energy.
+
+All schedules return one rank per layer for a head group of width ``width`` (= heads in the group ×
+head_dim), rounded to a multiple of ``multiple`` and clipped to ``[multiple, width]``.
+
+Progressive (LoRC, arXiv 2410.03111, §4 "progressive compression strategy"). An error introduced at
+layer l is amplified by every layer after it, and a layer's amplification is bounded by the
+condition numbers of its K/V projections. We therefore score layer l by its *cumulative* condition
+number, the product over the layers it feeds::
+
+    C_l = Σ_{j=l}^{L-1} log(κ(W_k^j) · κ(W_v^j))          (log of Π_{j≥l} κ_k^j κ_v^j)
+    s_l = (C_l − C_{L-1}) / (C_0 − C_{L-1})                 (min–max normalized, s_0 = 1, s_{L-1} = 0)
+    r_l = r_min + (r_max − r_min) · s_l
+
+``C_l`` never increases with depth (every term is ≥ 0), so neither does ``r_l``: shallow layers keep
+more rank. ``r_max`` is the full width and ``r_min`` is solved so the mean rank meets the budget
+``target · width``; when that would put ``r_min`` below one rounding step, ``r_min`` is pinned there
+and ``r_max`` is solved instead. The paper's text was not available to us verbatim: this is our
+reading of its rule (cumulative product over subsequent layers, log scale, linear map between a
+minimum and maximum dimension), documented here so it can be checked and changed in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+SCHEDULES = ("progressive", "uniform", "energy")
+
+
+def round_rank(rank: float, width: int, multiple: int) -> int:
+    """Round to the nearest multiple of ``multiple`` inside ``[multiple, width]`` (``width`` always allowed)."""
+    step = min(multiple, width)
+    r = round(rank / step) * step
+    return max(step, min(width, r))
+
+
+def uniform(num_layers: int, width: int, target: float, multiple: int) -> list[int]:
+    """The same rank ``target · width`` in every layer."""
+    return [round_rank(target * width, width, multiple)] * num_layers
+
+
+def progressive(log_kappa: Sequence[float], width: int, target: float, multiple: int) -> list[int]:
+    """LoRC progressive ranks from per-layer ``log(κ_k κ_v)`` (see the module docstring)."""
+    n = len(log_kappa)
+    cumulative = [sum(log_kappa[i:]) for i in range(n)]
+    span = cumulative[0] - cumulative[-1]
+    if n == 1 or span <= 0:
+        return uniform(n, width, target, multiple)
+    s = [(c - cumulative[-1]) / span for c in cumulative]
+    mean_s = sum(s) / n
+    budget = target * width
+    floor = float(min(multiple, width))
+    r_max = float(width)
+    r_min = (budget - r_max * mean_s) / (1.0 - mean_s)
+    if r_min < floor:
+        r_min = floor
+        r_max = min(float(width), floor + max(budget - floor, 0.0) / mean_s)
+    return [round_rank(r_min + (r_max - r_min) * si, width, multiple) for si in s]
+
+
+def energy(sigmas: Sequence[Sequence[float]], width: int, keep: float, multiple: int) -> list[int]:
+    """Per spectrum, the smallest rank whose squared singular values keep ``keep`` of the total.
+
+    ``sigmas[i]`` is one spectrum (a layer's, or a head group's). The rank is rounded *up* to the next
+    multiple so the energy target is always met.
+    """
+    ranks = []
+    for sig in sigmas:
+        s2 = [x * x for x in sig]
+        total, acc, r = sum(s2), 0.0, 0
+        while r < len(s2) and acc < keep * total:
+            acc += s2[r]
+            r += 1
+        step = min(multiple, width)
+        ranks.append(max(step, min(width, math.ceil(r / step) * step)))
+    return ranks

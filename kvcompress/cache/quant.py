@@ -1,0 +1,189 @@
+"""Low-bit KV storage: asymmetric min–max quantization into bit-packed codes.
+
+Grouping follows KIVI (Liu et al., 2024, arXiv:2402.02750), also used by MiniKV: keys are quantized
+*per channel*, each group running along ``group_size`` consecutive tokens (``along="tokens"``), because key
+outliers live in fixed channels; values are quantized *per token*, each group running along
+``group_size`` consecutive channels (``along="channels"``), because attention mixes values token by token.
+
+Every group stores a float16 ``minimum`` and ``scale``; an element is ``minimum + code * scale`` with a
+``bits``-wide code (2, 4 or 8). The minimum is rounded down and the scale up to float16, and codes are
+computed from those stored values, so ``|dequantize(quantize(x)) - x| <= scale / 2`` up to float32
+rounding. Constant groups whose value is a float16 number get ``scale == 0`` and are reproduced exactly.
+The storage layout and kernels live in :mod:`kvcompress.kernels.pack`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvcompress.kernels.pack import Along, quantize_pack, unpack_dequantize
+
+
+@dataclass
+class Packed:
+    """A quantized ``[..., T, D]`` tensor.
+
+    Attributes
+    ----------
+    codes
+        uint8 ``[..., T, D * bits // 8]``, codes bit-packed along the last dim (channel ``d`` in byte
+        ``d // (8 // bits)`` at bit offset ``bits * (d % (8 // bits))``, low bits first).
+    scale, minimum
+        float16 ``[..., T // group_size, D]`` for ``along="tokens"``, ``[..., T, D // group_size]`` for
+        ``along="channels"``.
+    bits
+        Code width: 2, 4 or 8.
+    group_size
+        Group extent along ``along`` (for channels, the effective group; see :func:`effective_group`).
+    along
+        ``"tokens"`` (keys, per-channel groups) or ``"channels"`` (values, per-token groups).
+    dim
+        ``D``, the unpacked last-dim size.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    bits: int
+    group_size: int
+    along: Along
+    dim: int
+
+    @property
+    def num_tokens(self) -> int:
+        """``T``, the number of tokens stored."""
+        return self.codes.shape[-2]
+
+    def nbytes(self) -> int:
+        """Exact storage in bytes of codes, scale and minimum."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
+
+
+def effective_group(dim: int, group_size: int) -> int:
+    """Largest divisor of ``dim`` that is at most ``group_size``.
+
+    Used for ``along="channels"`` so that any head dim can be quantized: a requested group of 32 on a
+    48-wide dim becomes 24, on a 40-wide dim 20.
+
+    Parameters
+    ----------
+    dim
+        Size of the grouped dimension (positive).
+    group_size
+        Requested group size (positive).
+
+    Returns
+    -------
+    int
+        The group size actually used.
+    """
+    if dim < 1 or group_size < 1:
+        raise ValueError(f"dim and group_size must be positive, got {dim} and {group_size}")
+    return next(g for g in range(min(dim, group_size), 0, -1) if dim % g == 0)
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int, along: Along) -> Packed:
+    """Quantize ``x`` group-wise into packed ``bits``-wide codes.
+
+    Parameters
+    ----------
+    x
+        Float tensor ``[..., T, D]``; values must lie within the float16 range.
+    bits
+        2, 4 or 8. ``D`` must be divisible by ``8 // bits``.
+    group_size
+        Tokens per group for ``along="tokens"`` (``T`` must be a multiple of it); channels per group for
+        ``along="channels"``, reduced to :func:`effective_group` when it does not divide ``D``.
+    along
+        ``"tokens"`` for keys, ``"channels"`` for values.
+
+    Returns
+    -------
+    Packed
+        Codes, float16 scales and minima, and the layout.
+
+    Raises
+    ------
+    ValueError
+        On bad ``bits``, ``along``, or shapes that do not fit the groups.
+    """
+    if along == "channels":
+        group_size = effective_group(x.shape[-1], group_size)
+    codes, scale, minimum = quantize_pack(x, bits, group_size, along)
+    return Packed(codes, scale, minimum, bits, group_size, along, x.shape[-1])
+
+
+def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reconstruct ``[..., T, D]`` as ``minimum + code * scale`` in ``dtype``.
+
+    Parameters
+    ----------
+    p
+        A quantized tensor.
+    dtype
+        Output dtype.
+
+    Returns
+    -------
+    torch.Tensor
+        The dequantized tensor.
+    """
+    return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype)
+
+
+def cat(blocks: Sequence[Packed]) -> Packed:
+    """Concatenate quantized blocks along tokens.
+
+    Parameters
+    ----------
+    blocks
+        Non-empty sequence with identical ``bits``, ``group_size``, ``along``, ``dim`` and leading dims.
+
+    Returns
+    -------
+    Packed
+        The blocks' tokens in order.
+    """
+    if not blocks:
+        raise ValueError("cat needs at least one block")
+    first = blocks[0]
+    layout = (first.bits, first.group_size, first.along, first.dim)
+    if any((b.bits, b.group_size, b.along, b.dim) != layout for b in blocks):
+        raise ValueError("cannot concatenate blocks with different bits, group_size, along or dim")
+    return Packed(
+        torch.cat([b.codes for b in blocks], dim=-2),
+        torch.cat([b.scale for b in blocks], dim=-2),
+        torch.cat([b.minimum for b in blocks], dim=-2),
+        *layout,
+    )
+
+
+def select_tokens(p: Packed, index: torch.Tensor) -> Packed:
+    """Keep the tokens at ``index`` of a per-token (``along="channels"``) quantized tensor.
+
+    Parameters
+    ----------
+    p
+        Quantized values; key groups span tokens and cannot be split, so ``along`` must be ``"channels"``.
+    index
+        int64 ``[K]`` (the same tokens everywhere) or ``[..., K]`` matching the leading dims of ``p``
+        (per-row tokens, e.g. per head).
+
+    Returns
+    -------
+    Packed
+        ``K`` tokens, no requantization.
+    """
+    if p.along != "channels":
+        raise ValueError("select_tokens needs along='channels': token groups cannot be split")
+    if index.dim() == 1:
+        return Packed(*(t.index_select(-2, index) for t in (p.codes, p.scale, p.minimum)),
+                      p.bits, p.group_size, p.along, p.dim)
+    if index.shape[:-1] != p.codes.shape[:-2]:
+        raise ValueError(f"index leading dims {tuple(index.shape[:-1])} != {tuple(p.codes.shape[:-2])}")
+    return Packed(*(t.gather(-2, index[..., None].expand(*index.shape, t.shape[-1]))
+                    for t in (p.codes, p.scale, p.minimum)),
+                  p.bits, p.group_size, p.along, p.dim)

@@ -1,0 +1,146 @@
+"""``load``: a compressed checkpoint back into a transformers model whose attention reads the kvcompress cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AttentionInterface, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from kvcompress.attention import LatentAttention
+from kvcompress.cache.layer import KVCompressCache
+from kvcompress.errors import KVCompressError
+from kvcompress.export import DTYPES
+from kvcompress.manifest import read_manifest
+from kvcompress.skeleton import hf_config, rotary, skeleton
+
+ATTN_IMPL = "kvcompress"
+
+
+def _padding_flags(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
+    """Mask creation for kvcompress attention: the new tokens' padding flags ``[B, T]`` (None: no padding).
+
+    Causality comes from the cache itself (everything stored is in the past), so the 2D mask is all
+    the attention needs; ``KVCompressLayer.get_mask_sizes`` makes ``kv_length`` the query length.
+    """
+    if attention_mask is None:
+        return None
+    flags = attention_mask[:, -kv_length:].bool()
+    return None if bool(flags.all()) else flags
+
+
+AttentionInterface.register(ATTN_IMPL, sdpa_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPL, _padding_flags)
+
+
+def make_cache(model) -> KVCompressCache:
+    """A fresh kvcompress cache for a model returned by :func:`load` (for hand-written loops).
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A model from :func:`load`.
+
+    Returns
+    -------
+    KVCompressCache
+        One layer object per decoder layer, configured from the checkpoint's manifest.
+    """
+    return KVCompressCache(model.config.num_hidden_layers)
+
+
+def _compressed_class(base: type) -> type:
+    """A subclass of the model class whose ``forward``/``generate`` default to a kvcompress cache."""
+
+    def forward(self, *args, past_key_values=None, use_cache=None, **kwargs):
+        if past_key_values is None and (use_cache if use_cache is not None else self.config.use_cache):
+            past_key_values = make_cache(self)
+        return base.forward(self, *args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = make_cache(self)
+        return base.generate(self, *args, **kwargs)
+
+    return type(f"KVCompressed{base.__name__}", (base,), {"forward": forward, "generate": generate})
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         verify: bool = True, device_map: str | dict | None = None):
+    """Load a kvcompress checkpoint.
+
+    Parameters
+    ----------
+    path : str or Path
+        Folder written by ``kvcompress export``.
+    device : str or torch.device, optional
+        Where to put the model (default CPU). Ignored with ``device_map``.
+    dtype : str or torch.dtype, optional
+        Compute dtype (default: the checkpoint's).
+    verify : bool
+        Check every file's sha256 against the manifest.
+    device_map : str or dict, optional
+        Passed to accelerate (e.g. ``"auto"``) to spread layers over several devices.
+
+    Returns
+    -------
+    tuple
+        ``(model, tokenizer)``; ``model.generate`` uses a kvcompress cache unless given another.
+
+    Raises
+    ------
+    KVCompressError
+        Missing or tampered checkpoint, newer manifest schema, pickle weights.
+    """
+    folder = Path(path)
+    manifest = read_manifest(folder, verify=verify)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise KVCompressError(f"{folder} holds pickle weights; kvcompress loads only safetensors")
+        raise KVCompressError(f"no safetensors weights in {folder}")
+    config = hf_config(json.loads((folder / "config.json").read_text()))
+    model = skeleton(config)
+    model.model.rotary_emb = rotary(model)
+    group = int(manifest["head_group"])
+    bias = bool(getattr(config, "attention_bias", False))
+    for entry, layer in zip(manifest["layers"], model.model.layers, strict=True):
+        old = layer.self_attn
+        with torch.device("meta"):
+            layer.self_attn = LatentAttention(
+                config, old.layer_idx, entry["rank_k"], entry["rank_v"], group, model.model.rotary_emb,
+                q_norm=getattr(old, "q_norm", None), k_norm=getattr(old, "k_norm", None), o_bias=bias,
+            )
+    expected = set(model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    seen: set[str] = set()
+    for shard in shards:
+        tensors = load_file(str(shard))
+        model.load_state_dict(tensors, strict=False, assign=True)
+        seen.update(tensors)
+    missing = expected - seen
+    if missing:
+        raise KVCompressError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    target = DTYPES[dtype] if isinstance(dtype, str) else dtype or DTYPES[manifest["dtype"]]
+    model.to(target)
+    model.model.rotary_emb.inv_freq = rotary(model).inv_freq  # RoPE frequencies stay float32
+    if device_map is not None:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        dmap = infer_auto_device_map(model) if device_map == "auto" else device_map
+        model = dispatch_model(model, device_map=dmap)
+    elif device is not None:
+        model.to(device)
+    model.config._attn_implementation = ATTN_IMPL
+    model.__class__ = _compressed_class(type(model))
+    model.kvcompress_manifest = manifest
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer

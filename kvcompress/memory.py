@@ -1,0 +1,45 @@
+"""KV bytes per token: what a cache really stores, by formula (the cache's ``kv_bytes()`` counts it live)."""
+
+from __future__ import annotations
+
+from kvcompress.cache.quant import effective_group
+from kvcompress.recipe import LayerRecipe, Quant
+from kvcompress.sources import ModelSpec
+
+FP16 = 2
+
+
+def baseline_bytes_per_token(spec: ModelSpec) -> int:
+    """Uncompressed fp16 K and V of every layer."""
+    return spec.num_layers * 2 * spec.kv_width * FP16
+
+
+def stream_bytes(width: int, bits: int, along: str, quant: Quant, context: int) -> float:
+    """Bytes per token, averaged over ``context`` tokens, of one K or V stream ``width`` channels wide.
+
+    Quantized tokens hold packed codes plus an fp16 scale and minimum per group; the tokens not yet
+    flushed from the residual window (``context mod residual_length``) are fp16.
+    """
+    if bits >= 16:
+        return width * FP16
+    window = quant.residual_length
+    quantized = context // window * window if window else context
+    if along == "tokens":  # keys: one (scale, min) pair per channel per group of tokens
+        meta = 2 * FP16 * width / quant.group_size
+    else:  # values: one pair per token per group of channels
+        meta = 2 * FP16 * width / effective_group(width, quant.group_size)
+    return (quantized * (width * bits / 8 + meta) + (context - quantized) * width * FP16) / context
+
+
+def compressed_bytes_per_token(
+    spec: ModelSpec, layers: list[LayerRecipe], head_group: int, quant: Quant, context: int
+) -> float:
+    """Bytes per token of the compressed cache at ``context`` tokens (latents, codes, scales, windows)."""
+    groups = spec.num_kv_heads // head_group
+    total = 0.0
+    for lay in layers:
+        bits_k = lay.bits_k if quant.enabled else 16
+        bits_v = lay.bits_v if quant.enabled else 16
+        total += groups * stream_bytes(lay.rank_k, bits_k, "tokens", quant, context)
+        total += groups * stream_bytes(lay.rank_v, bits_v, "channels", quant, context)
+    return total

@@ -1,0 +1,216 @@
+"""Recipes: what to compress and how, as a schema-versioned TOML file users edit and ship.
+
+A recipe has method sections (``[lowrank]``, ``[quant]``, ``[lagkv]``, ``[calibration]``) and, once
+``analyze`` has run, one ``[[layers]]`` table per decoder layer with its ranks and bits.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import tomli_w
+
+from kvcompress.errors import KVCompressError
+from kvcompress.sources import ModelSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPE_SCHEMA_VERSION = 1
+SVD_MODES = ("whitened", "weight")
+SCHEDULES = ("progressive", "uniform", "energy")
+BITS = (2, 4, 8)
+QUANT_METHODS = ("kivi", "decoquant")
+
+
+@dataclass
+class LowRank:
+    """Low-rank latent K/V (LoRC). ``head_group`` 0 means all KV heads of a layer share one latent."""
+
+    enabled: bool = True
+    svd: str = "whitened"
+    schedule: str = "progressive"
+    target_ratio: float = 0.5
+    head_group: int = 0
+    rank_multiple: int = 8
+    energy: float = 0.95
+
+
+@dataclass
+class Quant:
+    """Packed low-bit K/V (KIVI/MiniKV grouping); per-layer bits come from ``[[layers]]``."""
+
+    enabled: bool = False
+    method: str = "kivi"
+    avg_bits: float = 3.0
+    group_size: int = 32
+    residual_length: int = 128
+
+
+@dataclass
+class LagKV:
+    """LagKV eviction. ``keep_ratio`` is the fraction of each chunk's tokens that is KEPT."""
+
+    enabled: bool = False
+    sink_size: int = 16
+    lag_size: int = 128
+    keep_ratio: float = 0.5
+    value_weight: float = 1.0
+
+
+@dataclass
+class Calibration:
+    """Calibration text (a file path; empty = the built-in text) and how many tokens to use."""
+
+    text: str = ""
+    max_tokens: int = 1024
+    seq_len: int = 256
+
+
+@dataclass
+class LayerRecipe:
+    """One decoder layer's ranks (per head group) and bits (16 = not quantized)."""
+
+    layer: int
+    rank_k: int
+    rank_v: int
+    bits_k: int = 16
+    bits_v: int = 16
+
+
+@dataclass
+class Recipe:
+    """A whole recipe; see the README's "Recipes" section for every field."""
+
+    name: str = "custom"
+    description: str = ""
+    lowrank: LowRank = field(default_factory=LowRank)
+    quant: Quant = field(default_factory=Quant)
+    lagkv: LagKV = field(default_factory=LagKV)
+    calibration: Calibration = field(default_factory=Calibration)
+    layers: list[LayerRecipe] = field(default_factory=list)
+    schema_version: int = RECIPE_SCHEMA_VERSION
+
+    def validate(self, spec: ModelSpec | None = None) -> Recipe:
+        """Check every setting; with ``spec``, also check per-layer entries against the model.
+
+        Raises
+        ------
+        KVCompressError
+            One line naming the first impossible setting.
+        """
+        lr, q, lag = self.lowrank, self.quant, self.lagkv
+        _check(self.schema_version <= RECIPE_SCHEMA_VERSION,
+               f"recipe schema_version {self.schema_version} is newer than supported ({RECIPE_SCHEMA_VERSION}); "
+               "upgrade kvcompress")
+        _check(0.0 < lr.target_ratio <= 1.0, f"target_ratio must be in (0, 1], got {lr.target_ratio}")
+        _check(lr.svd in SVD_MODES, f"svd must be one of {SVD_MODES}, got {lr.svd!r}")
+        _check(lr.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {lr.schedule!r}")
+        _check(lr.head_group >= 0, f"head_group must be >= 0, got {lr.head_group}")
+        _check(lr.rank_multiple >= 1, f"rank_multiple must be >= 1, got {lr.rank_multiple}")
+        _check(0.0 < lr.energy <= 1.0, f"energy must be in (0, 1], got {lr.energy}")
+        _check(q.method in QUANT_METHODS, f"quant method must be one of {QUANT_METHODS}, got {q.method!r}")
+        _check(2.0 <= q.avg_bits <= 8.0, f"avg_bits must be in [2, 8], got {q.avg_bits}")
+        _check(q.group_size >= 1, f"group_size must be >= 1, got {q.group_size}")
+        _check(q.residual_length >= 0 and q.residual_length % q.group_size == 0,
+               f"residual_length ({q.residual_length}) must be a multiple of group_size ({q.group_size})")
+        _check(0.0 < lag.keep_ratio <= 1.0, f"lagkv keep_ratio must be in (0, 1], got {lag.keep_ratio}")
+        _check(lag.sink_size >= 0 and lag.lag_size >= 1, "lagkv sink_size must be >= 0 and lag_size >= 1")
+        _check(self.calibration.max_tokens >= 1 and self.calibration.seq_len >= 1,
+               "calibration max_tokens and seq_len must be >= 1")
+        for lay in self.layers:
+            for b in (lay.bits_k, lay.bits_v):
+                _check(b in (*BITS, 16), f"layer {lay.layer}: bits must be one of {BITS} (or 16 = off), got {b}")
+            _check(lay.rank_k >= 1 and lay.rank_v >= 1, f"layer {lay.layer}: ranks must be >= 1")
+        if spec is not None:
+            self._validate_for(spec)
+        return self
+
+    def _validate_for(self, spec: ModelSpec) -> None:
+        g = self.head_group(spec)
+        _check(spec.num_kv_heads % g == 0,
+               f"head_group {g} does not divide the model's {spec.num_kv_heads} KV heads")
+        width = g * spec.head_dim
+        if self.layers:
+            _check(len(self.layers) == spec.num_layers and
+                   [lay.layer for lay in self.layers] == list(range(spec.num_layers)),
+                   f"recipe has {len(self.layers)} layer entries; the model has {spec.num_layers} layers")
+        for lay in self.layers:
+            for name, r in (("rank_k", lay.rank_k), ("rank_v", lay.rank_v)):
+                _check(r <= width, f"layer {lay.layer}: {name} {r} exceeds the head group's width {width} "
+                       f"({g} heads x head_dim {spec.head_dim})")
+
+    def head_group(self, spec: ModelSpec) -> int:
+        """KV heads per latent group for ``spec`` (``0`` in the recipe = all KV heads)."""
+        return self.lowrank.head_group or spec.num_kv_heads
+
+    def to_dict(self) -> dict:
+        """Plain dict in file order (schema first)."""
+        d = asdict(self)
+        return {"schema_version": d.pop("schema_version"), **d}
+
+    def dumps(self) -> str:
+        """TOML text."""
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        """Write TOML to ``path``."""
+        Path(path).write_text(self.dumps())
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise KVCompressError(message)
+
+
+def _section(cls, data: dict, name: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    _check(not unknown, f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise KVCompressError(f"bad [{name}] section: {e}") from None
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """Build and validate a recipe from parsed TOML."""
+    sections = {"lowrank": LowRank, "quant": Quant, "lagkv": LagKV, "calibration": Calibration}
+    unknown = set(data) - set(sections) - {"name", "description", "layers", "schema_version"}
+    _check(not unknown, f"unknown recipe key(s): {', '.join(sorted(unknown))}")
+    recipe = Recipe(
+        name=str(data.get("name", "custom")),
+        description=str(data.get("description", "")),
+        schema_version=int(data.get("schema_version", RECIPE_SCHEMA_VERSION)),
+        layers=[_section(LayerRecipe, d, "layers") for d in data.get("layers", [])],
+        **{k: _section(cls, data.get(k, {}), k) for k, cls in sections.items()},
+    )
+    return recipe.validate()
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file (or a shipped recipe by name, e.g. ``lorc-progressive-50``)."""
+    p = Path(path)
+    if not p.is_file():
+        shipped = shipped_recipe_path(str(path))
+        if shipped is None:
+            raise KVCompressError(f"recipe not found: {path}")
+        p = shipped
+    try:
+        data = tomllib.loads(p.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise KVCompressError(f"cannot read recipe {p}: {e}") from None
+    return recipe_from_dict(data)
+
+
+def shipped_recipe_path(name: str) -> Path | None:
+    """Path of a recipe shipped in ``recipes/`` (installed with the package), or None."""
+    from importlib import resources
+
+    stem = name.removesuffix(".toml")
+    candidate = resources.files("kvcompress.recipes").joinpath(f"{stem}.toml")
+    return Path(str(candidate)) if candidate.is_file() else None

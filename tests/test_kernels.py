@@ -1,0 +1,182 @@
+"""Triton kernels against their torch twins (interpreter on CPU), and the decode reference against dense."""
+
+import os
+
+# The interpreter must be on before triton is imported: kernels are bound to a backend when defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from kvcompress.kernels.decode_attention import (
+    decode_attention,
+    decode_attention_ref,
+    decode_attention_triton,
+)
+from kvcompress.kernels.pack import (
+    quantize_pack,
+    quantize_pack_ref,
+    quantize_pack_triton,
+    unpack_dequantize_ref,
+    unpack_dequantize_triton,
+)
+
+from kvcompress.cache.quant import Packed, dequantize, quantize
+
+LAYOUTS = [
+    # shape, bits, group_size, along
+    ((2, 3, 8, 16), 2, 4, "tokens"),
+    ((1, 12, 8), 4, 3, "tokens"),  # group not a power of two
+    ((32, 8), 8, 32, "tokens"),
+    ((2, 5, 12), 2, 6, "channels"),  # group not a multiple of codes per byte
+    ((2, 2, 7, 16), 4, 16, "channels"),
+    ((4, 24), 8, 3, "channels"),
+]
+
+
+def _input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Random data with an all-zero row and a constant row, so constant groups are covered."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 4
+    x[..., 0, :] = 0.0
+    x[..., -1, :] = 0.75
+    return x
+
+
+@pytest.mark.parametrize(("shape", "bits", "group", "along"), LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_pack_triton_matches_ref(shape: tuple, bits: int, group: int, along: str, dtype: torch.dtype
+                                         ) -> None:
+    x = _input(shape).to(dtype)
+    got_all, want_all = quantize_pack_triton(x, bits, group, along), quantize_pack_ref(x, bits, group, along)
+    for got, want in zip(got_all, want_all, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("shape", "bits", "group", "along"), LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unpack_dequantize_triton_matches_ref(shape: tuple, bits: int, group: int, along: str,
+                                              dtype: torch.dtype) -> None:
+    packed = quantize_pack_ref(_input(shape, seed=1), bits, group, along)
+    args = (*packed, bits, group, along, shape[-1], dtype)
+    got, want = unpack_dequantize_triton(*args), unpack_dequantize_ref(*args)
+    assert got.dtype == dtype and got.shape == shape
+    assert torch.equal(got, want)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    st.sampled_from([2, 4, 8]),
+    st.sampled_from(["tokens", "channels"]),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(0, 2**31 - 1),
+)
+def test_kernels_match_ref_on_random_layouts(bits: int, along: str, n_groups: int, bytes_: int, seed: int
+                                             ) -> None:
+    d = bytes_ * 8 // bits
+    group = 3 if along == "tokens" else d // n_groups if d % n_groups == 0 else d
+    t = 3 * n_groups
+    x = torch.randn(2, t, d, generator=torch.Generator().manual_seed(seed)) * 10
+    got, want = quantize_pack_triton(x, bits, group, along), quantize_pack_ref(x, bits, group, along)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    args = (*want, bits, group, along, d, torch.float32)
+    assert torch.equal(unpack_dequantize_triton(*args), unpack_dequantize_ref(*args))
+
+
+def test_quantize_pack_empty_and_dispatch() -> None:
+    empty = torch.zeros(2, 0, 8)
+    codes, scale, minimum = quantize_pack_triton(empty, 4, 4, "tokens")
+    assert codes.shape == (2, 0, 4) and scale.shape == minimum.shape == (2, 0, 8)
+    restored = unpack_dequantize_triton(codes, scale, minimum, 4, 4, "tokens", 8, torch.float32)
+    assert restored.shape == (2, 0, 8)
+    x = _input((3, 8, 16))
+    assert all(torch.equal(a, b) for a, b in zip(quantize_pack(x, 2, 4, "tokens"),
+                                                 quantize_pack_ref(x, 2, 4, "tokens"), strict=True))
+
+
+def _cache(b: int, hkv: int, n_rep: int, tq: int, tr: int, dk: int, dv: int, k_bits: int, v_bits: int,
+           seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * n_rep, dk, generator=g)
+    k = quantize(torch.randn(b, hkv, tq, dk, generator=g) * 2, k_bits, 8, "tokens") if tq else None
+    v = quantize(torch.randn(b, hkv, tq, dv, generator=g), v_bits, 8, "channels") if tq else None
+    k_res = torch.randn(b, hkv, tr, dk, generator=g) * 2
+    v_res = torch.randn(b, hkv, tr, dv, generator=g)
+    return q, k, v, k_res, v_res
+
+
+def _dense(q: torch.Tensor, k: Packed | None, v: Packed | None, k_res: torch.Tensor, v_res: torch.Tensor,
+           sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax(q Kᵀ) V with K/V repeated per query head."""
+    n_rep = q.shape[1] // k_res.shape[1]
+    keys = torch.cat([dequantize(k), k_res], dim=2) if k is not None else k_res
+    values = torch.cat([dequantize(v), v_res], dim=2) if v is not None else v_res
+    keys, values = keys.repeat_interleave(n_rep, dim=1), values.repeat_interleave(n_rep, dim=1)
+    scores = torch.einsum("bhd,bhtd->bht", q, keys) * sm_scale
+    out = torch.einsum("bht,bhtd->bhd", torch.softmax(scores, dim=-1), values)
+    return out, torch.logsumexp(scores, dim=-1)
+
+
+CASES = [
+    # b, hkv, n_rep, tq, tr, dk, dv, k_bits, v_bits, split_size
+    (2, 2, 1, 16, 5, 16, 16, 2, 2, None),
+    (1, 2, 2, 24, 3, 16, 8, 4, 2, None),  # Dk != Dv
+    (1, 1, 4, 40, 7, 8, 12, 8, 4, None),
+    (1, 2, 4, 40, 9, 16, 8, 2, 8, 36),  # several tiles per split, ragged last tile
+    (2, 1, 2, 16, 1, 16, 16, 4, 4, 5),  # many splits, split smaller than a tile
+    (1, 2, 2, 0, 7, 16, 8, 4, 4, None),  # no quantized tokens
+    (1, 2, 2, 24, 0, 16, 8, 2, 4, None),  # empty residual window
+    (1, 2, 2, 0, 0, 16, 8, 4, 4, None),  # no tokens at all
+]
+
+
+@pytest.mark.parametrize(("b", "hkv", "n_rep", "tq", "tr", "dk", "dv", "k_bits", "v_bits", "split"), CASES)
+def test_decode_triton_matches_ref(b: int, hkv: int, n_rep: int, tq: int, tr: int, dk: int, dv: int,
+                                   k_bits: int, v_bits: int, split: int | None) -> None:
+    q, k, v, k_res, v_res = _cache(b, hkv, n_rep, tq, tr, dk, dv, k_bits, v_bits)
+    out, lse = decode_attention_triton(q, k, v, k_res, v_res, 0.25, split_size=split)
+    ref_out, ref_lse = decode_attention_ref(q, k, v, k_res, v_res, 0.25)
+    assert out.shape == (b, hkv * n_rep, dv) and out.dtype == torch.float32
+    assert lse.shape == (b, hkv * n_rep) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    if tq + tr == 0:
+        assert (out == 0).all() and (lse == -math.inf).all()
+
+
+@pytest.mark.parametrize(("b", "hkv", "n_rep", "tq", "tr", "dk", "dv", "k_bits", "v_bits", "split"), CASES)
+def test_decode_ref_matches_dense(b: int, hkv: int, n_rep: int, tq: int, tr: int, dk: int, dv: int,
+                                  k_bits: int, v_bits: int, split: int | None) -> None:
+    q, k, v, k_res, v_res = _cache(b, hkv, n_rep, tq, tr, dk, dv, k_bits, v_bits, seed=3)
+    out, lse = decode_attention_ref(q, k, v, k_res, v_res, 0.3)
+    dense_out, dense_lse = _dense(q, k, v, k_res, v_res, 0.3)
+    torch.testing.assert_close(out, dense_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, dense_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_triton_strided_half_residual() -> None:
+    q, k, v, _, _ = _cache(1, 2, 2, 16, 0, 16, 8, 4, 2)
+    buffers = torch.randn(2, 1, 2, 12, 24).half()  # preallocated window, only 5 of 12 slots used
+    k_res, v_res = buffers[0, :, :, :5, :16], buffers[1, :, :, :5, 4:12]
+    out, lse = decode_attention_triton(q, k, v, k_res, v_res, 0.5)
+    ref_out, ref_lse = decode_attention_ref(q, k, v, k_res, v_res, 0.5)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    assert torch.equal(decode_attention(q, k, v, k_res, v_res, 0.5)[0], ref_out)  # CPU dispatches to ref
+
+
+def test_decode_rejects_bad_shapes() -> None:
+    q, k, v, k_res, v_res = _cache(1, 2, 2, 16, 3, 16, 8, 4, 4)
+    with pytest.raises(ValueError):
+        decode_attention_ref(q[:, :3], k, v, k_res, v_res, 1.0)  # 3 query heads over 2 KV heads
+    with pytest.raises(ValueError):
+        decode_attention_triton(q, k, None, k_res, v_res, 1.0)
+    with pytest.raises(ValueError):
+        decode_attention_ref(q, v, k, k_res, v_res, 1.0)  # swapped layouts

@@ -1,0 +1,194 @@
+"""Packed low-bit storage: pack layout, quantization error bound, edge cases, block helpers."""
+
+import os
+
+# Triton decides interpreter mode when kernels are defined; set it before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from kvcompress.kernels.pack import pack_codes, unpack_codes
+
+from kvcompress.cache.quant import Packed, cat, dequantize, effective_group, quantize, select_tokens
+
+FAST = settings(max_examples=60, deadline=None)
+
+
+def _expand(stat: torch.Tensor, p: Packed) -> torch.Tensor:
+    """Broadcast per-group scale or minimum back to the element shape ``[..., T, D]``."""
+    dim = -2 if p.along == "tokens" else -1
+    return stat.float().repeat_interleave(p.group_size, dim=dim)
+
+
+@st.composite
+def layouts(draw: st.DrawFn) -> tuple[tuple[int, ...], int, int, str]:
+    """A valid ``(shape, bits, group_size, along)``; channel groups need not divide ``D``."""
+    bits = draw(st.sampled_from([2, 4, 8]))
+    along = draw(st.sampled_from(["tokens", "channels"]))
+    d = (8 // bits) * draw(st.integers(1, 5))
+    if along == "tokens":
+        group = draw(st.integers(1, 4))
+        t = group * draw(st.integers(0, 3))
+    else:
+        group = draw(st.integers(1, 2 * d))
+        t = draw(st.integers(0, 4))
+    lead = tuple(draw(st.lists(st.integers(1, 2), max_size=2)))
+    return (*lead, t, d), bits, group, along
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, str]:
+    shape, bits, group, along = draw(layouts())
+    magnitude = draw(st.sampled_from([1e-4, 1.0, 1e3]))
+    x = draw(arrays(np.float32, shape, elements=st.floats(-50, 50, width=32)))
+    return torch.from_numpy(x) * magnitude, bits, group, along
+
+
+@FAST
+@given(layouts(), st.data())
+def test_pack_unpack_round_trip(layout: tuple, data: st.DataObject) -> None:
+    shape, bits, _, _ = layout
+    codes = torch.from_numpy(data.draw(arrays(np.uint8, shape, elements=st.integers(0, 2**bits - 1))))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (*shape[:-1], shape[-1] * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+def test_pack_layout_is_low_bits_first() -> None:
+    codes = torch.tensor([1, 2, 3, 0, 3, 3, 0, 1], dtype=torch.uint8)
+    assert pack_codes(codes, 2).tolist() == [1 | 2 << 2 | 3 << 4, 3 | 3 << 2 | 1 << 6]
+    assert pack_codes(torch.tensor([0xA, 0x5], dtype=torch.uint8), 4).tolist() == [0x5A]
+    assert pack_codes(torch.tensor([7, 200], dtype=torch.uint8), 8).tolist() == [7, 200]
+
+
+@FAST
+@given(cases())
+def test_error_bound_and_storage(case: tuple) -> None:
+    x, bits, group, along = case
+    p = quantize(x, bits, group, along)
+    *lead, t, d = x.shape
+    gt, gc = (p.group_size, 1) if along == "tokens" else (1, p.group_size)
+    assert p.codes.shape == (*lead, t, d * bits // 8) and p.codes.dtype == torch.uint8
+    assert p.scale.shape == p.minimum.shape == (*lead, t // gt, d // gc)
+    assert p.scale.dtype == p.minimum.dtype == torch.float16
+    assert p.nbytes() == math.prod(lead) * (t * d * bits // 8 + 2 * 2 * (t // gt) * (d // gc))
+
+    y = dequantize(p)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert torch.isfinite(y).all() and torch.isfinite(p.scale).all() and torch.isfinite(p.minimum).all()
+    scale, minimum = _expand(p.scale, p), _expand(p.minimum, p)
+    levels = 2**bits - 1
+    eps = 1e-6 * (x.abs() + minimum.abs() + levels * scale) + 1e-30
+    assert (minimum <= x).all() and (x <= minimum + levels * scale + eps).all()
+    assert ((y - x).abs() <= scale / 2 + eps).all()
+
+
+@FAST
+@given(
+    st.sampled_from([2, 4, 8]),
+    st.sampled_from(["tokens", "channels"]),
+    st.floats(-1e4, 1e4, width=16),
+)
+def test_constant_groups_are_exact(bits: int, along: str, value: float) -> None:
+    x = torch.full((2, 4, 8), value)
+    x[1] = 0.0
+    p = quantize(x, bits, 4, along)
+    assert (p.scale == 0).all()
+    assert (p.codes == 0).all()
+    assert torch.equal(dequantize(p), x)
+
+
+@pytest.mark.parametrize("along", ["tokens", "channels"])
+def test_constant_group_not_in_float16_stays_finite(along: str) -> None:
+    x = torch.full((4, 8), 0.1)
+    x[:, 4:] = -1e-9
+    p = quantize(x, 2, 4, along)
+    y = dequantize(p)
+    assert torch.isfinite(y).all()
+    assert ((y - x).abs() <= _expand(p.scale, p) / 2 + 1e-7).all()
+    assert (p.scale.float() < 1e-4).all()
+
+
+def test_dequantize_dtype_and_empty() -> None:
+    x = torch.randn(3, 8, 16)
+    p = quantize(x, 4, 8, "tokens")
+    y16 = dequantize(p, torch.float16)
+    assert y16.dtype == torch.float16
+    assert torch.allclose(y16.float(), dequantize(p), atol=1e-2)
+    empty = quantize(torch.zeros(3, 0, 16), 4, 8, "tokens")
+    assert empty.nbytes() == 0 and empty.num_tokens == 0
+    assert dequantize(empty).shape == (3, 0, 16)
+
+
+@pytest.mark.parametrize(
+    ("dim", "group", "expected"), [(128, 32, 32), (48, 32, 24), (40, 32, 20), (7, 4, 1), (12, 64, 12)]
+)
+def test_effective_group_examples(dim: int, group: int, expected: int) -> None:
+    assert effective_group(dim, group) == expected
+
+
+@given(st.integers(1, 300), st.integers(1, 300))
+def test_effective_group_is_largest_divisor(dim: int, group: int) -> None:
+    g = effective_group(dim, group)
+    assert dim % g == 0 and g <= group
+    assert all(dim % h for h in range(g + 1, min(dim, group) + 1))
+
+
+def test_channel_groups_use_effective_group() -> None:
+    p = quantize(torch.randn(5, 12), 2, 8, "channels")
+    assert p.group_size == 6 and p.scale.shape == (5, 2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "bits", "group", "along"),
+    [
+        ((4, 8), 3, 4, "tokens"),  # unsupported width
+        ((4, 8), 4, 4, "rows"),  # unknown direction
+        ((6, 8), 4, 4, "tokens"),  # T not a multiple of the group
+        ((4, 6), 2, 2, "channels"),  # D not divisible by 4 codes per byte
+        ((8,), 4, 4, "channels"),  # no token dim
+    ],
+)
+def test_invalid_layouts_raise(shape: tuple, bits: int, group: int, along: str) -> None:
+    with pytest.raises(ValueError):
+        quantize(torch.randn(shape), bits, group, along)
+
+
+@pytest.mark.parametrize("along", ["tokens", "channels"])
+def test_cat_matches_quantizing_the_whole(along: str) -> None:
+    x = torch.randn(2, 3, 12, 8)
+    whole = quantize(x, 4, 4, along)
+    joined = cat([quantize(x[:, :, :4], 4, 4, along), quantize(x[:, :, 4:], 4, 4, along)])
+    assert joined.num_tokens == 12
+    for a, b in ((joined.codes, whole.codes), (joined.scale, whole.scale), (joined.minimum, whole.minimum)):
+        assert torch.equal(a, b)
+
+
+def test_cat_rejects_mixed_layouts() -> None:
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError):
+        cat([quantize(x, 4, 4, "tokens"), quantize(x, 2, 4, "tokens")])
+    with pytest.raises(ValueError):
+        cat([])
+
+
+def test_select_tokens_shared_and_per_row() -> None:
+    x = torch.randn(2, 3, 10, 8)
+    p = quantize(x, 2, 4, "channels")
+    idx = torch.tensor([7, 0, 3])
+    expected = quantize(x[:, :, idx], 2, 4, "channels")
+    assert torch.equal(dequantize(select_tokens(p, idx)), dequantize(expected))
+    rows = torch.randint(0, 10, (2, 3, 4))
+    picked = x.gather(2, rows[..., None].expand(2, 3, 4, 8))
+    assert torch.equal(dequantize(select_tokens(p, rows)), dequantize(quantize(picked, 2, 4, "channels")))
+    with pytest.raises(ValueError):
+        select_tokens(p, rows[:1])
+    with pytest.raises(ValueError):
+        select_tokens(quantize(x, 2, 2, "tokens"), idx)
