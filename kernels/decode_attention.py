@@ -20,7 +20,8 @@ from kvcompress.cache.quant import Packed, dequantize
 from .pack import load_dequant
 
 _TARGET_PROGRAMS = 512  # enough chunk programs to fill a large GPU several times over
-_REGISTER_TILE = 8192  # elements of the [heads, tokens, dim] product held by one program
+_REGISTER_TILE = 4096  # elements of the [heads, tokens, dim] product held by one program
+_PARTIAL_WARPS = 8  # with the tile above: no register spills on sm_90 for head dims up to 128
 
 
 def _check(
@@ -218,7 +219,7 @@ def decode_attention_triton(
         return out, lse
     block_r = triton.next_power_of_2(n_rep)
     block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
-    block_n = max(16, min(64, _REGISTER_TILE // (block_r * max(block_dk, block_dv))))
+    block_n = max(8, min(32, _REGISTER_TILE // (block_r * max(block_dk, block_dv))))
     if split_size is None:
         per_head = triton.cdiv(tq + tr, max(1, _TARGET_PROGRAMS // (b * hkv)))
         split_size = block_n * triton.cdiv(per_head, block_n)
@@ -237,13 +238,13 @@ def decode_attention_triton(
             v.codes.contiguous(), v.scale.contiguous(), v.minimum.contiguous(), m, l, acc,
             tq, split_size, n_split, qk_scale, n_rep, dk, dv, k.group_size, v.group_size,
             K_BITS=k.bits, V_BITS=v.bits, K_PER=8 // k.bits, V_PER=8 // v.bits,
-            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_KB=block_kb, BLOCK_VB=block_vb,
+            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_KB=block_kb, BLOCK_VB=block_vb, num_warps=_PARTIAL_WARPS,
         )
     if n_dense:
         _dense_partial_kernel[(b * hkv, n_dense)](
             q, k_res, v_res, m, l, acc, *k_res.stride(), *v_res.stride(),
             hkv, tr, split_size, n_quant, n_split, qk_scale, n_rep, dk, dv,
-            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=_PARTIAL_WARPS,
         )
     _merge_kernel[(b * hq,)](m, l, acc, out, lse, n_split, dv,
                              BLOCK_S=triton.next_power_of_2(n_split), BLOCK_DV=block_dv)

@@ -263,7 +263,8 @@ def _group_stats_kernel(x_ptr, scale_ptr, min_ptr, n_groups, D, GT, GC, levels,
     lo = tl.min(tl.min(tl.where(mask, x, float("inf")), axis=2), axis=1)
     hi = tl.max(tl.max(tl.where(mask, x, float("-inf")), axis=2), axis=1)
     minimum = _fp16_floor_tl(tl.where(k_mask, lo, 0.0))
-    scale = _fp16_ceil_tl(tl.div_rn(tl.where(k_mask, hi, 0.0) - minimum.to(tl.float32), levels))
+    span = tl.where(k_mask, hi, 0.0) - minimum.to(tl.float32)
+    scale = _fp16_ceil_tl(tl.div_rn(span, tl.zeros_like(span) + levels))  # div_rn takes no scalars
     tl.store(scale_ptr + k, scale, mask=k_mask)
     tl.store(min_ptr + k, minimum, mask=k_mask)
 
@@ -280,7 +281,7 @@ def _encode_kernel(x_ptr, scale_ptr, min_ptr, codes_ptr, n_rows, D, GT, GC, leve
     g = _group_index(rows, c, D, GT, GC)
     s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(min_ptr + g, mask=mask, other=0.0).to(tl.float32)
-    inv = tl.where(s > 0, tl.div_rn(1.0, tl.where(s > 0, s, 1.0)), 0.0)
+    inv = tl.where(s > 0, tl.div_rn(tl.zeros_like(s) + 1.0, tl.where(s > 0, s, 1.0)), 0.0)
     q = tl.minimum(tl.maximum(tl.floor((x - m) * inv + 0.5), 0.0), levels).to(tl.int32)
     packed = tl.sum(q << (j * BITS)[None, None, :], axis=2)
     n_bytes = D // PER

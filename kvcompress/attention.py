@@ -40,14 +40,14 @@ class LatentAttention(nn.Module):
         KV heads sharing one latent.
     rotary : nn.Module
         The model's rotary embedding, called for stored key positions.
+    bias : bool
+        Whether q/k/v projections have biases (Qwen2); then ``o_proj`` carries the folded value bias.
     q_norm, k_norm : nn.Module, optional
         Qwen3's per-head RMS norms.
-    o_bias : bool
-        Whether ``o_proj`` has a bias (folded value bias, or an original one).
     """
 
     def __init__(self, config, layer_idx: int, rank_k: int, rank_v: int, head_group: int, rotary: nn.Module,
-                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, o_bias: bool = False):
+                 bias: bool = False, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -58,20 +58,19 @@ class LatentAttention(nn.Module):
         self.rank_k, self.rank_v = rank_k, rank_v
         self.scaling = self.head_dim**-0.5
         hidden, d = config.hidden_size, self.head_dim
-        bias = bool(getattr(config, "attention_bias", False))
         self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=bias)
         self.k_down = nn.Linear(hidden, self.groups * rank_k, bias=False)
         self.k_up = nn.Parameter(torch.empty(self.groups, head_group * d, rank_k))
         self.k_bias = nn.Parameter(torch.empty(self.num_kv_heads * d)) if bias else None
         self.v_down = nn.Linear(hidden, self.groups * rank_v, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * rank_v, hidden, bias=o_bias)
+        self.o_proj = nn.Linear(self.num_heads * rank_v, hidden, bias=bias)
         self.q_norm, self.k_norm = q_norm, k_norm
         self._rotary = (rotary,)  # shared with the model; a tuple keeps it out of this module's state dict
 
     def keys(self, latents: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotated keys ``[B, num_kv_heads, S, head_dim]`` from latents ``[B, G, S, r_k]`` and positions."""
         b, _, s, _ = latents.shape
-        k = torch.einsum("bgsr,gcr->bgsc", latents, self.k_up.to(latents.dtype))
+        k = latents @ self.k_up.to(latents.dtype).transpose(1, 2)  # [B, G, S, r] @ [G, r, g·d]
         k = k.reshape(b, self.groups, s, self.head_group, self.head_dim).transpose(2, 3)
         k = k.reshape(b, self.num_kv_heads, s, self.head_dim)
         if self.k_bias is not None:
@@ -101,14 +100,16 @@ class LatentAttention(nn.Module):
             raise ValueError("kvcompress attention needs position_ids")
         positions = position_ids.expand(b, t)
         valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        if past_key_values is not None:
-            ck, cv, stored_pos, stored_valid = past_key_values.layers[self.layer_idx].update(
-                ck, cv, {"positions": positions, "valid": valid})
+        layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        if layer is not None:
+            ck, cv, stored_pos, stored_valid = layer.update(ck, cv, {"positions": positions, "valid": valid})
         else:
             stored_pos = positions.unsqueeze(1)
             stored_valid = valid.unsqueeze(1) if valid is not None else None
         k = self.keys(ck, stored_pos)
         out = latent_attention(q, k, cv, stored_valid, self.scaling)
+        if layer is not None:
+            layer.evict()  # after attention: this block's queries have seen all of its tokens
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.rank_v)), None
 
 

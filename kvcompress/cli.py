@@ -139,3 +139,129 @@ def print_analysis(result, output: Path | None) -> None:
               f"({result.compression_ratio:.2f}x smaller); {result.seconds:.1f} s")
     if output is not None:
         out.print(f"recipe written to {output}")
+
+
+@app.command()
+@friendly
+def export(
+    model: Annotated[str, typer.Argument(help="HF folder, GGUF file (or folder holding one), or hub id.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint folder to write.")],
+    recipe: Annotated[str | None, typer.Option(help="Recipe file or shipped recipe name.")] = None,
+    target_ratio: Annotated[float | None, typer.Option(help="Override the recipe's K/V width budget.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float16 | bfloat16 | float32 (default: source's).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Write a compressed checkpoint: factorized K/V, config, tokenizer and kvcompress.json."""
+    from kvcompress.export import export as run_export
+    from kvcompress.recipe import Recipe, load_recipe
+    from kvcompress.sources import open_source
+
+    rec = load_recipe(recipe) if recipe else Recipe(name="default")
+    if target_ratio is not None:
+        rec.lowrank.target_ratio = target_ratio
+        rec.layers = []  # ranks must be re-derived for the new budget
+    rec.validate()
+    source = open_source(model)
+    with progress_bar(as_json) as bar:
+        result = run_export(source, output, rec, dtype=dtype, force=force, progress=tracker(bar))
+    summary = {"path": str(result.path), "dtype": result.dtype, "shards": result.shards, "bytes": result.bytes,
+               "layers": [{"layer": x.layer, "rank_k": x.rank_k, "rank_v": x.rank_v} for x in result.recipe.layers]}
+    if as_json:
+        emit_json(summary)
+    else:
+        out.print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {result.shards} shard(s), {result.dtype})")
+
+
+@app.command()
+@friendly
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="Folder written by `kvcompress export`.")],
+    prompt: Annotated[str | None, typer.Option(help="Prompt text.")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="Read the prompt from a file.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Run a prompt on an exported model and report the KV memory it held."""
+    from kvcompress.errors import KVCompressError
+    from kvcompress.generation import generate as run_generate
+    from kvcompress.loading import load
+
+    if (prompt is None) == (prompt_file is None):
+        raise KVCompressError("give exactly one of --prompt or --prompt-file")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise KVCompressError(f"prompt file not found: {prompt_file}")
+        prompt = prompt_file.read_text()
+    model, tokenizer = load(checkpoint)
+    report = run_generate(model, tokenizer, prompt, max_new_tokens, temperature, seed, chat, stream=not as_json)
+    if as_json:
+        emit_json(report.to_json())
+        return
+    r = report.to_json()
+    out.print(f"\n[dim]prompt {r['prompt_tokens']} tokens, generated {r['generated_tokens']} tokens, "
+              f"{r['tokens_per_second']:.1f} tokens/s[/]")
+    out.print(f"[dim]KV cache held {r['kv_bytes']:,} bytes vs {r['kv_bytes_uncompressed']:,} uncompressed "
+              f"({r['kv_ratio']:.2f}x smaller)[/]")
+
+
+@app.command()
+@friendly
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Folder written by `kvcompress export`.")],
+    verify: Annotated[bool, typer.Option(help="Check file checksums.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Summarize a checkpoint's manifest and per-layer settings."""
+    from kvcompress.manifest import read_manifest
+
+    m = read_manifest(checkpoint, verify=verify)
+    summary = {key: m.get(key) for key in ("schema_version", "kvcompress_version", "format", "model_type",
+                                            "dtype", "head_group", "quant", "eviction", "kernel_backend")}
+    summary |= {"source": m["source"]["model"], "files": len(m.get("files", {})), "layers": m["layers"],
+                "verified": verify}
+    if as_json:
+        emit_json(summary)
+        return
+    for key, value in summary.items():
+        if key != "layers":
+            out.print(f"{key}: {value}", highlight=False)
+    table = Table()
+    for col in ("layer", "rank_k", "rank_v", "bits_k", "bits_v", "group_size", "residual_length"):
+        table.add_column(col, justify="right")
+    for lay in m["layers"]:
+        table.add_row(*(str(lay[c]) for c in ("layer", "rank_k", "rank_v", "bits_k", "bits_v", "group_size",
+                                              "residual_length")))
+    out.print(table)
+
+
+@app.command(name="eval")
+@friendly
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Folder written by `kvcompress export`.")],
+    text: Annotated[Path, typer.Option(help="Evaluation text file.")],
+    context: Annotated[int, typer.Option(help="Window length in tokens.")] = 2048,
+    block: Annotated[int, typer.Option(help="Tokens read per step through the cache.")] = 128,
+    max_tokens: Annotated[int, typer.Option(help="Evaluate the first N tokens of the text.")] = 16384,
+    source: Annotated[str | None, typer.Option(help="Source model (default: the manifest's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity through the cache, compressed vs source model, same windows, same run."""
+    from kvcompress.evaluate.perplexity import compare
+
+    with progress_bar(as_json) as bar:
+        result = compare(checkpoint, text, context, block, max_tokens, source, progress=tracker(bar))
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title=f"perplexity through the cache: {result['tokens']} tokens, context {context}, "
+                        f"block {block}")
+    for col in ("model", "perplexity", "KV bytes/token"):
+        table.add_column(col, justify="right")
+    for name in ("baseline", "compressed"):
+        table.add_row(name, f"{result[name]['ppl']:.3f}", f"{result[name]['kv_bytes_per_token']:.0f}")
+    out.print(table)
+    out.print(f"ratios: perplexity x{result['ratios']['ppl']:.4f}, KV bytes x{result['ratios']['kv_bytes']:.3f}")

@@ -155,6 +155,9 @@ def export(
     """
     spec = source.spec
     out = Path(out)
+    if recipe.quant.enabled:
+        raise KVCompressError("recipe enables [quant], which this version's runtime cache does not apply yet; "
+                              "set [quant] enabled = false to export the rest")
     if out.exists() and not force:
         raise KVCompressError(f"{out} exists; pass --force to replace it")
     dtype = dtype or str(source.config.get("dtype") or source.config.get("torch_dtype") or "float16")
@@ -174,18 +177,27 @@ def export(
         _write_config(source, tmp, dtype)
         manifest = _manifest(source, recipe, dtype)
         write_manifest(tmp, manifest)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(out)
+        _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in out.iterdir())
     return ExportResult(path=out, recipe=recipe, dtype=dtype, shards=shards, bytes=size)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is replaced, and restored if the swap fails."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    out.rename(trash)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        trash.rename(out)
+        raise
+    shutil.rmtree(trash)
 
 
 def _write(source: Source, folder: Path, recipe: Recipe, dtype: torch.dtype, shard_bytes: int, tokenizer,

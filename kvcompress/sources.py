@@ -64,7 +64,8 @@ class ModelSpec:
         """Build a spec from a ``config.json`` dict, with one-line errors for what is unsupported."""
         model_type = config.get("model_type")
         archs = config.get("architectures") or []
-        if model_type is None or (archs and not any(a.endswith("ForCausalLM") for a in archs)):
+        causal = ("ForCausalLM", "LMHeadModel")
+        if model_type is None or (archs and not any(a.endswith(causal) for a in archs)):
             raise KVCompressError(
                 f"not a causal language model config (model_type={model_type!r}, architectures={archs})"
             )
@@ -168,7 +169,7 @@ class SafetensorsSource(Source):
         from safetensors import safe_open
 
         self.path = path
-        self.origin = origin or str(path)
+        self.origin = origin or str(path.resolve())
         self.config = _read_json(path / "config.json")
         self.spec = ModelSpec.from_config(self.config)
         index = path / "model.safetensors.index.json"
@@ -259,7 +260,7 @@ class GGUFSource(Source):
         import gguf
 
         self.path = file
-        self.origin = origin or str(file)
+        self.origin = origin or str(file.resolve())
         try:
             self._reader = gguf.GGUFReader(str(file))
         except Exception as e:

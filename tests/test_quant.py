@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from kvcompress.kernels.pack import pack_codes, unpack_codes
 
 from kvcompress.cache.quant import Packed, cat, dequantize, effective_group, quantize, select_tokens
+from kvcompress.kernels.pack import pack_codes, unpack_codes
 
 FAST = settings(max_examples=60, deadline=None)
 

@@ -31,8 +31,9 @@ SCHEDULES = ("progressive", "uniform", "energy")
 def round_rank(rank: float, width: int, multiple: int) -> int:
     """Round to the nearest multiple of ``multiple`` inside ``[multiple, width]`` (``width`` always allowed)."""
     step = min(multiple, width)
-    r = round(rank / step) * step
-    return max(step, min(width, r))
+    below = max(step, min(width, int(rank // step) * step))
+    candidates = {below, min(width, below + step), width}
+    return min(candidates, key=lambda c: (abs(c - rank), c))
 
 
 def uniform(num_layers: int, width: int, target: float, multiple: int) -> list[int]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvcompress.cache.lagkv import LagKVConfig, compress_step
+
 
 class DenseStore:
     """A growing ``[B, H, T, D]`` tensor in the model's dtype (no quantization)."""
@@ -48,13 +50,23 @@ class KVCompressLayer(CacheLayerMixin):
 
     ``get_seq_length`` counts tokens *seen* (what positions continue from); ``stored_length`` counts
     tokens *held*, which is smaller once a policy evicts.
+
+    Parameters
+    ----------
+    eviction : LagKVConfig, optional
+        LagKV settings; eviction runs in :meth:`evict`, which attention calls *after* reading the cache,
+        so a block's own queries still see every token of the block. Selection is per sequence and per
+        latent head; each kept token keeps its original RoPE position, and keys are rotated at those
+        positions when read, so positions stay true after eviction.
     """
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self) -> None:
+    def __init__(self, eviction: LagKVConfig | None = None) -> None:
         super().__init__()
+        self.eviction = eviction
+        self.settled = 0
         self.key_store = DenseStore()
         self.value_store = DenseStore()
         self.positions: torch.Tensor | None = None  # [B, 1 or H, T] int32 RoPE positions of stored tokens
@@ -93,6 +105,21 @@ class KVCompressLayer(CacheLayerMixin):
         self.seen += t
         return self.key_store.read(), self.value_store.read(), self.positions, self.valid
 
+    def evict(self) -> None:
+        """Apply the eviction policy to what is stored (LagKV: score each chunk against the next)."""
+        if self.eviction is None or self.positions is None:
+            return
+        keys, values = self.key_store.read(), self.value_store.read()
+        keep, self.settled = compress_step(keys, values, self.settled, self.eviction, valid=self.valid)
+        if keep is None:
+            return
+        self.key_store.keep(keep)
+        self.value_store.keep(keep)
+        heads = keep.shape[1]
+        self.positions = self.positions.expand(-1, heads, -1).gather(2, keep)
+        if self.valid is not None:
+            self.valid = self.valid.expand(-1, heads, -1).gather(2, keep)
+
     @property
     def stored_length(self) -> int:
         """Tokens held."""
@@ -115,7 +142,7 @@ class KVCompressLayer(CacheLayerMixin):
         return self.key_store.nbytes() + self.value_store.nbytes() + meta
 
     def reset(self) -> None:
-        self.__init__()
+        self.__init__(self.eviction)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for store in (self.key_store, self.value_store):
@@ -137,8 +164,8 @@ def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 class KVCompressCache(Cache):
     """A ``Cache`` of :class:`KVCompressLayer` objects, one per decoder layer."""
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[KVCompressLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, eviction: LagKVConfig | None = None) -> None:
+        super().__init__(layers=[KVCompressLayer(eviction) for _ in range(num_layers)])
 
     def kv_bytes(self) -> int:
         """Bytes held by every layer together (what is really stored)."""

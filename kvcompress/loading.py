@@ -12,11 +12,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvcompress.attention import LatentAttention
+from kvcompress.cache.lagkv import LagKVConfig
 from kvcompress.cache.layer import KVCompressCache
 from kvcompress.errors import KVCompressError
 from kvcompress.export import DTYPES
 from kvcompress.manifest import read_manifest
 from kvcompress.skeleton import hf_config, rotary, skeleton
+from kvcompress.sources import ModelSpec
 
 ATTN_IMPL = "kvcompress"
 
@@ -50,7 +52,11 @@ def make_cache(model) -> KVCompressCache:
     KVCompressCache
         One layer object per decoder layer, configured from the checkpoint's manifest.
     """
-    return KVCompressCache(model.config.num_hidden_layers)
+    eviction = model.kvcompress_manifest.get("eviction")
+    lagkv = None
+    if eviction is not None:
+        lagkv = LagKVConfig(**{k: v for k, v in eviction.items() if k != "method"})
+    return KVCompressCache(model.config.num_hidden_layers, lagkv)
 
 
 def _compressed_class(base: type) -> type:
@@ -64,6 +70,9 @@ def _compressed_class(base: type) -> type:
     def generate(self, *args, **kwargs):
         if kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = make_cache(self)
+        eviction = self.kvcompress_manifest.get("eviction")
+        if eviction is not None and "prefill_chunk_size" not in kwargs:
+            kwargs["prefill_chunk_size"] = eviction["lag_size"]  # evict while reading a long prompt
         return base.generate(self, *args, **kwargs)
 
     return type(f"KVCompressed{base.__name__}", (base,), {"forward": forward, "generate": generate})
@@ -103,17 +112,18 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
             raise KVCompressError(f"{folder} holds pickle weights; kvcompress loads only safetensors")
         raise KVCompressError(f"no safetensors weights in {folder}")
-    config = hf_config(json.loads((folder / "config.json").read_text()))
+    raw_config = json.loads((folder / "config.json").read_text())
+    config = hf_config(raw_config)
     model = skeleton(config)
     model.model.rotary_emb = rotary(model)
     group = int(manifest["head_group"])
-    bias = bool(getattr(config, "attention_bias", False))
+    spec = ModelSpec.from_config(raw_config)
     for entry, layer in zip(manifest["layers"], model.model.layers, strict=True):
         old = layer.self_attn
         with torch.device("meta"):
             layer.self_attn = LatentAttention(
                 config, old.layer_idx, entry["rank_k"], entry["rank_v"], group, model.model.rotary_emb,
-                q_norm=getattr(old, "q_norm", None), k_norm=getattr(old, "k_norm", None), o_bias=bias,
+                bias=spec.attention_bias, q_norm=getattr(old, "q_norm", None), k_norm=getattr(old, "k_norm", None),
             )
     expected = set(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):
@@ -121,7 +131,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     seen: set[str] = set()
     for shard in shards:
         tensors = load_file(str(shard))
-        model.load_state_dict(tensors, strict=False, assign=True)
+        unexpected = model.load_state_dict(tensors, strict=False, assign=True).unexpected_keys
+        if unexpected:
+            raise KVCompressError(f"checkpoint has {len(unexpected)} tensors this model does not use, "
+                                  f"e.g. {unexpected[0]}")
         seen.update(tensors)
     missing = expected - seen
     if missing:

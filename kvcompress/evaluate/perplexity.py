@@ -1,0 +1,142 @@
+"""Perplexity measured *through* a cache: text streams in blocks, so later blocks see only what is stored.
+
+A single teacher-forced forward would attend to exact K/V of every earlier token and bypass whatever
+the cache does (latents, quantized codes, evicted tokens). Here, within each window of ``context``
+tokens, the model reads blocks of ``block`` tokens; each block attends to earlier blocks only through
+the cache. The baseline takes the same path with an uncompressed cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvcompress.errors import KVCompressError
+
+
+@dataclass
+class PerplexityResult:
+    """Perplexity and the cache's size at the end of a full window."""
+
+    ppl: float
+    nll: float
+    tokens: int
+    kv_bytes_per_token: float
+
+
+def text_ids(tokenizer, path: str | Path, max_tokens: int) -> torch.Tensor:
+    """The first ``max_tokens`` token ids of a text file, ``[1, N]``."""
+    p = Path(path)
+    if not p.is_file():
+        raise KVCompressError(f"text file not found: {p}")
+    text = p.read_text(errors="replace").replace("\r\n", "\n")
+    ids = tokenizer(text[: max_tokens * 12], add_special_tokens=False, return_tensors="pt", verbose=False).input_ids
+    if ids.shape[1] < 2:
+        raise KVCompressError(f"{p} has fewer than 2 tokens")
+    return ids[:, :max_tokens]
+
+
+@torch.no_grad()
+def blocked_perplexity(
+    model,
+    ids: torch.Tensor,
+    new_cache: Callable[[], object],
+    cache_bytes: Callable[[object], int],
+    context: int = 2048,
+    block: int = 128,
+    progress: Callable[[int, int], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity of ``ids`` read in ``context``-token windows, ``block`` tokens at a time through a cache.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        Any causal LM accepting ``past_key_values`` and ``position_ids``.
+    ids : torch.Tensor
+        ``[1, N]`` token ids; the tail that does not fill a window is scored as a shorter window.
+    new_cache : callable
+        Returns a fresh cache for each window.
+    cache_bytes : callable
+        Bytes held by a cache (measured at the end of the longest window).
+    context, block : int
+        Window and block sizes.
+    progress : callable, optional
+        ``(done_tokens, total_tokens)``.
+    """
+    if context < 2 or block < 1:
+        raise KVCompressError("context must be >= 2 and block >= 1")
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    total_nll, scored, kv_per_token = 0.0, 0, 0.0
+    n = ids.shape[1]
+    for start in range(0, n - 1, context):
+        window = ids[:, start:start + context]
+        if window.shape[1] < 2:
+            break
+        cache = new_cache()
+        prev_logits = None
+        for b0 in range(0, window.shape[1], block):
+            chunk = window[:, b0:b0 + block]
+            pos = torch.arange(b0, b0 + chunk.shape[1], device=device).unsqueeze(0)
+            logits = model(input_ids=chunk, past_key_values=cache, position_ids=pos, use_cache=True).logits.float()
+            preds = logits[:, :-1] if prev_logits is None else torch.cat([prev_logits, logits[:, :-1]], dim=1)
+            targets = chunk if prev_logits is not None else chunk[:, 1:]
+            total_nll += float(F.cross_entropy(preds.reshape(-1, preds.shape[-1]), targets.reshape(-1),
+                                               reduction="sum"))
+            scored += targets.numel()
+            prev_logits = logits[:, -1:]
+        kv_per_token = max(kv_per_token, cache_bytes(cache) / window.shape[1])
+        if progress:
+            progress(min(start + context, n), n)
+    nll = total_nll / scored
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=scored, kv_bytes_per_token=kv_per_token)
+
+
+def dynamic_cache_bytes(cache) -> int:
+    """Bytes held by a transformers ``DynamicCache``."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+def compare(checkpoint: str | Path, text: str | Path, context: int = 2048, block: int = 128,
+            max_tokens: int = 16384, source: str | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Perplexity of a compressed checkpoint and of its source model, same windows, same run.
+
+    Returns
+    -------
+    dict
+        ``{"baseline": {"ppl", "kv_bytes_per_token"}, "compressed": {...}, "ratios": {"ppl", "kv_bytes"},
+        "context", "block", "tokens"}``.
+    """
+    from transformers import DynamicCache
+
+    from kvcompress.export import DTYPES
+    from kvcompress.loading import load, make_cache
+    from kvcompress.skeleton import load_full
+    from kvcompress.sources import open_source
+
+    tick = progress or (lambda *_: None)
+    model, tokenizer = load(checkpoint)
+    ids = text_ids(tokenizer, text, max_tokens)
+    comp = blocked_perplexity(model, ids, lambda: make_cache(model), lambda c: c.kv_bytes(), context, block,
+                              lambda d, n: tick("compressed", d, n))
+    manifest = model.kvcompress_manifest
+    src = open_source(source or manifest["source"]["model"])
+    dtype = DTYPES[manifest["dtype"]]
+    base_model = load_full(src).to(dtype)
+    base = blocked_perplexity(base_model, ids, lambda: DynamicCache(config=base_model.config),
+                              dynamic_cache_bytes, context, block, lambda d, n: tick("baseline", d, n))
+    return {
+        "context": context,
+        "block": block,
+        "tokens": comp.tokens,
+        "baseline": {"ppl": base.ppl, "kv_bytes_per_token": base.kv_bytes_per_token},
+        "compressed": {"ppl": comp.ppl, "kv_bytes_per_token": comp.kv_bytes_per_token},
+        "ratios": {"ppl": comp.ppl / base.ppl, "kv_bytes": comp.kv_bytes_per_token / base.kv_bytes_per_token},
+    }

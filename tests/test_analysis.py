@@ -1,0 +1,344 @@
+"""analyze: SVD factorizations, rank schedules, bit allocation, the end-to-end report, and recipes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvcompress.analysis import schedule as schedules
+from kvcompress.analysis.analyze import analyze
+from kvcompress.analysis.sensitivity import allocate_bits
+from kvcompress.analysis.svd import energy_kept, group_svd, whitening_factor
+from kvcompress.errors import KVCompressError
+from kvcompress.recipe import LayerRecipe, Recipe, recipe_from_dict
+from kvcompress.sources import ModelSpec, open_source
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _activations(n: int, hidden: int, seed: int, huge: tuple[int, ...] = (3, 17, 40), scale: float = 300.0
+                 ) -> torch.Tensor:
+    """``[n, hidden]`` float64 activations with a few huge channels (outlier features, as in real LLMs)."""
+    x = torch.randn(n, hidden, generator=_gen(seed), dtype=torch.float64)
+    x[:, list(huge)] *= scale
+    return x
+
+
+# --------------------------------------------------------------------------- SVD
+
+
+@pytest.mark.parametrize("whitened", [False, True])
+@pytest.mark.parametrize("shape", [(16, 64), (8, 64), (32, 48)])
+def test_full_rank_factors_reconstruct_exactly(shape, whitened):
+    out, hidden = shape
+    w = torch.randn(out, hidden, generator=_gen(out * hidden), dtype=torch.float64)
+    s = None
+    if whitened:
+        x = _activations(4 * hidden, hidden, seed=1)
+        s = whitening_factor(x.T @ x)
+        assert torch.allclose(s, s.tril())  # lower Cholesky factor
+    svd = group_svd(w, s)
+    assert svd.width == min(out, hidden)
+    down, up = svd.factors(svd.width)
+    assert down.shape == (svd.width, hidden) and up.shape == (out, svd.width)
+    assert down.dtype == up.dtype == torch.float64
+    torch.testing.assert_close(up @ down, w, atol=1e-8, rtol=0)
+
+
+def test_whitening_factor_survives_a_singular_gram():
+    x = _activations(10, 64, seed=2)  # rank 10 < 64: the Gram matrix is singular
+    s = whitening_factor(x.T @ x)
+    assert torch.isfinite(s).all() and (s.diagonal() > 0).all()
+
+
+@pytest.mark.parametrize("rank", [2, 4, 8, 12])
+def test_whitened_truncation_has_lower_output_error(rank):
+    hidden, out = 64, 16
+    w = torch.randn(out, hidden, generator=_gen(3), dtype=torch.float64)
+    x = _activations(512, hidden, seed=4)
+    plain = group_svd(w).factors(rank)
+    white = group_svd(w, whitening_factor(x.T @ x)).factors(rank)
+
+    def output_error(factors):
+        down, up = factors
+        return torch.linalg.norm((w - up @ down) @ x.T).item()
+
+    def weight_error(factors):
+        down, up = factors
+        return torch.linalg.norm(w - up @ down).item()
+
+    # on the activations it was fitted to, whitening wins clearly...
+    assert output_error(white) < 0.9 * output_error(plain)
+    # ...while plain SVD is the best approximation of W itself (Eckart-Young), so the test has teeth
+    assert weight_error(plain) <= weight_error(white) + 1e-9
+
+
+def test_energy_kept():
+    sigma = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    assert energy_kept(sigma, 0) == 0.0
+    assert energy_kept(sigma, 1) == pytest.approx(9 / 14)
+    assert energy_kept(sigma, 4) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- schedules
+
+WIDTH_MULTIPLE = st.sampled_from([(8, 8), (16, 8), (32, 8), (64, 8), (64, 16), (24, 1), (16, 4), (12, 8)])
+LOG_KAPPAS = st.lists(st.floats(min_value=0.0, max_value=25.0, allow_nan=False), min_size=1, max_size=16)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(log_kappa=LOG_KAPPAS, wm=WIDTH_MULTIPLE, target=st.sampled_from([0.25, 0.5, 0.75, 1.0]))
+def test_progressive_schedule_properties(log_kappa, wm, target):
+    width, multiple = wm
+    ranks = schedules.progressive(log_kappa, width, target, multiple)
+    step = min(multiple, width)
+    assert len(ranks) == len(log_kappa)
+    assert all(isinstance(r, int) for r in ranks)
+    assert all(a >= b for a, b in itertools.pairwise(ranks)), ranks  # never increases with depth
+    assert all(step <= r <= width for r in ranks), ranks
+    assert all(r % step == 0 or r == width for r in ranks), ranks
+    mean = sum(ranks) / len(ranks)
+    assert abs(mean / width - target) <= step / width + 1e-9, (ranks, target)
+    if target == 1.0 and width % multiple == 0:
+        assert ranks == [width] * len(ranks)
+
+
+def test_full_target_keeps_full_width_when_width_is_not_a_multiple():
+    """``round_rank`` promises ``width`` is always allowed: target 1.0 must stay lossless."""
+    for width, multiple in [(12, 8), (64, 48), (40, 16)]:
+        case = f"width {width}, multiple {multiple}"
+        assert schedules.uniform(3, width, 1.0, multiple) == [width] * 3, case
+        assert schedules.progressive([0.0, 1.0, 0.0], width, 1.0, multiple) == [width] * 3, case
+        assert schedules.progressive([3.0, 2.0, 1.0, 0.5], width, 1.0, multiple) == [width] * 4, case
+        # nearest allowed value: width - 0.5 is closer to width than to the multiple below it
+        assert schedules.round_rank(width - 0.5, width, multiple) == width, case
+
+
+def test_progressive_schedule_favours_shallow_layers():
+    ranks = schedules.progressive([2.0, 1.5, 1.0, 1.0, 0.5, 0.5, 0.2, 0.1], 64, 0.5, 8)
+    assert ranks[0] > ranks[-1]
+    assert ranks[0] == 64  # r_max is the full width when the budget allows it
+    assert sum(ranks) / len(ranks) == pytest.approx(32, abs=8)
+
+
+@pytest.mark.parametrize("target", [0.25, 0.5, 0.75, 1.0])
+def test_uniform_schedule(target):
+    ranks = schedules.uniform(5, 64, target, 8)
+    assert ranks == [round(64 * target / 8) * 8] * 5
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sigmas=st.lists(st.lists(st.floats(min_value=0.0, max_value=100.0, allow_nan=False), min_size=32, max_size=32)
+                    .map(lambda s: sorted(s, reverse=True)).filter(lambda s: s[0] > 1e-3), min_size=1, max_size=4),
+    keep=st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99, 1.0]),
+    multiple=st.sampled_from([1, 4, 8]),
+)
+def test_energy_schedule_meets_energy_minimally(sigmas, keep, multiple):
+    width = 32
+    ranks = schedules.energy(sigmas, width, keep, multiple)
+    assert len(ranks) == len(sigmas)
+    for sig, r in zip(sigmas, ranks, strict=True):
+        t = torch.tensor(sig, dtype=torch.float64)
+        assert multiple <= r <= width and r % multiple == 0
+        assert energy_kept(t, r) >= keep - 1e-9  # energy met
+        if r > multiple:  # one rounding step less would not meet it
+            assert energy_kept(t, r - multiple) < keep + 1e-9
+
+
+# --------------------------------------------------------------------------- bit allocation
+
+SENS = st.lists(st.floats(min_value=0.0, max_value=1e3, allow_nan=False), min_size=1, max_size=24)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sens=SENS, avg=st.floats(min_value=2.0, max_value=8.0))
+def test_allocate_bits_properties(sens, avg):
+    bits = allocate_bits(sens, avg)
+    assert len(bits) == len(sens)
+    assert set(bits) <= {2, 4, 8}
+    n = len(sens)
+    assert sum(bits) <= avg * n + 1e-6  # average budget respected
+    for i in range(n):
+        for j in range(n):
+            if sens[i] > sens[j]:
+                assert bits[i] >= bits[j], (sens, bits)
+    # greedy stops only when no further upgrade fits the budget
+    left = avg * n - sum(bits)
+    ladder = {2: 4, 4: 8}
+    assert all(b == 8 or ladder[b] - b > left + 1e-9 for b in bits), (bits, left)
+
+
+def test_allocate_bits_spends_on_the_most_sensitive_layer():
+    assert allocate_bits([0.1, 5.0, 0.2, 0.3], 2.5) == [2, 4, 2, 2]
+    assert allocate_bits([1.0] * 4, 2.0) == [2, 2, 2, 2]
+    assert allocate_bits([1.0, 2.0], 8.0) == [8, 8]
+
+
+# --------------------------------------------------------------------------- analyze end to end
+
+TOP_KEYS = {"model", "num_layers", "num_kv_heads", "head_dim", "head_group", "group_width", "svd", "schedule",
+            "target_ratio", "layers", "kv_bytes_per_token", "compression_ratio"}
+LAYER_KEYS = {"layer", "rank_k", "rank_v", "kappa_k", "kappa_v", "energy_k", "energy_v", "bits_k", "bits_v",
+              "sensitivity"}
+
+
+def _small_calibration(rec: Recipe) -> Recipe:
+    rec.calibration.max_tokens = 256
+    rec.calibration.seq_len = 128
+    return rec
+
+
+def _check_report(js: dict, tiny, head_group: int, target: float) -> None:
+    assert set(js) >= TOP_KEYS
+    json.dumps(js)  # plain JSON types
+    cfg = tiny.config
+    width = head_group * cfg.head_dim
+    assert (js["num_layers"], js["num_kv_heads"], js["head_dim"]) == (3, cfg.num_key_value_heads, cfg.head_dim)
+    assert (js["head_group"], js["group_width"], js["target_ratio"]) == (head_group, width, target)
+    assert len(js["layers"]) == 3
+    for i, row in enumerate(js["layers"]):
+        assert set(row) == LAYER_KEYS, set(row) ^ LAYER_KEYS
+        assert row["layer"] == i
+        assert 1 <= row["rank_v"] <= width and 1 <= row["rank_k"] <= width
+        assert row["kappa_k"] >= 1.0 and row["kappa_v"] >= 1.0
+        assert 0.0 < row["energy_k"] <= 1.0 + 1e-9 and 0.0 < row["energy_v"] <= 1.0 + 1e-9
+        assert row["bits_k"] in (2, 4, 8) and row["bits_v"] in (2, 4, 8)
+    ranks = [row["rank_k"] for row in js["layers"]]
+    assert ranks == sorted(ranks, reverse=True)
+    assert abs(sum(ranks) / len(ranks) / width - target) <= 8 / width + 1e-9
+    kv = js["kv_bytes_per_token"]
+    groups = cfg.num_key_value_heads // head_group
+    assert kv["baseline"] == 3 * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    assert kv["compressed"] == pytest.approx(sum(2 * (r["rank_k"] + r["rank_v"]) * groups for r in js["layers"]))
+    assert js["compression_ratio"] == pytest.approx(kv["baseline"] / kv["compressed"])
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_mha"])
+def test_analyze_end_to_end_with_sensitivity(tiny_factory, name):
+    tiny = tiny_factory(name)
+    source = open_source(tiny.path)
+    rec = _small_calibration(Recipe())
+    result = analyze(source, source.tokenizer(), rec, sensitivity=True)
+    js = result.to_json()
+    _check_report(js, tiny, tiny.config.num_key_value_heads, 0.5)
+    sens = [row["sensitivity"] for row in js["layers"]]
+    assert all(s > 0 and math.isfinite(s) for s in sens)  # measured, not the uniform placeholder
+    assert js["sensitivity_method"] != "none (uniform bits)"
+    # the recipe was filled in, consistently with the report
+    assert [(lay.rank_k, lay.rank_v, lay.bits_k) for lay in rec.layers] == \
+        [(r["rank_k"], r["rank_v"], r["bits_k"]) for r in js["layers"]]
+    rec.validate(source.spec)
+
+
+def test_analyze_cli_per_head_groups_on_gqa(llama_gqa):
+    res = run_cli("analyze", llama_gqa.path, "--head-group", "1", "--no-sensitivity", "--json")
+    assert res.exit_code == 0, res.stderr
+    js = json.loads(res.stdout)
+    _check_report(js, llama_gqa, 1, 0.5)
+    assert js["group_width"] == 8 and js["head_group"] == 1
+
+
+def test_analyze_cli_writes_a_loadable_recipe(llama_gqa, tmp_path):
+    out = tmp_path / "r.toml"
+    res = run_cli("analyze", llama_gqa.path, "--schedule", "uniform", "--target-ratio", "0.25", "--svd", "weight",
+                  "--no-sensitivity", "--json", "-o", out)
+    assert res.exit_code == 0, res.stderr
+    rec = recipe_from_dict(tomllib.loads(out.read_text()))
+    assert rec.lowrank.schedule == "uniform" and rec.lowrank.svd == "weight"
+    assert [(lay.rank_k, lay.rank_v) for lay in rec.layers] == [(8, 8)] * 3  # 0.25 * 16 = 4 -> one step of 8
+
+
+def test_analyze_cli_bad_head_group_is_one_line(llama_gqa):
+    assert_one_line_error(run_cli("analyze", llama_gqa.path, "--head-group", "3", "--no-sensitivity"),
+                          "head_group 3")
+
+
+# --------------------------------------------------------------------------- recipes
+
+SPEC = ModelSpec(model_type="llama", num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=8,
+                 rope_theta=10000.0, attention_bias=False, qk_norm=False)
+
+
+def _full_recipe() -> Recipe:
+    rec = Recipe(name="mine", description="a test recipe")
+    rec.lowrank.svd, rec.lowrank.schedule, rec.lowrank.target_ratio = "weight", "energy", 0.375
+    rec.lowrank.head_group, rec.lowrank.energy = 1, 0.9
+    rec.quant.avg_bits, rec.quant.group_size, rec.quant.residual_length = 4.5, 16, 64
+    rec.lagkv.enabled, rec.lagkv.keep_ratio = True, 0.25
+    rec.calibration.text, rec.calibration.max_tokens = "calib.txt", 512
+    rec.layers = [LayerRecipe(0, 8, 8, 8, 4), LayerRecipe(1, 4, 8, 2, 16)]
+    return rec
+
+
+def test_recipe_toml_round_trip():
+    rec = _full_recipe()
+    text = rec.dumps()
+    back = recipe_from_dict(tomllib.loads(text))
+    assert back == rec
+    assert back.dumps() == text
+    assert text.lstrip().startswith("schema_version")
+    back.validate(SPEC)
+
+
+def test_recipe_save_and_shipped_default_round_trip(tmp_path):
+    from kvcompress.recipe import load_recipe
+
+    rec = _full_recipe()
+    rec.save(tmp_path / "r.toml")
+    assert load_recipe(tmp_path / "r.toml") == rec
+    assert recipe_from_dict({}) == Recipe()
+
+
+def _layers(rank_k=8, rank_v=8, bits_k=16, bits_v=16):
+    return [{"layer": i, "rank_k": rank_k, "rank_v": rank_v, "bits_k": bits_k, "bits_v": bits_v} for i in range(2)]
+
+
+@pytest.mark.parametrize(("data", "pattern"), [
+    ({"lowrank": {"target_ratio": 0}}, r"target_ratio must be in \(0, 1\], got 0"),
+    ({"lowrank": {"target_ratio": 1.5}}, r"target_ratio must be in \(0, 1\], got 1.5"),
+    ({"layers": _layers(bits_k=3)}, r"layer 0: bits must be one of .*got 3"),
+    ({"layers": _layers(bits_v=1)}, r"bits must be one of .*got 1"),
+    ({"quant": {"group_size": 32, "residual_length": 100}}, r"residual_length \(100\).*multiple of group_size \(32\)"),
+    ({"schema_version": 2}, r"schema_version 2 is newer.*upgrade"),
+    ({"colour": "blue"}, r"unknown recipe key\(s\): colour"),
+    ({"lowrank": {"ratio": 0.5}}, r"unknown setting\(s\) in \[lowrank\]: ratio"),
+    ({"layers": [{"layer": 0, "rank_k": 8, "rank_v": 8, "bits": 4}]}, r"unknown setting\(s\) in \[layers\]: bits"),
+    ({"lowrank": {"svd": "qr"}}, r"svd must be one of"),
+])
+def test_impossible_recipes_are_refused(data, pattern):
+    with pytest.raises(KVCompressError, match=pattern) as e:
+        recipe_from_dict(data)
+    assert "\n" not in str(e.value)
+
+
+def test_rank_above_group_width_is_refused():
+    rec = recipe_from_dict({"layers": _layers(rank_k=17)})  # fine without a model...
+    with pytest.raises(KVCompressError, match=r"layer 0: rank_k 17 exceeds the head group's width 16"):
+        rec.validate(SPEC)  # ...but a 2-head x 8 group is 16 wide
+    per_head = recipe_from_dict({"lowrank": {"head_group": 1}, "layers": _layers(rank_v=9)})
+    with pytest.raises(KVCompressError, match=r"rank_v 9 exceeds the head group's width 8"):
+        per_head.validate(SPEC)
+
+
+def test_recipe_layer_count_must_match_model():
+    rec = recipe_from_dict({"layers": _layers()[:1]})
+    with pytest.raises(KVCompressError, match="1 layer entries; the model has 2 layers"):
+        rec.validate(SPEC)
