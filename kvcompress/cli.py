@@ -80,7 +80,7 @@ def analyze(
     recipe: Annotated[str | None, typer.Option(help="Recipe file or shipped recipe name to fill in.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the filled recipe here.")] = None,
     svd: Annotated[str | None, typer.Option(help="whitened | weight")] = None,
-    schedule: Annotated[str | None, typer.Option(help="progressive | uniform | energy")] = None,
+    schedule: Annotated[str | None, typer.Option(help="progressive | uniform | energy | greedy")] = None,
     target_ratio: Annotated[float | None, typer.Option(help="Mean kept K/V width, in (0, 1].")] = None,
     energy: Annotated[float | None, typer.Option(help="Spectrum energy kept by --schedule energy.")] = None,
     head_group: Annotated[int | None, typer.Option(help="KV heads per latent; 0 = all, 1 = per head.")] = None,
@@ -242,26 +242,62 @@ def inspect(
 @friendly
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Folder written by `kvcompress export`.")],
-    text: Annotated[Path, typer.Option(help="Evaluation text file.")],
+    text: Annotated[Path | None, typer.Option(help="Evaluation text file (perplexity).")] = None,
     context: Annotated[int, typer.Option(help="Window length in tokens.")] = 2048,
     block: Annotated[int, typer.Option(help="Tokens read per step through the cache.")] = 128,
     max_tokens: Annotated[int, typer.Option(help="Evaluate the first N tokens of the text.")] = 16384,
     source: Annotated[str | None, typer.Option(help="Source model (default: the manifest's).")] = None,
+    passkey: Annotated[bool, typer.Option("--passkey", help="Passkey retrieval accuracy (no text needed).")] = False,
+    lengths: Annotated[str, typer.Option(help="Passkey prompt lengths in tokens, comma-separated.")] = "1024,2048,4096",
+    depths: Annotated[int, typer.Option(help="Passkey depths per length, evenly spaced 0%..100%.")] = 10,
+    digits: Annotated[int, typer.Option(help="Passkey digits (5 to 64).")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed for the passkeys.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Perplexity through the cache, compressed vs source model, same windows, same run."""
+    """Perplexity (--text) and/or passkey retrieval (--passkey), compressed vs source model, same run."""
+    from kvcompress.evaluate.passkey import check_digits, compare_passkey, depth_fractions, parse_lengths
     from kvcompress.evaluate.perplexity import compare
 
+    if text is None and not passkey:
+        raise KVCompressError("give --text FILE (perplexity), --passkey, or both")
+    if text is not None and not text.is_file():
+        raise KVCompressError(f"text file not found: {text}")
+    if passkey:  # check the cheap things before loading any model
+        targets = parse_lengths(lengths)
+        check_digits(digits)
+        depth_fractions(depths)
+    ppl = keys = None
     with progress_bar(as_json) as bar:
-        result = compare(checkpoint, text, context, block, max_tokens, source, progress=tracker(bar))
+        if passkey:
+            keys = compare_passkey(checkpoint, targets, depths, digits, seed, source, progress=tracker(bar))
+        if text is not None:
+            ppl = compare(checkpoint, text, context, block, max_tokens, source, progress=tracker(bar))
     if as_json:
-        emit_json(result)
+        emit_json(keys if ppl is None else ppl if keys is None else {"perplexity": ppl, "passkey": keys})
         return
-    table = Table(title=f"perplexity through the cache: {result['tokens']} tokens, context {context}, "
-                        f"block {block}")
-    for col in ("model", "perplexity", "KV bytes/token"):
-        table.add_column(col, justify="right")
-    for name in ("baseline", "compressed"):
-        table.add_row(name, f"{result[name]['ppl']:.3f}", f"{result[name]['kv_bytes_per_token']:.0f}")
-    out.print(table)
-    out.print(f"ratios: perplexity x{result['ratios']['ppl']:.4f}, KV bytes x{result['ratios']['kv_bytes']:.3f}")
+    if ppl is not None:
+        table = Table(title=f"perplexity through the cache: {ppl['tokens']} tokens, context {context}, "
+                            f"block {block}")
+        for col in ("model", "perplexity", "KV bytes/token"):
+            table.add_column(col, justify="right")
+        for name in ("baseline", "compressed"):
+            table.add_row(name, f"{ppl[name]['ppl']:.3f}", f"{ppl[name]['kv_bytes_per_token']:.0f}")
+        out.print(table)
+        out.print(f"ratios: perplexity x{ppl['ratios']['ppl']:.4f}, KV bytes x{ppl['ratios']['kv_bytes']:.3f}")
+    if keys is not None:
+        base, comp = keys["baseline"], keys["compressed"]
+        table = Table(title=f"passkey retrieval: {digits}-digit keys, {len(keys['depths'])} depths, seed {seed}")
+        for col in ("length", "tokens", "base acc", "comp acc", "KV/tok base", "KV/tok comp", "KV ratio"):
+            table.add_column(col, justify="right")
+        for key, c in comp["by_length"].items():
+            b, used = base["by_length"][key], c["tokens"]
+            span = str(used[0]) if min(used) == max(used) else f"{min(used)}-{max(used)}"
+            table.add_row(key, span, f"{b['correct']}/{b['total']}", f"{c['correct']}/{c['total']}",
+                          f"{b['kv_bytes_per_token']:.0f}", f"{c['kv_bytes_per_token']:.0f}",
+                          f"x{keys['ratios']['by_length'][key]:.3f}")
+        out.print(table)
+        off = max(abs(p["depth_actual"] - p["depth"]) for p in keys["prompts"])
+        out.print(f"accuracy: baseline {base['accuracy']:.1%}, compressed {comp['accuracy']:.1%} "
+                  f"({comp['total']} prompts); KV bytes x{keys['ratios']['kv_bytes']:.3f}", highlight=False)
+        out.print("depths: " + ", ".join(f"{d:.0%}" for d in keys["depths"])
+                  + f" of the filler (measured within {off:.1%})", highlight=False)

@@ -155,9 +155,9 @@ def export(
     """
     spec = source.spec
     out = Path(out)
-    if recipe.quant.enabled:
-        raise KVCompressError("recipe enables [quant], which this version's runtime cache does not apply yet; "
-                              "set [quant] enabled = false to export the rest")
+    if recipe.quant.enabled and recipe.quant.method != "kivi":
+        raise KVCompressError(f"quant method {recipe.quant.method!r} is not supported by this version's runtime "
+                              "cache yet; use method = \"kivi\"")
     if out.exists() and not force:
         raise KVCompressError(f"{out} exists; pass --force to replace it")
     dtype = dtype or str(source.config.get("dtype") or source.config.get("torch_dtype") or "float16")

@@ -13,7 +13,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from kvcompress.attention import LatentAttention
 from kvcompress.cache.lagkv import LagKVConfig
-from kvcompress.cache.layer import KVCompressCache
+from kvcompress.cache.layer import KVCompressCache, LayerStorage
 from kvcompress.errors import KVCompressError
 from kvcompress.export import DTYPES
 from kvcompress.manifest import read_manifest
@@ -52,11 +52,14 @@ def make_cache(model) -> KVCompressCache:
     KVCompressCache
         One layer object per decoder layer, configured from the checkpoint's manifest.
     """
-    eviction = model.kvcompress_manifest.get("eviction")
+    manifest = model.kvcompress_manifest
+    storage = [LayerStorage(lay["bits_k"], lay["bits_v"], lay["group_size"], lay["residual_length"])
+               for lay in manifest["layers"]]
+    eviction = manifest.get("eviction")
     lagkv = None
     if eviction is not None:
         lagkv = LagKVConfig(**{k: v for k, v in eviction.items() if k != "method"})
-    return KVCompressCache(model.config.num_hidden_layers, lagkv)
+    return KVCompressCache(storage, lagkv)
 
 
 def _compressed_class(base: type) -> type:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import tomli_w
 
+from kvcompress.analysis.schedule import SCHEDULES
 from kvcompress.errors import KVCompressError
 from kvcompress.sources import ModelSpec
 
@@ -22,7 +23,7 @@ else:  # pragma: no cover
 
 RECIPE_SCHEMA_VERSION = 1
 SVD_MODES = ("whitened", "weight")
-SCHEDULES = ("progressive", "uniform", "energy")
+
 BITS = (2, 4, 8)
 QUANT_METHODS = ("kivi", "decoquant")
 

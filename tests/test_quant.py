@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kvcompress.cache.quant import Packed, cat, dequantize, effective_group, quantize, select_tokens
+from kvcompress.cache.quant import Packed, cat, dequantize, effective_group, quantize
 from kvcompress.kernels.pack import pack_codes, unpack_codes
 
 FAST = settings(max_examples=60, deadline=None)
@@ -177,18 +177,3 @@ def test_cat_rejects_mixed_layouts() -> None:
         cat([quantize(x, 4, 4, "tokens"), quantize(x, 2, 4, "tokens")])
     with pytest.raises(ValueError):
         cat([])
-
-
-def test_select_tokens_shared_and_per_row() -> None:
-    x = torch.randn(2, 3, 10, 8)
-    p = quantize(x, 2, 4, "channels")
-    idx = torch.tensor([7, 0, 3])
-    expected = quantize(x[:, :, idx], 2, 4, "channels")
-    assert torch.equal(dequantize(select_tokens(p, idx)), dequantize(expected))
-    rows = torch.randint(0, 10, (2, 3, 4))
-    picked = x.gather(2, rows[..., None].expand(2, 3, 4, 8))
-    assert torch.equal(dequantize(select_tokens(p, rows)), dequantize(quantize(picked, 2, 4, "channels")))
-    with pytest.raises(ValueError):
-        select_tokens(p, rows[:1])
-    with pytest.raises(ValueError):
-        select_tokens(quantize(x, 2, 2, "tokens"), idx)

@@ -165,6 +165,8 @@ def analyze(
                                                   lr.rank_multiple)
     elif lr.schedule == "uniform":
         ranks_k = ranks_v = schedules.uniform(n, width, lr.target_ratio, lr.rank_multiple)
+    elif lr.schedule == "greedy":
+        ranks_k, ranks_v = schedules.greedy(spectra, width, lr.target_ratio, lr.rank_multiple)
     else:
         # the rank a layer needs is the rank its hungriest head group needs
         ranks_k = [max(schedules.energy([x.tolist() for x in k], width, lr.energy, lr.rank_multiple))

@@ -106,14 +106,14 @@ def allocate_bits(sensitivity: list[float], avg_bits: float, choices: tuple[int,
         return s * 4.0 ** -(b - ladder[0])
 
     while True:
-        best, best_gain = None, 0.0
+        best, best_key = None, (0.0, 0.0)
         for i, (s, b) in enumerate(zip(sensitivity, bits, strict=True)):
             up = ladder.index(b) + 1
             if up == len(ladder) or ladder[up] - b > budget + 1e-9:
                 continue
-            gain = (damage(s, b) - damage(s, ladder[up])) / (ladder[up] - b)
-            if best is None or gain > best_gain:
-                best, best_gain = i, gain
+            key = ((damage(s, b) - damage(s, ladder[up])) / (ladder[up] - b), s)  # ties: more sensitive first
+            if best is None or key > best_key:
+                best, best_key = i, key
         if best is None:
             return bits
         nxt = ladder[ladder.index(bits[best]) + 1]

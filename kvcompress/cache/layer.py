@@ -1,48 +1,33 @@
 """The kvcompress cache: one layer object per decoder layer on transformers' ``Cache`` layer API.
 
 A layer stores, per sequence and per latent head (a KV-head group), the key features (latent or full
-width, pre-RoPE), the value features, and each stored token's RoPE position. Storage of each stream
-is a :class:`Store`; eviction is a per-layer policy that returns which stored tokens to keep.
+width, pre-RoPE), the value features, and each stored token's RoPE position. Each stream lives in a
+store (``kvcompress.cache.store``: dense, or packed low-bit codes plus an fp residual window); eviction
+is a per-layer policy that picks which fp tokens to keep. Tokens are evicted first and quantized only
+once the policy has settled them.
 Attention (``kvcompress.attention``) reads what the layer holds, so whatever the stores and the
 policy drop is really gone for later tokens.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcompress.cache.lagkv import LagKVConfig, compress_step
+from kvcompress.cache.store import make_store
 
 
-class DenseStore:
-    """A growing ``[B, H, T, D]`` tensor in the model's dtype (no quantization)."""
+@dataclass(frozen=True)
+class LayerStorage:
+    """How one layer stores K and V: bits (16 = not quantized), quantization group, residual window."""
 
-    def __init__(self) -> None:
-        self.data: torch.Tensor | None = None
-
-    def append(self, x: torch.Tensor) -> None:
-        """Add new tokens along dim -2."""
-        self.data = x if self.data is None else torch.cat([self.data, x], dim=-2)
-
-    def read(self) -> torch.Tensor:
-        """All stored tokens, ``[B, H, T, D]``."""
-        assert self.data is not None
-        return self.data
-
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep only stored tokens ``index`` (``[B, H, T']``, ascending)."""
-        assert self.data is not None
-        self.data = self.data.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, self.data.shape[-1]))
-
-    def nbytes(self) -> int:
-        """Bytes held."""
-        return 0 if self.data is None else self.data.numel() * self.data.element_size()
-
-    def select_batch(self, index: torch.Tensor) -> None:
-        """Reorder or select sequences (beam search)."""
-        if self.data is not None:
-            self.data = self.data.index_select(0, index.to(self.data.device))
+    bits_k: int = 16
+    bits_v: int = 16
+    group_size: int = 32
+    residual_length: int = 128
 
 
 class KVCompressLayer(CacheLayerMixin):
@@ -53,6 +38,8 @@ class KVCompressLayer(CacheLayerMixin):
 
     Parameters
     ----------
+    storage : LayerStorage, optional
+        Bits and quantization settings (default: dense, not quantized).
     eviction : LagKVConfig, optional
         LagKV settings; eviction runs in :meth:`evict`, which attention calls *after* reading the cache,
         so a block's own queries still see every token of the block. Selection is per sequence and per
@@ -63,12 +50,14 @@ class KVCompressLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, eviction: LagKVConfig | None = None) -> None:
+    def __init__(self, storage: LayerStorage | None = None, eviction: LagKVConfig | None = None) -> None:
         super().__init__()
+        self.storage = storage or LayerStorage()
         self.eviction = eviction
         self.settled = 0
-        self.key_store = DenseStore()
-        self.value_store = DenseStore()
+        st = self.storage
+        self.key_store = make_store(st.bits_k, st.group_size, "tokens", st.residual_length)
+        self.value_store = make_store(st.bits_v, st.group_size, "channels", st.residual_length)
         self.positions: torch.Tensor | None = None  # [B, 1 or H, T] int32 RoPE positions of stored tokens
         self.valid: torch.Tensor | None = None  # [B, 1 or H, T] bool, only once padding was seen
         self.seen = 0
@@ -106,19 +95,40 @@ class KVCompressLayer(CacheLayerMixin):
         return self.key_store.read(), self.value_store.read(), self.positions, self.valid
 
     def evict(self) -> None:
-        """Apply the eviction policy to what is stored (LagKV: score each chunk against the next)."""
-        if self.eviction is None or self.positions is None:
+        """Apply the eviction policy to the fp tokens, then quantize whatever is settled.
+
+        Without a policy every stored token is settled. LagKV scores each chunk against the next and
+        settles the chunks it has compressed; only those may be quantized ("evict before quantizing").
+        """
+        if self.positions is None:
             return
-        keys, values = self.key_store.read(), self.value_store.read()
-        keep, self.settled = compress_step(keys, values, self.settled, self.eviction, valid=self.valid)
+        if self.eviction is not None:
+            self._lagkv()
+        else:
+            self.settled = self.stored_length
+        self.key_store.flush(self.settled)
+        self.value_store.flush(self.settled)
+
+    def _lagkv(self) -> None:
+        done = self.key_store.quantized_length  # packed tokens are settled, so scoring starts after them
+        cfg = self.eviction if done == 0 else replace(self.eviction, sink_size=0)
+        keys, values = self.key_store.residual(), self.value_store.residual()
+        valid = None if self.valid is None else self.valid[..., done:]
+        keep, settled = compress_step(keys, values, self.settled - done, cfg, valid=valid)
+        self.settled = done + settled
         if keep is None:
             return
         self.key_store.keep(keep)
         self.value_store.keep(keep)
         heads = keep.shape[1]
-        self.positions = self.positions.expand(-1, heads, -1).gather(2, keep)
+
+        def gather(meta: torch.Tensor) -> torch.Tensor:
+            meta = meta.expand(-1, heads, -1)
+            return torch.cat([meta[..., :done], meta[..., done:].gather(2, keep)], dim=-1)
+
+        self.positions = gather(self.positions)
         if self.valid is not None:
-            self.valid = self.valid.expand(-1, heads, -1).gather(2, keep)
+            self.valid = gather(self.valid)
 
     @property
     def stored_length(self) -> int:
@@ -142,7 +152,7 @@ class KVCompressLayer(CacheLayerMixin):
         return self.key_store.nbytes() + self.value_store.nbytes() + meta
 
     def reset(self) -> None:
-        self.__init__(self.eviction)
+        self.__init__(self.storage, self.eviction)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for store in (self.key_store, self.value_store):
@@ -164,8 +174,8 @@ def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 class KVCompressCache(Cache):
     """A ``Cache`` of :class:`KVCompressLayer` objects, one per decoder layer."""
 
-    def __init__(self, num_layers: int, eviction: LagKVConfig | None = None) -> None:
-        super().__init__(layers=[KVCompressLayer(eviction) for _ in range(num_layers)])
+    def __init__(self, storage: list[LayerStorage], eviction: LagKVConfig | None = None) -> None:
+        super().__init__(layers=[KVCompressLayer(st, eviction) for st in storage])
 
     def kv_bytes(self) -> int:
         """Bytes held by every layer together (what is really stored)."""

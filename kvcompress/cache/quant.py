@@ -159,31 +159,3 @@ def cat(blocks: Sequence[Packed]) -> Packed:
         torch.cat([b.minimum for b in blocks], dim=-2),
         *layout,
     )
-
-
-def select_tokens(p: Packed, index: torch.Tensor) -> Packed:
-    """Keep the tokens at ``index`` of a per-token (``along="channels"``) quantized tensor.
-
-    Parameters
-    ----------
-    p
-        Quantized values; key groups span tokens and cannot be split, so ``along`` must be ``"channels"``.
-    index
-        int64 ``[K]`` (the same tokens everywhere) or ``[..., K]`` matching the leading dims of ``p``
-        (per-row tokens, e.g. per head).
-
-    Returns
-    -------
-    Packed
-        ``K`` tokens, no requantization.
-    """
-    if p.along != "channels":
-        raise ValueError("select_tokens needs along='channels': token groups cannot be split")
-    if index.dim() == 1:
-        return Packed(*(t.index_select(-2, index) for t in (p.codes, p.scale, p.minimum)),
-                      p.bits, p.group_size, p.along, p.dim)
-    if index.shape[:-1] != p.codes.shape[:-2]:
-        raise ValueError(f"index leading dims {tuple(index.shape[:-1])} != {tuple(p.codes.shape[:-2])}")
-    return Packed(*(t.gather(-2, index[..., None].expand(*index.shape, t.shape[-1]))
-                    for t in (p.codes, p.scale, p.minimum)),
-                  p.bits, p.group_size, p.along, p.dim)

@@ -1,0 +1,130 @@
+"""Token storage for one K or V stream of one layer: dense, or packed low-bit with an fp residual window.
+
+Both stores hold ``[B, H, T, D]`` features and share one interface (``append``, ``read``, ``keep``,
+``flush``, ``nbytes``, ``select_batch``), so a cache layer composes them with any eviction policy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcompress.cache.quant import Packed, cat, dequantize, quantize
+
+
+class DenseStore:
+    """A growing ``[B, H, T, D]`` tensor in the model's dtype (no quantization)."""
+
+    def __init__(self) -> None:
+        self.data: torch.Tensor | None = None
+
+    @property
+    def quantized_length(self) -> int:
+        """Tokens held in packed form (none here)."""
+        return 0
+
+    def append(self, x: torch.Tensor) -> None:
+        """Add new tokens along dim -2."""
+        self.data = x if self.data is None else torch.cat([self.data, x], dim=-2)
+
+    def read(self) -> torch.Tensor:
+        """All stored tokens, ``[B, H, T, D]``."""
+        assert self.data is not None
+        return self.data
+
+    def residual(self) -> torch.Tensor:
+        """Tokens not in packed form (all of them)."""
+        return self.read()
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only stored tokens ``index`` (``[B, H, T']``, ascending, relative to the residual)."""
+        self.data = _gather(self.read(), index)
+
+    def flush(self, settled: int) -> None:
+        """Nothing to quantize."""
+
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Reorder or select sequences (beam search)."""
+        if self.data is not None:
+            self.data = self.data.index_select(0, index.to(self.data.device))
+
+
+class QuantizedStore:
+    """Packed ``bits``-bit codes for settled tokens plus a 16-bit residual window of recent ones (KIVI).
+
+    Keys use ``along="tokens"`` (per-channel scales over ``group_size`` tokens), values
+    ``along="channels"`` (per-token scales over ``group_size`` channels). Once the residual holds a full
+    block of ``residual_length`` tokens that are *settled* (no eviction policy will touch them again),
+    the block is quantized. With ``residual_length == 0`` settled tokens are quantized in whole groups
+    as soon as possible.
+    """
+
+    def __init__(self, bits: int, group_size: int, along: str, residual_length: int) -> None:
+        self.bits, self.group_size, self.along = bits, group_size, along
+        self.block = residual_length or group_size
+        self.packed: Packed | None = None
+        self.fp: torch.Tensor | None = None
+
+    @property
+    def quantized_length(self) -> int:
+        """Tokens held in packed form."""
+        return 0 if self.packed is None else self.packed.num_tokens
+
+    def append(self, x: torch.Tensor) -> None:
+        """Add new tokens to the residual window."""
+        self.fp = x if self.fp is None else torch.cat([self.fp, x], dim=-2)
+
+    def flush(self, settled: int) -> None:
+        """Quantize whole blocks of the residual that lie within the first ``settled`` stored tokens."""
+        if self.fp is None:
+            return
+        ready = min(settled - self.quantized_length, self.fp.shape[-2]) // self.block * self.block
+        if ready <= 0:
+            return
+        block = quantize(self.fp[..., :ready, :], self.bits, self.group_size, self.along)
+        self.packed = block if self.packed is None else cat([self.packed, block])
+        self.fp = self.fp[..., ready:, :]
+
+    def read(self) -> torch.Tensor:
+        """All stored tokens, de-quantized, ``[B, H, T, D]`` in the residual's dtype."""
+        assert self.fp is not None
+        if self.packed is None:
+            return self.fp
+        return torch.cat([dequantize(self.packed, self.fp.dtype), self.fp], dim=-2)
+
+    def residual(self) -> torch.Tensor:
+        """The fp tokens after the packed ones."""
+        assert self.fp is not None
+        return self.fp
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep residual tokens ``index`` (eviction happens before quantization)."""
+        self.fp = _gather(self.residual(), index)
+
+    def nbytes(self) -> int:
+        """Packed codes, fp16 scales and minima, and the residual window."""
+        fp = 0 if self.fp is None else self.fp.numel() * self.fp.element_size()
+        return fp + (0 if self.packed is None else self.packed.nbytes())
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Reorder or select sequences (beam search)."""
+        if self.fp is not None:
+            self.fp = self.fp.index_select(0, index.to(self.fp.device))
+        if self.packed is not None:
+            p = self.packed
+            self.packed = Packed(p.codes.index_select(0, index), p.scale.index_select(0, index),
+                                 p.minimum.index_select(0, index), p.bits, p.group_size, p.along, p.dim)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] != index.shape[1]:  # a store shared by heads is split per head by a per-head selection
+        x = x.expand(-1, index.shape[1], -1, -1)
+    return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+def make_store(bits: int, group_size: int, along: str, residual_length: int) -> DenseStore | QuantizedStore:
+    """A dense store for 16 bits, a quantized one otherwise."""
+    return DenseStore() if bits >= 16 else QuantizedStore(bits, group_size, along, residual_length)

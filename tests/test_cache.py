@@ -1,0 +1,210 @@
+"""The kvcompress cache: quantized stores, LagKV eviction and their composition, in isolation and in a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvcompress
+from kvcompress.analysis.schedule import greedy
+from kvcompress.cache.lagkv import LagKVConfig, max_stored_tokens
+from kvcompress.cache.layer import KVCompressCache, KVCompressLayer, LayerStorage
+from kvcompress.cache.store import DenseStore, QuantizedStore
+from kvcompress.export import export
+from kvcompress.memory import compressed_bytes_per_token
+from kvcompress.recipe import LayerRecipe, Quant, Recipe
+from kvcompress.sources import open_source
+
+
+def _feed(layer: KVCompressLayer, total: int, block: int, d_k: int = 16, d_v: int = 8, heads: int = 2,
+          batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stream random K/V through ``layer`` the way attention does (update, then evict); return the inputs."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, heads, total, d_k, generator=g).to(dtype)
+    values = torch.randn(batch, heads, total, d_v, generator=g).to(dtype)
+    for start in range(0, total, block):
+        stop = min(total, start + block)
+        layer.update(keys[:, :, start:stop], values[:, :, start:stop],
+                     {"positions": torch.arange(start, stop).expand(batch, -1)})
+        layer.evict()
+    return keys, values
+
+
+# --------------------------------------------------------------------------- stores
+
+
+def test_quantized_store_packs_only_settled_whole_blocks():
+    store = QuantizedStore(bits=2, group_size=8, along="tokens", residual_length=16)
+    x = torch.randn(1, 2, 40, 16)
+    store.append(x)
+    store.flush(settled=30)  # one whole 16-token block lies within the settled 30
+    assert store.quantized_length == 16
+    assert store.residual().shape[-2] == 24
+    assert torch.equal(store.residual(), x[..., 16:, :])
+    store.flush(settled=40)
+    assert store.quantized_length == 32
+    assert store.read().shape == x.shape
+
+
+def test_quantized_store_bytes_are_codes_scales_and_residual():
+    store = QuantizedStore(bits=4, group_size=8, along="channels", residual_length=16)
+    x = torch.randn(2, 3, 37, 16, dtype=torch.float16)
+    store.append(x)
+    store.flush(settled=37)
+    codes = 2 * 3 * 32 * 16 * 4 // 8
+    scales = 2 * 3 * 32 * (16 // 8) * 2 * 2  # fp16 scale and minimum per token per group of 8 channels
+    residual = 2 * 3 * 5 * 16 * 2
+    assert store.nbytes() == codes + scales + residual
+
+
+def test_dense_and_quantized_8bit_read_back_close():
+    x = torch.randn(1, 2, 64, 16)
+    dense, quant = DenseStore(), QuantizedStore(8, 32, "tokens", 32)
+    for store in (dense, quant):
+        store.append(x)
+        store.flush(64)
+    assert torch.equal(dense.read(), x)
+    assert (quant.read() - x).abs().max() < 0.03
+
+
+# --------------------------------------------------------------------------- layer: quantization and eviction
+
+
+def test_live_bytes_match_the_memory_formula():
+    storage = LayerStorage(bits_k=2, bits_v=4, group_size=8, residual_length=16)
+    layer = KVCompressLayer(storage)
+    _feed(layer, total=100, block=7, d_k=16, d_v=8, heads=1, dtype=torch.float16)
+    quant = Quant(enabled=True, group_size=8, residual_length=16)
+    formula = compressed_bytes_per_token(
+        spec=_spec(kv_heads=1, head_dim=16), layers=[LayerRecipe(0, 16, 8, 2, 4)], head_group=1, quant=quant,
+        context=100)
+    positions = 4  # one int32 RoPE position per stored token
+    assert layer.kv_bytes() == pytest.approx(100 * (formula + positions))
+
+
+def _spec(kv_heads: int, head_dim: int):
+    from kvcompress.sources import ModelSpec
+
+    return ModelSpec("llama", 1, 64, kv_heads, kv_heads, head_dim, 1e4, False, False)
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_lagkv_layer_memory_is_bounded_and_positions_stay_true(block):
+    cfg = LagKVConfig(sink_size=4, lag_size=16, keep_ratio=0.25)
+    layer = KVCompressLayer(eviction=cfg)
+    keys, _ = _feed(layer, total=150, block=block)
+    assert layer.stored_length == max_stored_tokens(150, cfg)
+    assert layer.get_seq_length() == 150
+    pos = layer.positions
+    assert pos.shape[1] == 2  # selection is per head
+    assert torch.all(pos[..., 1:] > pos[..., :-1])  # kept tokens stay in order
+    assert torch.equal(pos[..., :4], torch.arange(4).expand(1, 2, 4))  # sink kept
+    # every kept key is the key that was fed at its recorded position
+    stored = layer.key_store.read()
+    expected = keys.gather(2, pos.long().unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
+    assert torch.equal(stored, expected)
+
+
+def test_eviction_happens_before_quantization():
+    cfg = LagKVConfig(sink_size=4, lag_size=16, keep_ratio=0.5)
+    storage = LayerStorage(bits_k=2, bits_v=2, group_size=8, residual_length=8)
+    layer = KVCompressLayer(storage, cfg)
+    _, values = _feed(layer, total=200, block=3, d_k=16, d_v=16)
+    assert layer.stored_length == max_stored_tokens(200, cfg)
+    assert 0 < layer.key_store.quantized_length <= layer.settled
+    assert layer.value_store.quantized_length == layer.key_store.quantized_length
+    # the fp residual holds exactly the tokens fed at the recorded positions (evicted, not yet quantized)
+    done = layer.value_store.quantized_length
+    pos = layer.positions[..., done:].long()
+    expected = values.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, 16))
+    assert torch.equal(layer.value_store.residual(), expected)
+
+
+def test_lagkv_padding_tokens_are_evicted_first():
+    cfg = LagKVConfig(sink_size=0, lag_size=8, keep_ratio=0.5)
+    layer = KVCompressLayer(eviction=cfg)
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 1, 16, 4, generator=g), torch.randn(2, 1, 16, 4, generator=g)
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[1, :4] = False  # sequence 1 is left-padded by 4 tokens
+    layer.update(k, v, {"positions": torch.arange(16).expand(2, -1), "valid": valid})
+    layer.evict()
+    assert layer.stored_length == 12
+    kept_first_chunk = layer.positions[1, 0, :4]
+    assert torch.all(kept_first_chunk >= 4)  # the 4 padding tokens were the ones dropped
+    assert torch.all(layer.valid[1, 0])
+
+
+# --------------------------------------------------------------------------- in a model
+
+
+def _export(tiny, tmp_path, **sections):
+    rec = Recipe()
+    rec.lowrank.target_ratio = 1.0
+    rec.calibration.max_tokens, rec.calibration.seq_len = 256, 128
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(rec, section), key, value)
+    out = tmp_path / "ckpt"
+    export(open_source(tiny.path), out, rec, dtype="float32")
+    return kvcompress.load(out)[0]
+
+
+def test_8bit_cache_tracks_the_exact_model(llama_gqa, tmp_path, one_thread):
+    model = _export(llama_gqa, tmp_path, quant={"enabled": True, "avg_bits": 8.0, "group_size": 8,
+                                                "residual_length": 8})
+    assert all(lay["bits_k"] == 8 for lay in model.kvcompress_manifest["layers"])
+    ids = torch.randint(4, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache = kvcompress.make_cache(model)
+    for start in range(0, 40, 10):
+        logits = model(input_ids=ids[:, start:start + 10], past_key_values=cache,
+                       position_ids=torch.arange(start, start + 10)[None]).logits
+    assert cache.layers[0].key_store.quantized_length == 40
+    exact = llama_gqa.model(ids).logits[:, -10:]
+    assert (logits - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_multi_token_forward_after_eviction_matches_token_by_token(llama_gqa, tmp_path, one_thread):
+    model = _export(llama_gqa, tmp_path, lagkv={"enabled": True, "sink_size": 2, "lag_size": 8,
+                                                "keep_ratio": 0.5})
+    ids = torch.randint(4, 300, (2, 45), generator=torch.Generator().manual_seed(0))
+
+    def prefix_cache():
+        cache = kvcompress.make_cache(model)
+        model(input_ids=ids[:, :36], past_key_values=cache, position_ids=torch.arange(36)[None])
+        return cache
+
+    cache = prefix_cache()
+    assert cache.layers[0].stored_length < 36  # tokens were evicted (and none will be within the block)
+    block = model(input_ids=ids[:, 36:39], past_key_values=cache, position_ids=torch.arange(36, 39)[None]).logits
+    cache = prefix_cache()
+    single = [model(input_ids=ids[:, i:i + 1], past_key_values=cache, position_ids=torch.tensor([[i]])).logits
+              for i in range(36, 39)]
+    assert torch.allclose(block, torch.cat(single, dim=1), atol=1e-4)
+
+
+def test_cache_with_eviction_and_quantization_builds_from_manifest(llama_gqa, tmp_path, one_thread):
+    model = _export(llama_gqa, tmp_path, quant={"enabled": True, "avg_bits": 2.0, "group_size": 8,
+                                                "residual_length": 8},
+                    lagkv={"enabled": True, "sink_size": 2, "lag_size": 8, "keep_ratio": 0.25})
+    cache = kvcompress.make_cache(model)
+    assert isinstance(cache, KVCompressCache)
+    assert cache.layers[0].eviction == LagKVConfig(2, 8, 0.25, 1.0)
+    assert cache.layers[0].storage.bits_k == 2
+    out = model.generate(torch.randint(4, 300, (1, 30)), past_key_values=cache, max_new_tokens=20, do_sample=False)
+    assert out.shape[1] == 50
+    assert cache.layers[0].stored_length == max_stored_tokens(49, cache.layers[0].eviction)
+    assert cache.layers[0].key_store.quantized_length > 0
+
+
+# --------------------------------------------------------------------------- greedy schedule
+
+
+def test_greedy_meets_the_budget_and_prefers_the_stream_with_more_energy_left():
+    flat = torch.ones(32)  # slow decay: needs rank
+    steep = torch.tensor([10.0] + [0.01] * 31)  # all energy in one direction
+    spectra = [([steep], [flat]), ([steep], [flat])]
+    ranks_k, ranks_v = greedy(spectra, width=32, target=0.5, multiple=8)
+    assert (sum(ranks_k) + sum(ranks_v)) / (2 * 2 * 32) == pytest.approx(0.5, abs=8 / 32)
+    assert all(k == 8 for k in ranks_k) and all(v > 8 for v in ranks_v)
+    assert all(r % 8 == 0 and 8 <= r <= 32 for r in ranks_k + ranks_v)
