@@ -40,7 +40,7 @@ def test_quantized_store_packs_only_settled_whole_blocks():
     store.flush(settled=30)  # one whole 16-token block lies within the settled 30
     assert store.quantized_length == 16
     assert store.residual().shape[-2] == 24
-    assert torch.equal(store.residual(), x[..., 16:, :])
+    assert torch.equal(store.residual(), x[..., 16:, :].half().float())  # a 16-bit window
     store.flush(settled=40)
     assert store.quantized_length == 32
     assert store.read().shape == x.shape
@@ -73,7 +73,7 @@ def test_dense_and_quantized_8bit_read_back_close():
 def test_live_bytes_match_the_memory_formula():
     storage = LayerStorage(bits_k=2, bits_v=4, group_size=8, residual_length=16)
     layer = KVCompressLayer(storage)
-    _feed(layer, total=100, block=7, d_k=16, d_v=8, heads=1, dtype=torch.float16)
+    _feed(layer, total=100, block=7, d_k=16, d_v=8, heads=1)  # float32 in: the residual is still 16-bit
     quant = Quant(enabled=True, group_size=8, residual_length=16)
     formula = compressed_bytes_per_token(
         spec=_spec(kv_heads=1, head_dim=16), layers=[LayerRecipe(0, 16, 8, 2, 4)], head_group=1, quant=quant,
@@ -113,11 +113,12 @@ def test_eviction_happens_before_quantization():
     assert layer.stored_length == max_stored_tokens(200, cfg)
     assert 0 < layer.key_store.quantized_length <= layer.settled
     assert layer.value_store.quantized_length == layer.key_store.quantized_length
-    # the fp residual holds exactly the tokens fed at the recorded positions (evicted, not yet quantized)
+    # the 16-bit residual holds exactly the tokens fed at the recorded positions (evicted, not yet quantized)
     done = layer.value_store.quantized_length
     pos = layer.positions[..., done:].long()
     expected = values.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, 16))
-    assert torch.equal(layer.value_store.residual(), expected)
+    assert layer.value_store.fp.dtype == torch.float16
+    assert torch.equal(layer.value_store.residual(), expected.half().float())
 
 
 def test_lagkv_padding_tokens_are_evicted_first():

@@ -43,10 +43,12 @@ class GroupSVD:
         """``(down, up)`` of the best rank-``rank`` approximation, float64.
 
         ``down`` is ``rank × hidden`` and ``up`` is ``out × rank``; ``up @ down`` equals ``W`` at full
-        rank in both modes (exactly, up to float64 rounding).
+        rank in both modes (exactly, up to float64 rounding). ``up = U_r`` has orthonormal columns, so
+        the cached latent ``down @ x = U_rᵀ (W x)`` is the output rotated into its principal axes: an
+        error in a quantized latent comes back with the same norm, never amplified by ``σ_max``.
         """
-        up = self.u[:, :rank] * self.sigma[:rank]
-        down = self.vh[:rank]
+        up = self.u[:, :rank]
+        down = self.sigma[:rank, None] * self.vh[:rank]
         if self.s_factor is not None:  # down = V_rᵀ S⁻¹, solved as X S = V_rᵀ
             down = torch.linalg.solve_triangular(self.s_factor, down, upper=False, left=False)
         return down, up

@@ -67,6 +67,7 @@ class QuantizedStore:
         self.block = residual_length or group_size
         self.packed: Packed | None = None
         self.fp: torch.Tensor | None = None
+        self.dtype = torch.float16
 
     @property
     def quantized_length(self) -> int:
@@ -74,7 +75,9 @@ class QuantizedStore:
         return 0 if self.packed is None else self.packed.num_tokens
 
     def append(self, x: torch.Tensor) -> None:
-        """Add new tokens to the residual window."""
+        """Add new tokens to the 16-bit residual window (float32 input is stored as float16)."""
+        self.dtype = x.dtype
+        x = x.to(torch.float16) if x.element_size() > 2 else x
         self.fp = x if self.fp is None else torch.cat([self.fp, x], dim=-2)
 
     def flush(self, settled: int) -> None:
@@ -84,25 +87,25 @@ class QuantizedStore:
         ready = min(settled - self.quantized_length, self.fp.shape[-2]) // self.block * self.block
         if ready <= 0:
             return
-        block = quantize(self.fp[..., :ready, :], self.bits, self.group_size, self.along)
+        block = quantize(self.fp[..., :ready, :].to(self.dtype), self.bits, self.group_size, self.along)
         self.packed = block if self.packed is None else cat([self.packed, block])
         self.fp = self.fp[..., ready:, :]
 
     def read(self) -> torch.Tensor:
         """All stored tokens, de-quantized, ``[B, H, T, D]`` in the residual's dtype."""
-        assert self.fp is not None
         if self.packed is None:
-            return self.fp
-        return torch.cat([dequantize(self.packed, self.fp.dtype), self.fp], dim=-2)
+            return self.residual()
+        return torch.cat([dequantize(self.packed, self.dtype), self.residual()], dim=-2)
 
     def residual(self) -> torch.Tensor:
-        """The fp tokens after the packed ones."""
+        """The 16-bit tokens after the packed ones, in the compute dtype."""
         assert self.fp is not None
-        return self.fp
+        return self.fp.to(self.dtype)
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep residual tokens ``index`` (eviction happens before quantization)."""
-        self.fp = _gather(self.residual(), index)
+        assert self.fp is not None
+        self.fp = _gather(self.fp, index)
 
     def nbytes(self) -> int:
         """Packed codes, fp16 scales and minima, and the residual window."""
