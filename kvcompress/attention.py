@@ -5,10 +5,12 @@ Per head group of ``g`` KV heads (``G`` groups per layer):
 * values: the cache holds ``c_v = D_v x`` (``r_v`` wide). Attention weights sum to one, so
   ``Σ_t p_t (U_v c_v,t + b_v) = U_v (Σ_t p_t c_v,t) + b_v``: the up-projection ``U_v`` and the bias are
   folded into ``o_proj`` at export, which then takes ``num_heads · r_v`` inputs. Exact, and fewer FLOPs.
-* keys: the cache holds ``c_k = D_k x`` (pre-RoPE) and each token's position. At attention time
-  ``k = RoPE(U_k c_k + b_k, pos)``. ``U_k`` cannot be folded into ``q``: the score is
-  ``qᵀ R_{m}ᵀ R_{n} U_k c_n`` and the rotation ``R_n`` sits *between* ``q`` and ``U_k`` and changes with
-  each key's position ``n``, so no single matrix ``U_kᵀ R_nᵀ R_m`` can be precomputed for all keys.
+* keys (``key_rope="pre"``, the default): the cache holds ``c_k = D_k x`` (pre-RoPE) and each
+  token's position. At attention time ``k = RoPE(U_k c_k + b_k, pos)``. ``U_k`` cannot be folded into
+  ``q``: the score is ``qᵀ R_mᵀ R_n U_k c_n``, and the rotation ``R_n`` sits *between* ``q`` and ``U_k``
+  and changes with each key's position ``n``, so no single matrix can be precomputed for all keys.
+  With ``key_rope="post"`` (full-width keys only, as KIVI does) the cache holds the rotated keys
+  themselves, grouped per latent head.
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ class LatentAttention(nn.Module):
         Whether q/k/v projections have biases (Qwen2); then ``o_proj`` carries the folded value bias.
     q_norm, k_norm : nn.Module, optional
         Qwen3's per-head RMS norms.
+    key_rope : str
+        ``"pre"``: cache key latents and rotate when reading; ``"post"``: cache rotated full-width keys.
     """
 
     def __init__(self, config, layer_idx: int, rank_k: int, rank_v: int, head_group: int, rotary: nn.Module,
-                 bias: bool = False, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
+                 bias: bool = False, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+                 key_rope: str = "pre"):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -65,6 +70,7 @@ class LatentAttention(nn.Module):
         self.v_down = nn.Linear(hidden, self.groups * rank_v, bias=False)
         self.o_proj = nn.Linear(self.num_heads * rank_v, hidden, bias=bias)
         self.q_norm, self.k_norm = q_norm, k_norm
+        self.key_rope = key_rope
         self._rotary = (rotary,)  # shared with the model; a tuple keeps it out of this module's state dict
 
     def keys(self, latents: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -85,6 +91,15 @@ class LatentAttention(nn.Module):
             cos, sin = (x.repeat_interleave(self.head_group, dim=1) for x in (cos, sin))
         return rotate(k, cos, sin)
 
+    def _grouped(self, k: torch.Tensor) -> torch.Tensor:
+        b, _, s, d = k.shape
+        return k.view(b, self.groups, self.head_group, s, d).transpose(2, 3).reshape(b, self.groups, s, -1)
+
+    def _ungrouped(self, k: torch.Tensor) -> torch.Tensor:
+        b, _, s, _ = k.shape
+        k = k.view(b, self.groups, s, self.head_group, self.head_dim).transpose(2, 3)
+        return k.reshape(b, self.num_kv_heads, s, self.head_dim)
+
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, past_key_values=None,
                 position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -100,13 +115,15 @@ class LatentAttention(nn.Module):
             raise ValueError("kvcompress attention needs position_ids")
         positions = position_ids.expand(b, t)
         valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        if self.key_rope == "post":  # store rotated keys, [B, G, T, g·d]: what KIVI quantizes
+            ck = self._grouped(self.keys(ck, positions.unsqueeze(1)))
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         if layer is not None:
             ck, cv, stored_pos, stored_valid = layer.update(ck, cv, {"positions": positions, "valid": valid})
         else:
             stored_pos = positions.unsqueeze(1)
             stored_valid = valid.unsqueeze(1) if valid is not None else None
-        k = self.keys(ck, stored_pos)
+        k = self._ungrouped(ck) if self.key_rope == "post" else self.keys(ck, stored_pos)
         out = latent_attention(q, k, cv, stored_valid, self.scaling)
         if layer is not None:
             layer.evict()  # after attention: this block's queries have seen all of its tokens

@@ -249,6 +249,7 @@ def _manifest(source: Source, recipe: Recipe, dtype: str) -> dict:
             for lay in recipe.layers
         ],
         "quant": {"enabled": q.enabled, "method": q.method},
+        "key_rope": q.key_rope,
         "eviction": ({"method": "lagkv", "sink_size": lag.sink_size, "lag_size": lag.lag_size,
                       "keep_ratio": lag.keep_ratio, "value_weight": lag.value_weight} if lag.enabled else None),
         "kernel_backend": "auto",

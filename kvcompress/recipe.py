@@ -43,10 +43,15 @@ class LowRank:
 
 @dataclass
 class Quant:
-    """Packed low-bit K/V (KIVI/MiniKV grouping); per-layer bits come from ``[[layers]]``."""
+    """Packed low-bit K/V (KIVI/MiniKV grouping); per-layer bits come from ``[[layers]]``.
+
+    ``key_rope``: ``"pre"`` caches key latents before RoPE (KVQuant's choice, and the only one for
+    low-rank keys); ``"post"`` caches rotated full-width keys (KIVI's), for recipes without low-rank keys.
+    """
 
     enabled: bool = False
     method: str = "kivi"
+    key_rope: str = "pre"
     avg_bits: float = 3.0
     group_size: int = 32
     residual_length: int = 128
@@ -115,6 +120,9 @@ class Recipe:
         _check(lr.rank_multiple >= 1, f"rank_multiple must be >= 1, got {lr.rank_multiple}")
         _check(0.0 < lr.energy <= 1.0, f"energy must be in (0, 1], got {lr.energy}")
         _check(q.method in QUANT_METHODS, f"quant method must be one of {QUANT_METHODS}, got {q.method!r}")
+        _check(q.key_rope in ("pre", "post"), f"key_rope must be 'pre' or 'post', got {q.key_rope!r}")
+        _check(q.key_rope == "pre" or not lr.enabled,
+               "key_rope = 'post' stores full-width rotated keys; it needs [lowrank] enabled = false")
         _check(2.0 <= q.avg_bits <= 8.0, f"avg_bits must be in [2, 8], got {q.avg_bits}")
         _check(q.group_size >= 1, f"group_size must be >= 1, got {q.group_size}")
         _check(q.residual_length >= 0 and q.residual_length % q.group_size == 0,

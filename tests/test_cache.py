@@ -209,3 +209,35 @@ def test_greedy_meets_the_budget_and_prefers_the_stream_with_more_energy_left():
     assert (sum(ranks_k) + sum(ranks_v)) / (2 * 2 * 32) == pytest.approx(0.5, abs=8 / 32)
     assert all(k == 8 for k in ranks_k) and all(v > 8 for v in ranks_v)
     assert all(r % 8 == 0 and 8 <= r <= 32 for r in ranks_k + ranks_v)
+
+
+# --------------------------------------------------------------------------- key layout
+
+
+@pytest.mark.parametrize("key_rope", ["pre", "post"])
+def test_both_key_layouts_are_exact_without_compression(llama_gqa, tmp_path, one_thread, key_rope):
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False}, quant={"key_rope": key_rope})
+    ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    cache = kvcompress.make_cache(model)
+    logits = torch.cat([model(input_ids=ids[:, i:i + 6], past_key_values=cache,
+                              position_ids=torch.arange(i, i + 6)[None]).logits for i in range(0, 24, 6)], dim=1)
+    assert torch.allclose(logits, llama_gqa.model(ids).logits, atol=1e-4)
+    width = llama_gqa.config.num_key_value_heads * llama_gqa.config.head_dim
+    assert cache.layers[0].key_store.read().shape == (2, 1, 24, width)
+
+
+def test_post_rope_keys_store_the_rotated_keys(llama_gqa, tmp_path, one_thread):
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False}, quant={"key_rope": "post"})
+    ids = torch.randint(4, 300, (1, 10), generator=torch.Generator().manual_seed(4))
+    cache = kvcompress.make_cache(model)
+    model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(10)[None])
+    reference = llama_gqa.model(ids, use_cache=True).past_key_values.layers[0].keys  # rotated, [1, Hkv, 10, d]
+    stored = model.model.layers[0].self_attn._ungrouped(cache.layers[0].key_store.read())
+    assert torch.allclose(stored, reference, atol=1e-4)
+
+
+def test_post_rope_needs_full_width_keys():
+    rec = Recipe()
+    rec.quant.key_rope = "post"
+    with pytest.raises(kvcompress.KVCompressError, match="lowrank"):
+        rec.validate()
