@@ -124,12 +124,12 @@ def print_analysis(result, output: Path | None) -> None:
     lr = result.recipe.lowrank
     table = Table(title=f"{result.model}: {lr.svd} SVD, {lr.schedule} schedule, target {lr.target_ratio}")
     for col in ("layer", "rank K", "rank V", "κ K", "κ V", "energy K", "energy V", "bits K", "bits V",
-                "sensitivity (KL)"):
+                "KL K", "KL V"):
         table.add_column(col, justify="right")
     for r in result.layers:
         table.add_row(str(r.layer), str(r.rank_k), str(r.rank_v), f"{r.kappa_k:.3g}", f"{r.kappa_v:.3g}",
                       f"{r.energy_k:.3f}", f"{r.energy_v:.3f}", str(r.bits_k), str(r.bits_v),
-                      f"{r.sensitivity:.4g}")
+                      f"{r.sensitivity_k:.3g}", f"{r.sensitivity_v:.3g}")
     out.print(table)
     kv = result.kv_bytes_per_token
     quant = "on" if result.recipe.quant.enabled else "off (bits shown are the allocation if enabled)"

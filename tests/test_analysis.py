@@ -197,7 +197,7 @@ def test_allocate_bits_spends_on_the_most_sensitive_layer():
 TOP_KEYS = {"model", "num_layers", "num_kv_heads", "head_dim", "head_group", "group_width", "svd", "schedule",
             "target_ratio", "layers", "kv_bytes_per_token", "compression_ratio"}
 LAYER_KEYS = {"layer", "rank_k", "rank_v", "kappa_k", "kappa_v", "energy_k", "energy_v", "bits_k", "bits_v",
-              "sensitivity"}
+              "sensitivity", "sensitivity_k", "sensitivity_v"}
 
 
 def _small_calibration(rec: Recipe) -> Recipe:
@@ -241,10 +241,15 @@ def test_analyze_end_to_end_with_sensitivity(tiny_factory, name):
     _check_report(js, tiny, tiny.config.num_key_value_heads, 0.5)
     sens = [row["sensitivity"] for row in js["layers"]]
     assert all(s > 0 and math.isfinite(s) for s in sens)  # measured, not the uniform placeholder
+    for row in js["layers"]:  # keys and values are measured apart, and the total is their sum
+        assert row["sensitivity_k"] > 0 and row["sensitivity_v"] > 0
+        assert row["sensitivity"] == pytest.approx(row["sensitivity_k"] + row["sensitivity_v"])
     assert js["sensitivity_method"] != "none (uniform bits)"
     # the recipe was filled in, consistently with the report
-    assert [(lay.rank_k, lay.rank_v, lay.bits_k) for lay in rec.layers] == \
-        [(r["rank_k"], r["rank_v"], r["bits_k"]) for r in js["layers"]]
+    assert [(lay.rank_k, lay.rank_v, lay.bits_k, lay.bits_v) for lay in rec.layers] == \
+        [(r["rank_k"], r["rank_v"], r["bits_k"], r["bits_v"]) for r in js["layers"]]
+    bits = [b for r in js["layers"] for b in (r["bits_k"], r["bits_v"])]
+    assert sum(bits) / len(bits) <= rec.quant.avg_bits + 1e-9
     rec.validate(source.spec)
 
 

@@ -43,6 +43,8 @@ class LayerReport:
     bits_k: int
     bits_v: int
     sensitivity: float
+    sensitivity_k: float
+    sensitivity_v: float
 
 
 @dataclass
@@ -184,14 +186,15 @@ def analyze(
         del model
         method = SENSITIVITY_METHOD
     else:
-        sens = [0.0] * n
+        sens = [(0.0, 0.0)] * n
         method = "none (uniform bits)"
-    bits = allocate_bits(sens, recipe.quant.avg_bits)
+    bits = allocate_bits([s for pair in sens for s in pair], recipe.quant.avg_bits)
+    bits_k, bits_v = bits[0::2], bits[1::2]
 
-    recipe.layers = [LayerRecipe(i, ranks_k[i], ranks_v[i], bits[i], bits[i]) for i in range(n)]
+    recipe.layers = [LayerRecipe(i, ranks_k[i], ranks_v[i], bits_k[i], bits_v[i]) for i in range(n)]
     reports = [
         LayerReport(i, ranks_k[i], ranks_v[i], math.exp(kappas[i][0]), math.exp(kappas[i][1]),
-                    energy_k[i], energy_v[i], bits[i], bits[i], sens[i])
+                    energy_k[i], energy_v[i], bits_k[i], bits_v[i], sum(sens[i]), sens[i][0], sens[i][1])
         for i in range(n)
     ]
     base = baseline_bytes_per_token(spec)

@@ -1,9 +1,10 @@
 """Per-layer sensitivity to low-bit K/V and the layer-discriminative bit allocation built on it.
 
-Sensitivity of layer l: fake-quantize that layer's keys and values (KIVI grouping, 2 bits) while all
-other layers stay exact, and measure the mean next-token KL(p_exact ‖ p_quantized) on calibration text.
-MiniKV (arXiv 2411.18077) varies its budget by layer with a fixed pyramid; we measure instead and
-spend bits where the measured damage is largest (see :func:`allocate_bits`).
+Sensitivity of a stream (layer l's keys, or its values): fake-quantize that stream alone (KIVI
+grouping, 2 bits) while everything else stays exact, and measure the mean next-token
+KL(p_exact ‖ p_quantized) on calibration text. MiniKV (arXiv 2411.18077) varies its budget by layer
+with a fixed pyramid; we measure instead, keys and values apart (keys are usually far more
+sensitive), and spend bits where the measured damage is largest (see :func:`allocate_bits`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvcompress.cache.quant import dequantize, quantize
 
 METHOD = (
-    "per-layer 2-bit fake quantization of K (per channel, 32-token groups, post-RoPE) and V (per token, "
-    "32-channel groups); mean next-token KL divergence against the exact model on calibration text"
+    "2-bit fake quantization of one layer's K (per channel, 32-token groups, post-RoPE) or V (per token, "
+    "32-channel groups) at a time; mean next-token KL divergence against the exact model on calibration text"
 )
 ATTN_IMPL = "kvcompress_fake_quant"
 
@@ -29,11 +30,13 @@ def _fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA attention that round-trips this layer's K/V through the quantizer when the layer is marked."""
     spec = getattr(module, "kvc_fake_quant", None)
     if spec is not None:
-        bits, group = spec
-        whole = key.shape[-2] // group * group  # keys group along tokens; a ragged tail stays exact
-        k_q = dequantize(quantize(key[..., :whole, :], bits, group, "tokens"), key.dtype)
-        key = torch.cat([k_q, key[..., whole:, :]], dim=-2)
-        value = dequantize(quantize(value, bits, group, "channels"), value.dtype)
+        bits, group, stream = spec
+        if stream == "k":
+            whole = key.shape[-2] // group * group  # keys group along tokens; a ragged tail stays exact
+            k_q = dequantize(quantize(key[..., :whole, :], bits, group, "tokens"), key.dtype)
+            key = torch.cat([k_q, key[..., whole:, :]], dim=-2)
+        else:
+            value = dequantize(quantize(value, bits, group, "channels"), value.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -47,8 +50,8 @@ def layer_sensitivity(
     bits: int = 2,
     group_size: int = 32,
     on_layer: Callable[[int], None] | None = None,
-) -> list[float]:
-    """Mean next-token KL divergence caused by quantizing each layer's K/V alone.
+) -> list[tuple[float, float]]:
+    """Mean next-token KL divergence caused by quantizing each layer's K, then its V, alone.
 
     The exact pass keeps every layer's input, so perturbing layer l reruns only layers l..L-1.
 
@@ -80,11 +83,13 @@ def layer_sensitivity(
     exact = run(hidden, 0, layer_inputs)
     scores = []
     for i, layer in enumerate(inner.layers):
-        layer.self_attn.kvc_fake_quant = (bits, group_size)
-        approx = run(layer_inputs[i], i)
+        kls = []
+        for stream in ("k", "v"):
+            layer.self_attn.kvc_fake_quant = (bits, group_size, stream)
+            approx = run(layer_inputs[i], i)
+            kls.append(float(F.kl_div(approx, exact, log_target=True, reduction="none").sum(-1).mean()))
         del layer.self_attn.kvc_fake_quant
-        kl = F.kl_div(approx, exact, log_target=True, reduction="none").sum(-1).mean()
-        scores.append(float(kl))
+        scores.append((kls[0], kls[1]))
         if on_layer:
             on_layer(i)
     model.set_attn_implementation("sdpa")
@@ -92,10 +97,10 @@ def layer_sensitivity(
 
 
 def allocate_bits(sensitivity: list[float], avg_bits: float, choices: tuple[int, ...] = (2, 4, 8)) -> list[int]:
-    """Layer-discriminative bits under an average budget.
+    """Stream-discriminative bits under an average budget (a stream: one layer's K, or its V).
 
-    Quantization error energy falls about 4x per extra bit, so layer l's damage at b bits is modelled as
-    ``s_l · 4^-(b - b_min)``. Starting from the lowest width everywhere, we greedily take the upgrade
+    Quantization error energy falls about 4x per extra bit, so a stream's damage at b bits is modelled
+    as ``s · 4^-(b - b_min)``. Starting from the lowest width everywhere, we greedily take the upgrade
     with the largest damage reduction per extra bit while the mean stays within ``avg_bits``.
     """
     bits = [min(choices)] * len(sensitivity)
