@@ -79,6 +79,20 @@ class ShardWriter:
         return n
 
 
+def rotate_latent(down: torch.Tensor, up: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate a latent by a seeded random orthogonal ``Q``: ``(Q·down, up·Qᵀ)``, so ``up @ down`` is unchanged.
+
+    The principal axes put most energy in a few latent channels; mixing them spreads outliers evenly, so
+    group-wise low-bit quantization loses less (QuaRot/SpinQuant's idea, applied where it is free: the
+    rotation is folded into the exported weights). 2-bit K/V on SmolLM2: perplexity x1.226 -> x1.117.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    r = down.shape[0]
+    q, tri = torch.linalg.qr(torch.randn(r, r, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(tri))  # Haar-distributed
+    return q @ down, up @ q.T
+
+
 def factorized_attention(source: Source, layer: int, recipe: Recipe, s_factor: torch.Tensor | None
                          ) -> dict[str, torch.Tensor]:
     """One layer's replacement tensors: ``k_down``, ``k_up``, ``k_bias``, ``v_down`` and folded ``o_proj``.
@@ -94,6 +108,12 @@ def factorized_attention(source: Source, layer: int, recipe: Recipe, s_factor: t
     k_svds, v_svds = layer_group_svds(source, layer, g, s_factor)
     k_factors = [x.factors(lay.rank_k) for x in k_svds]
     v_factors = [x.factors(lay.rank_v) for x in v_svds]
+    q = recipe.quant
+    if q.enabled and q.rotation == "orthogonal":
+        k_factors = k_factors if q.key_rope == "post" else [
+            rotate_latent(down, up, 2 * (layer * len(k_factors) + group)) for group, (down, up) in enumerate(k_factors)]
+        v_factors = [rotate_latent(down, up, 2 * (layer * len(v_factors) + group) + 1)
+                     for group, (down, up) in enumerate(v_factors)]
     out = {
         f"{p}k_down.weight": torch.cat([down for down, _ in k_factors]),
         f"{p}k_up": torch.stack([up for _, up in k_factors]),

@@ -47,11 +47,14 @@ class Quant:
 
     ``key_rope``: ``"pre"`` caches key latents before RoPE (KVQuant's choice, and the only one for
     low-rank keys); ``"post"`` caches rotated full-width keys (KIVI's), for recipes without low-rank keys.
+    ``rotation``: ``"orthogonal"`` mixes each latent's channels by a seeded random rotation folded into the
+    weights (values always, keys when ``key_rope = "pre"``); ``"none"`` keeps the principal axes.
     """
 
     enabled: bool = False
     method: str = "kivi"
     key_rope: str = "pre"
+    rotation: str = "orthogonal"
     avg_bits: float = 3.0
     group_size: int = 32
     residual_length: int = 128
@@ -123,6 +126,7 @@ class Recipe:
         _check(q.key_rope in ("pre", "post"), f"key_rope must be 'pre' or 'post', got {q.key_rope!r}")
         _check(q.key_rope == "pre" or not lr.enabled,
                "key_rope = 'post' stores full-width rotated keys; it needs [lowrank] enabled = false")
+        _check(q.rotation in ("orthogonal", "none"), f"rotation must be 'orthogonal' or 'none', got {q.rotation!r}")
         _check(2.0 <= q.avg_bits <= 8.0, f"avg_bits must be in [2, 8], got {q.avg_bits}")
         _check(q.group_size >= 1, f"group_size must be >= 1, got {q.group_size}")
         _check(q.residual_length >= 0 and q.residual_length % q.group_size == 0,

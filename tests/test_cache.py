@@ -241,3 +241,26 @@ def test_post_rope_needs_full_width_keys():
     rec.quant.key_rope = "post"
     with pytest.raises(kvcompress.KVCompressError, match="lowrank"):
         rec.validate()
+
+
+def test_latent_rotation_is_exact_in_full_precision(llama_gqa, tmp_path, one_thread):
+    # with quantization on but a residual window longer than the text, every token stays in the 16-bit
+    # window, so the rotated export must reproduce the model up to float16 rounding of the window
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False},
+                    quant={"enabled": True, "rotation": "orthogonal", "avg_bits": 8.0, "group_size": 8,
+                           "residual_length": 4096})
+    ids = torch.randint(4, 300, (1, 20), generator=torch.Generator().manual_seed(5))
+    cache = kvcompress.make_cache(model)
+    logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(20)[None]).logits
+    assert cache.layers[0].key_store.quantized_length == 0
+    assert torch.allclose(logits, llama_gqa.model(ids).logits, atol=1e-2)
+
+
+def test_rotation_changes_the_stored_latent_not_the_product():
+    from kvcompress.export import rotate_latent
+
+    down, up = torch.randn(6, 10, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
+    r_down, r_up = rotate_latent(down, up, seed=3)
+    assert torch.allclose(r_up @ r_down, up @ down)
+    assert not torch.allclose(r_down, down)
+    assert torch.equal(rotate_latent(down, up, seed=3)[0], r_down)  # seeded: the same export twice
