@@ -65,8 +65,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     start = time.perf_counter()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(**ids, past_key_values=cache, max_new_tokens=max_new_tokens, streamer=streamer,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+                         pad_token_id=pad, **sampling)
     seconds = time.perf_counter() - start
     new = out[0, ids.input_ids.shape[1]:]
     held_tokens = cache.get_seq_length()
