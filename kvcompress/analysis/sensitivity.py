@@ -29,14 +29,12 @@ ATTN_IMPL = "kvcompress_fake_quant"
 def _fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA attention that round-trips this layer's K/V through the quantizer when the layer is marked."""
     spec = getattr(module, "kvc_fake_quant", None)
-    if spec is not None:
-        bits, group, stream = spec
-        if stream == "k":
-            whole = key.shape[-2] // group * group  # keys group along tokens; a ragged tail stays exact
-            k_q = dequantize(quantize(key[..., :whole, :], bits, group, "tokens"), key.dtype)
-            key = torch.cat([k_q, key[..., whole:, :]], dim=-2)
-        else:
-            value = dequantize(quantize(value, bits, group, "channels"), value.dtype)
+    if spec is not None:  # a batch of two copies: keys quantized in the first, values in the second
+        bits, group = spec
+        whole = key.shape[-2] // group * group  # keys group along tokens; a ragged tail stays exact
+        k_q = dequantize(quantize(key[:1, :, :whole], bits, group, "tokens"), key.dtype)
+        key = torch.cat([torch.cat([k_q, key[:1, :, whole:]], dim=-2), key[1:]])
+        value = torch.cat([value[:1], dequantize(quantize(value[1:], bits, group, "channels"), value.dtype)])
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -60,7 +58,7 @@ def layer_sensitivity(
     model : nn.Module
         A full causal LM in memory (float32).
     ids : torch.Tensor
-        ``[n_seq, seq_len]`` calibration token ids.
+        ``[1, seq_len]`` calibration token ids.
     bits, group_size : int
         Fake-quantization settings.
     on_layer : callable, optional
@@ -83,13 +81,11 @@ def layer_sensitivity(
     exact = run(hidden, 0, layer_inputs)
     scores = []
     for i, layer in enumerate(inner.layers):
-        kls = []
-        for stream in ("k", "v"):
-            layer.self_attn.kvc_fake_quant = (bits, group_size, stream)
-            approx = run(layer_inputs[i], i)
-            kls.append(float(F.kl_div(approx, exact, log_target=True, reduction="none").sum(-1).mean()))
+        layer.self_attn.kvc_fake_quant = (bits, group_size)
+        approx = run(layer_inputs[i].expand(2, -1, -1), i)  # [K quantized, V quantized]
         del layer.self_attn.kvc_fake_quant
-        scores.append((kls[0], kls[1]))
+        kl = F.kl_div(approx, exact.expand(2, -1, -1), log_target=True, reduction="none").sum(-1).mean(-1)
+        scores.append((float(kl[0]), float(kl[1])))
         if on_layer:
             on_layer(i)
     model.set_attn_implementation("sdpa")
