@@ -265,7 +265,7 @@ def _manifest(source: Source, recipe: Recipe, dtype: str) -> dict:
         "layers": [
             {"layer": lay.layer, "rank_k": lay.rank_k, "rank_v": lay.rank_v,
              "bits_k": lay.bits_k if q.enabled else 16, "bits_v": lay.bits_v if q.enabled else 16,
-             "group_size": q.group_size, "residual_length": q.residual_length}
+             "group_size": q.group_size, "key_group_size": q.key_group, "residual_length": q.residual_length}
             for lay in recipe.layers
         ],
         "quant": {"enabled": q.enabled, "method": q.method},

@@ -53,7 +53,8 @@ def make_cache(model) -> KVCompressCache:
         One layer object per decoder layer, configured from the checkpoint's manifest.
     """
     manifest = model.kvcompress_manifest
-    storage = [LayerStorage(lay["bits_k"], lay["bits_v"], lay["group_size"], lay["residual_length"])
+    storage = [LayerStorage(lay["bits_k"], lay["bits_v"], lay["group_size"], lay["residual_length"],
+                            lay.get("key_group_size", lay["group_size"]))
                for lay in manifest["layers"]]
     eviction = manifest.get("eviction")
     lagkv = None

@@ -25,7 +25,7 @@ def stream_bytes(width: int, bits: int, along: str, quant: Quant, context: int) 
     window = quant.residual_length
     quantized = context // window * window if window else context
     if along == "tokens":  # keys: one (scale, min) pair per channel per group of tokens
-        meta = 2 * FP16 * width / quant.group_size
+        meta = 2 * FP16 * width / quant.key_group
     else:  # values: one pair per token per group of channels
         meta = 2 * FP16 * width / effective_group(width, quant.group_size)
     return (quantized * (width * bits / 8 + meta) + (context - quantized) * width * FP16) / context

@@ -47,6 +47,8 @@ class Quant:
 
     ``key_rope``: ``"pre"`` caches key latents before RoPE (KVQuant's choice, and the only one for
     low-rank keys); ``"post"`` caches rotated full-width keys (KIVI's), for recipes without low-rank keys.
+    ``key_group_size``: tokens per key group (0 = ``group_size``); keys lose most at low bits, and a
+    finer key group costs few bytes.
     ``rotation``: ``"orthogonal"`` mixes each latent's channels by a seeded random rotation folded into the
     weights (values always, keys when ``key_rope = "pre"``); ``"none"`` keeps the principal axes.
     """
@@ -57,7 +59,14 @@ class Quant:
     rotation: str = "orthogonal"
     avg_bits: float = 3.0
     group_size: int = 32
+    key_group_size: int = 0
     residual_length: int = 128
+
+
+    @property
+    def key_group(self) -> int:
+        """Tokens per key quantization group."""
+        return self.key_group_size or self.group_size
 
 
 @dataclass
@@ -128,9 +137,11 @@ class Recipe:
                "key_rope = 'post' stores full-width rotated keys; it needs [lowrank] enabled = false")
         _check(q.rotation in ("orthogonal", "none"), f"rotation must be 'orthogonal' or 'none', got {q.rotation!r}")
         _check(2.0 <= q.avg_bits <= 8.0, f"avg_bits must be in [2, 8], got {q.avg_bits}")
-        _check(q.group_size >= 1, f"group_size must be >= 1, got {q.group_size}")
-        _check(q.residual_length >= 0 and q.residual_length % q.group_size == 0,
-               f"residual_length ({q.residual_length}) must be a multiple of group_size ({q.group_size})")
+        _check(q.group_size >= 1 and q.key_group_size >= 0, "group_size must be >= 1 and key_group_size >= 0")
+        for name, size in (("group_size", q.group_size), ("key_group_size", q.key_group)):
+            _check(q.residual_length % size == 0,
+                   f"residual_length ({q.residual_length}) must be a multiple of {name} ({size})")
+        _check(q.residual_length >= 0, "residual_length must be >= 0")
         _check(0.0 < lag.keep_ratio <= 1.0, f"lagkv keep_ratio must be in (0, 1], got {lag.keep_ratio}")
         _check(lag.sink_size >= 0 and lag.lag_size >= 1, "lagkv sink_size must be >= 0 and lag_size >= 1")
         _check(self.calibration.max_tokens >= 1 and self.calibration.seq_len >= 1,

@@ -70,11 +70,13 @@ def test_dense_and_quantized_8bit_read_back_close():
 # --------------------------------------------------------------------------- layer: quantization and eviction
 
 
-def test_live_bytes_match_the_memory_formula():
-    storage = LayerStorage(bits_k=2, bits_v=4, group_size=8, residual_length=16)
+@pytest.mark.parametrize("key_group", [0, 4])
+def test_live_bytes_match_the_memory_formula(key_group):
+    storage = LayerStorage(bits_k=2, bits_v=4, group_size=8, residual_length=16, key_group_size=key_group)
     layer = KVCompressLayer(storage)
     _feed(layer, total=100, block=7, d_k=16, d_v=8, heads=1)  # float32 in: the residual is still 16-bit
-    quant = Quant(enabled=True, group_size=8, residual_length=16)
+    assert layer.key_store.packed.scale.shape[-2] == 96 // (key_group or 8)
+    quant = Quant(enabled=True, group_size=8, key_group_size=key_group, residual_length=16)
     formula = compressed_bytes_per_token(
         spec=_spec(kv_heads=1, head_dim=16), layers=[LayerRecipe(0, 16, 8, 2, 4)], head_group=1, quant=quant,
         context=100)

@@ -182,6 +182,7 @@ def analyze(
     if sensitivity:
         model = load_full(source)
         sens = layer_sensitivity(model, ids[:1], group_size=recipe.quant.group_size,
+                                 key_group_size=recipe.quant.key_group,
                                  on_layer=lambda i: tick("sensitivity", i + 1, n))
         del model
         method = SENSITIVITY_METHOD

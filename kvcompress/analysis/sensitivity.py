@@ -30,11 +30,11 @@ def _fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA attention that round-trips this layer's K/V through the quantizer when the layer is marked."""
     spec = getattr(module, "kvc_fake_quant", None)
     if spec is not None:  # a batch of two copies: keys quantized in the first, values in the second
-        bits, group = spec
-        whole = key.shape[-2] // group * group  # keys group along tokens; a ragged tail stays exact
-        k_q = dequantize(quantize(key[:1, :, :whole], bits, group, "tokens"), key.dtype)
+        bits, key_group, value_group = spec
+        whole = key.shape[-2] // key_group * key_group  # keys group along tokens; a ragged tail stays exact
+        k_q = dequantize(quantize(key[:1, :, :whole], bits, key_group, "tokens"), key.dtype)
         key = torch.cat([torch.cat([k_q, key[:1, :, whole:]], dim=-2), key[1:]])
-        value = torch.cat([value[:1], dequantize(quantize(value[1:], bits, group, "channels"), value.dtype)])
+        value = torch.cat([value[:1], dequantize(quantize(value[1:], bits, value_group, "channels"), value.dtype)])
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -47,6 +47,7 @@ def layer_sensitivity(
     ids: torch.Tensor,
     bits: int = 2,
     group_size: int = 32,
+    key_group_size: int | None = None,
     on_layer: Callable[[int], None] | None = None,
 ) -> list[tuple[float, float]]:
     """Mean next-token KL divergence caused by quantizing each layer's K, then its V, alone.
@@ -60,7 +61,9 @@ def layer_sensitivity(
     ids : torch.Tensor
         ``[1, seq_len]`` calibration token ids.
     bits, group_size : int
-        Fake-quantization settings.
+        Fake-quantization settings (``group_size`` for values).
+    key_group_size : int, optional
+        Tokens per key group (default ``group_size``).
     on_layer : callable, optional
         Called with the layer index after each layer is measured (progress).
     """
@@ -81,7 +84,7 @@ def layer_sensitivity(
     exact = run(hidden, 0, layer_inputs)
     scores = []
     for i, layer in enumerate(inner.layers):
-        layer.self_attn.kvc_fake_quant = (bits, group_size)
+        layer.self_attn.kvc_fake_quant = (bits, key_group_size or group_size, group_size)
         approx = run(layer_inputs[i].expand(2, -1, -1), i)  # [K quantized, V quantized]
         del layer.self_attn.kvc_fake_quant
         kl = F.kl_div(approx, exact.expand(2, -1, -1), log_target=True, reduction="none").sum(-1).mean(-1)

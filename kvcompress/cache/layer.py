@@ -22,12 +22,13 @@ from kvcompress.cache.store import make_store
 
 @dataclass(frozen=True)
 class LayerStorage:
-    """How one layer stores K and V: bits (16 = not quantized), quantization group, residual window."""
+    """How one layer stores K and V: bits (16 = not quantized), quantization groups, residual window."""
 
     bits_k: int = 16
     bits_v: int = 16
     group_size: int = 32
     residual_length: int = 128
+    key_group_size: int = 0  # 0: the same as group_size
 
 
 class KVCompressLayer(CacheLayerMixin):
@@ -56,7 +57,7 @@ class KVCompressLayer(CacheLayerMixin):
         self.eviction = eviction
         self.settled = 0
         st = self.storage
-        self.key_store = make_store(st.bits_k, st.group_size, "tokens", st.residual_length)
+        self.key_store = make_store(st.bits_k, st.key_group_size or st.group_size, "tokens", st.residual_length)
         self.value_store = make_store(st.bits_v, st.group_size, "channels", st.residual_length)
         self.positions: torch.Tensor | None = None  # [B, 1 or H, T] int32 RoPE positions of stored tokens
         self.valid: torch.Tensor | None = None  # [B, 1 or H, T] bool, only once padding was seen
