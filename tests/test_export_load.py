@@ -387,3 +387,12 @@ def test_sharded_export_loads_identically(exported, llama_gqa, tmp_path):
     # the sharded checkpoint also reads back as a *source* (index file)
     src = open_source(out)
     assert src.has("model.layers.0.self_attn.k_down.weight") and len(src.files()) == len(shards)
+
+
+def test_device_map_is_passed_to_accelerate(exported):
+    _, out, reference = exported("llama_gqa")
+    model, _ = load(out, device_map={"": "cpu"})
+    ids = _ids(1, 12, seed=7)
+    with torch.no_grad():
+        assert _max_diff(model(ids).logits, reference(ids).logits) < 1e-5
+    assert getattr(model, "hf_device_map", None) == {"": "cpu"}
