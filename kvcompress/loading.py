@@ -116,6 +116,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
             raise KVCompressError(f"{folder} holds pickle weights; kvcompress loads only safetensors")
         raise KVCompressError(f"no safetensors weights in {folder}")
+    if not (folder / "config.json").is_file():
+        raise KVCompressError(f"{folder} has no config.json")
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise KVCompressError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     raw_config = json.loads((folder / "config.json").read_text())
     config = hf_config(raw_config)
     model = skeleton(config)

@@ -396,3 +396,13 @@ def test_device_map_is_passed_to_accelerate(exported):
     with torch.no_grad():
         assert _max_diff(model(ids).logits, reference(ids).logits) < 1e-5
     assert getattr(model, "hf_device_map", None) == {"": "cpu"}
+
+
+def test_unknown_dtype_and_missing_config_are_clear_errors(exported, tmp_path):
+    _, out, _ = exported("llama_gqa")
+    with pytest.raises(kvcompress.KVCompressError, match="dtype must be one of"):
+        load(out, dtype="float8")
+    broken = copy_checkpoint(out, tmp_path / "broken")
+    (broken / "config.json").unlink()
+    with pytest.raises(kvcompress.KVCompressError, match=r"config\.json"):
+        load(broken, verify=False)
