@@ -7,6 +7,7 @@ from kvcompress.recipe import LayerRecipe, Quant
 from kvcompress.sources import ModelSpec
 
 FP16 = 2
+POSITION = 4  # int32 RoPE position of each stored token, per sequence (per latent head once evicting)
 
 
 def baseline_bytes_per_token(spec: ModelSpec) -> int:
@@ -32,11 +33,16 @@ def stream_bytes(width: int, bits: int, along: str, quant: Quant, context: int) 
 
 
 def compressed_bytes_per_token(
-    spec: ModelSpec, layers: list[LayerRecipe], head_group: int, quant: Quant, context: int
+    spec: ModelSpec, layers: list[LayerRecipe], head_group: int, quant: Quant, context: int,
+    evicting: bool = False,
 ) -> float:
-    """Bytes per token of the compressed cache at ``context`` tokens (latents, codes, scales, windows)."""
+    """Bytes per stored token of the compressed cache at ``context`` tokens.
+
+    Latents or codes, scales and minima, residual windows, and positions. With eviction, positions are
+    kept per latent head; how many tokens eviction drops depends on the text and is not modelled here.
+    """
     groups = spec.num_kv_heads // head_group
-    total = 0.0
+    total = float(len(layers) * POSITION * (groups if evicting else 1))
     for lay in layers:
         bits_k = lay.bits_k if quant.enabled else 16
         bits_v = lay.bits_v if quant.enabled else 16

@@ -199,7 +199,7 @@ def analyze(
         for i in range(n)
     ]
     base = baseline_bytes_per_token(spec)
-    comp = compressed_bytes_per_token(spec, recipe.layers, g, recipe.quant, context)
+    comp = compressed_bytes_per_token(spec, recipe.layers, g, recipe.quant, context, recipe.lagkv.enabled)
     return Analysis(
         model=source.origin, recipe=recipe, num_layers=n, num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, head_group=g, group_width=width, layers=reports,
