@@ -9,6 +9,8 @@ import torch
 from transformers import TextStreamer
 
 from kvcompress.loading import make_cache
+from kvcompress.memory import baseline_bytes_per_token
+from kvcompress.sources import ModelSpec
 
 
 @dataclass
@@ -26,13 +28,6 @@ class GenerationReport:
     def to_json(self) -> dict:
         """Plain dict, with the compression ratio."""
         return {**asdict(self), "kv_ratio": self.kv_bytes_uncompressed / max(self.kv_bytes, 1)}
-
-
-def uncompressed_kv_bytes(config, tokens: int, dtype: torch.dtype) -> int:
-    """What a plain cache would hold for ``tokens`` tokens: K and V of every layer in ``dtype``."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
-    return per_token * tokens * torch.empty((), dtype=dtype).element_size()
 
 
 @torch.no_grad()
@@ -71,6 +66,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
     seconds = time.perf_counter() - start
     new = out[0, ids.input_ids.shape[1]:]
     held_tokens = cache.get_seq_length()
+    spec = ModelSpec.from_config(model.config.to_dict())
     return GenerationReport(
         text=tokenizer.decode(new, skip_special_tokens=True),
         prompt_tokens=ids.input_ids.shape[1],
@@ -78,5 +74,5 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
         seconds=seconds,
         tokens_per_second=new.numel() / seconds,
         kv_bytes=cache.kv_bytes(),
-        kv_bytes_uncompressed=uncompressed_kv_bytes(model.config, held_tokens, model.dtype),
+        kv_bytes_uncompressed=held_tokens * baseline_bytes_per_token(spec, model.dtype.itemsize),
     )

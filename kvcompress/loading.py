@@ -63,6 +63,22 @@ def make_cache(model) -> KVCompressCache:
     return KVCompressCache(storage, lagkv)
 
 
+def load_source(manifest: dict, source: str | None = None):
+    """The uncompressed model a checkpoint came from, in the checkpoint's dtype (the baseline for evals).
+
+    Parameters
+    ----------
+    manifest : dict
+        The checkpoint's manifest (``model.kvcompress_manifest``).
+    source : str, optional
+        Where to read the source model (default: the path or id recorded in the manifest).
+    """
+    from kvcompress.skeleton import load_full
+    from kvcompress.sources import open_source
+
+    return load_full(open_source(source or manifest["source"]["model"])).to(DTYPES[manifest["dtype"]]).eval()
+
+
 def _compressed_class(base: type) -> type:
     """A subclass of the model class whose ``forward``/``generate`` default to a kvcompress cache."""
 

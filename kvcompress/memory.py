@@ -10,9 +10,9 @@ FP16 = 2
 POSITION = 4  # int32 RoPE position of each stored token, per sequence (per latent head once evicting)
 
 
-def baseline_bytes_per_token(spec: ModelSpec) -> int:
-    """Uncompressed fp16 K and V of every layer."""
-    return spec.num_layers * 2 * spec.kv_width * FP16
+def baseline_bytes_per_token(spec: ModelSpec, element_size: int = FP16) -> int:
+    """Uncompressed K and V of every layer, ``element_size`` bytes per value (fp16 by default)."""
+    return spec.num_layers * 2 * spec.kv_width * element_size
 
 
 def stream_bytes(width: int, bits: int, along: str, quant: Quant, context: int) -> float:

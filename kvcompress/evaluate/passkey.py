@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from kvcompress.errors import KVCompressError
+from kvcompress.evaluate.perplexity import cache_bytes
 
 INSTRUCTION = ("A pass key is hidden somewhere in the text below. Find it and remember it: "
                "you will be asked for it at the end.")
@@ -277,15 +278,6 @@ def is_correct(key: str, continuation: str) -> bool:
     return key in "".join(continuation.split())
 
 
-def cache_bytes(cache) -> int:
-    """Bytes held by a kvcompress cache (``kv_bytes``) or a transformers ``DynamicCache``."""
-    if hasattr(cache, "kv_bytes"):
-        return int(cache.kv_bytes())
-    from kvcompress.evaluate.perplexity import dynamic_cache_bytes
-
-    return dynamic_cache_bytes(cache)
-
-
 def _device(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -386,10 +378,7 @@ def compare_passkey(checkpoint: str | Path, lengths: Sequence[int] | str = (1024
     """
     from transformers import DynamicCache
 
-    from kvcompress.export import DTYPES
-    from kvcompress.loading import load, make_cache
-    from kvcompress.skeleton import load_full
-    from kvcompress.sources import open_source
+    from kvcompress.loading import load, load_source, make_cache
 
     tick = progress or (lambda *_: None)
     check_digits(digits)
@@ -401,7 +390,7 @@ def compare_passkey(checkpoint: str | Path, lengths: Sequence[int] | str = (1024
                             lambda d, n: tick("compressed", d, n))
     del model  # free the compressed model before building the source model
     src_name = source or manifest["source"]["model"]
-    base_model = load_full(open_source(src_name)).to(DTYPES[manifest["dtype"]]).eval()
+    base_model = load_source(manifest, source)
     base = passkey_accuracy(base_model, tokenizer, prompts, lambda: DynamicCache(config=base_model.config),
                             lambda d, n: tick("baseline", d, n))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,7 +47,6 @@ def blocked_perplexity(
     model,
     ids: torch.Tensor,
     new_cache: Callable[[], object],
-    cache_bytes: Callable[[object], int],
     context: int = 2048,
     block: int = 128,
     progress: Callable[[int, int], None] | None = None,
@@ -60,9 +60,8 @@ def blocked_perplexity(
     ids : torch.Tensor
         ``[1, N]`` token ids; the tail that does not fill a window is scored as a shorter window.
     new_cache : callable
-        Returns a fresh cache for each window.
-    cache_bytes : callable
-        Bytes held by a cache (measured at the end of the longest window).
+        Returns a fresh cache for each window; its bytes (:func:`cache_bytes`) are measured at the end
+        of each window.
     context, block : int
         Window and block sizes.
     progress : callable, optional
@@ -97,8 +96,10 @@ def blocked_perplexity(
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=scored, kv_bytes_per_token=kv_per_token)
 
 
-def dynamic_cache_bytes(cache) -> int:
-    """Bytes held by a transformers ``DynamicCache``."""
+def cache_bytes(cache) -> int:
+    """Bytes held by a kvcompress cache (its ``kv_bytes``) or by a transformers ``DynamicCache``."""
+    if hasattr(cache, "kv_bytes"):
+        return int(cache.kv_bytes())
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
                if t is not None)
 
@@ -116,22 +117,18 @@ def compare(checkpoint: str | Path, text: str | Path, context: int = 2048, block
     """
     from transformers import DynamicCache
 
-    from kvcompress.export import DTYPES
-    from kvcompress.loading import load, make_cache
-    from kvcompress.skeleton import load_full
-    from kvcompress.sources import open_source
+    from kvcompress.loading import load, load_source, make_cache
 
     tick = progress or (lambda *_: None)
     model, tokenizer = load(checkpoint)
     ids = text_ids(tokenizer, text, max_tokens)
-    comp = blocked_perplexity(model, ids, lambda: make_cache(model), lambda c: c.kv_bytes(), context, block,
+    comp = blocked_perplexity(model, ids, partial(make_cache, model), context, block,
                               lambda d, n: tick("compressed", d, n))
     manifest = model.kvcompress_manifest
-    src = open_source(source or manifest["source"]["model"])
-    dtype = DTYPES[manifest["dtype"]]
-    base_model = load_full(src).to(dtype)
-    base = blocked_perplexity(base_model, ids, lambda: DynamicCache(config=base_model.config),
-                              dynamic_cache_bytes, context, block, lambda d, n: tick("baseline", d, n))
+    del model  # free the compressed model before building the source model
+    base_model = load_source(manifest, source)
+    base = blocked_perplexity(base_model, ids, lambda: DynamicCache(config=base_model.config), context, block,
+                              lambda d, n: tick("baseline", d, n))
     return {
         "context": context,
         "block": block,
