@@ -175,9 +175,6 @@ def export(
     """
     spec = source.spec
     out = Path(out)
-    if recipe.quant.enabled and recipe.quant.method != "kivi":
-        raise KVCompressError(f"quant method {recipe.quant.method!r} is not supported by this version's runtime "
-                              "cache yet; use method = \"kivi\"")
     if out.exists() and not force:
         raise KVCompressError(f"{out} exists; pass --force to replace it")
     dtype = dtype or str(source.config.get("dtype") or source.config.get("torch_dtype") or "float16")
@@ -265,7 +262,8 @@ def _manifest(source: Source, recipe: Recipe, dtype: str) -> dict:
         "layers": [
             {"layer": lay.layer, "rank_k": lay.rank_k, "rank_v": lay.rank_v,
              "bits_k": lay.bits_k if q.enabled else 16, "bits_v": lay.bits_v if q.enabled else 16,
-             "group_size": q.group_size, "key_group_size": q.key_group, "residual_length": q.residual_length}
+             "group_size": q.group_size, "key_group_size": q.key_group, "residual_length": q.residual_length,
+             "method": q.method}
             for lay in recipe.layers
         ],
         "quant": {"enabled": q.enabled, "method": q.method},

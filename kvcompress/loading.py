@@ -54,8 +54,8 @@ def make_cache(model) -> KVCompressCache:
     """
     manifest = model.kvcompress_manifest
     storage = [LayerStorage(lay["bits_k"], lay["bits_v"], lay["group_size"], lay["residual_length"],
-                            lay.get("key_group_size", lay["group_size"]))
-               for lay in manifest["layers"]]
+                            lay.get("key_group_size", lay["group_size"]), lay.get("method", "kivi"))
+               for lay in manifest["layers"]]  # manifests before DecoQuant have no "method": KIVI
     eviction = manifest.get("eviction")
     lagkv = None
     if eviction is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvcompress.cache.decoquant import core_width
 from kvcompress.cache.quant import effective_group
 from kvcompress.recipe import LayerRecipe, Quant
 from kvcompress.sources import ModelSpec
@@ -19,7 +20,8 @@ def stream_bytes(width: int, bits: int, along: str, quant: Quant, context: int) 
     """Bytes per token, averaged over ``context`` tokens, of one K or V stream ``width`` channels wide.
 
     Quantized tokens hold packed codes plus an fp16 scale and minimum per group; the tokens not yet
-    flushed from the residual window (``context mod residual_length``) are fp16.
+    flushed from the residual window (``context mod residual_length``) are fp16. DecoQuant adds one fp16
+    ``k x k`` small core per flushed block (``residual_length`` tokens, or one group without a window).
     """
     if bits >= 16:
         return width * FP16
@@ -29,7 +31,11 @@ def stream_bytes(width: int, bits: int, along: str, quant: Quant, context: int) 
         meta = 2 * FP16 * width / quant.key_group
     else:  # values: one pair per token per group of channels
         meta = 2 * FP16 * width / effective_group(width, quant.group_size)
-    return (quantized * (width * bits / 8 + meta) + (context - quantized) * width * FP16) / context
+    cores = 0.0
+    if quant.method == "decoquant":
+        block = window or (quant.key_group if along == "tokens" else quant.group_size)  # the store's flush unit
+        cores = quantized // block * FP16 * core_width(width, block) ** 2
+    return (quantized * (width * bits / 8 + meta) + (context - quantized) * width * FP16 + cores) / context
 
 
 def compressed_bytes_per_token(

@@ -167,6 +167,16 @@ class Recipe:
             for name, r in (("rank_k", lay.rank_k), ("rank_v", lay.rank_v)):
                 _check(r <= width, f"layer {lay.layer}: {name} {r} exceeds the head group's width {width} "
                        f"({g} heads x head_dim {spec.head_dim})")
+        if self.quant.enabled and self.quant.method == "decoquant":
+            from kvcompress.cache.decoquant import CORE, MIN_CORE, core_width
+
+            q = self.quant
+            for lay in self.layers:
+                for name, r, bits, block in (("rank_k", lay.rank_k, lay.bits_k, q.residual_length or q.key_group),
+                                             ("rank_v", lay.rank_v, lay.bits_v, q.residual_length or q.group_size)):
+                    _check(bits >= 16 or core_width(r, block) >= MIN_CORE,
+                           f"layer {lay.layer}: decoquant needs a {name} with a divisor in [{MIN_CORE}, {CORE}] "
+                           f"(the small core's width), got {r}; use a rank_multiple of 8 or method = \"kivi\"")
 
     def head_group(self, spec: ModelSpec) -> int:
         """KV heads per latent group for ``spec`` (``0`` in the recipe = all KV heads)."""

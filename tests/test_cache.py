@@ -70,13 +70,16 @@ def test_dense_and_quantized_8bit_read_back_close():
 # --------------------------------------------------------------------------- layer: quantization and eviction
 
 
+@pytest.mark.parametrize("method", ["kivi", "decoquant"])
 @pytest.mark.parametrize("key_group", [0, 4])
-def test_live_bytes_match_the_memory_formula(key_group):
-    storage = LayerStorage(bits_k=2, bits_v=4, group_size=8, residual_length=16, key_group_size=key_group)
+def test_live_bytes_match_the_memory_formula(key_group, method):
+    storage = LayerStorage(bits_k=2, bits_v=4, group_size=8, residual_length=16, key_group_size=key_group,
+                           method=method)
     layer = KVCompressLayer(storage)
     _feed(layer, total=100, block=7, d_k=16, d_v=8, heads=1)  # float32 in: the residual is still 16-bit
-    assert layer.key_store.packed.scale.shape[-2] == 96 // (key_group or 8)
-    quant = Quant(enabled=True, group_size=8, key_group_size=key_group, residual_length=16)
+    packed = layer.key_store.packed if method == "kivi" else layer.key_store.packed.large
+    assert packed.scale.shape[-2] == 96 // (key_group or 8)
+    quant = Quant(enabled=True, method=method, group_size=8, key_group_size=key_group, residual_length=16)
     formula = compressed_bytes_per_token(
         spec=_spec(kv_heads=1, head_dim=16), layers=[LayerRecipe(0, 16, 8, 2, 4)], head_group=1, quant=quant,
         context=100)
@@ -233,7 +236,8 @@ def test_post_rope_keys_store_the_rotated_keys(llama_gqa, tmp_path, one_thread):
     cache = kvcompress.make_cache(model)
     model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(10)[None])
     reference = llama_gqa.model(ids, use_cache=True).past_key_values.layers[0].keys  # rotated, [1, Hkv, 10, d]
-    stored = model.model.layers[0].self_attn._ungrouped(cache.layers[0].key_store.read())
+    stored = cache.layers[0].key_store.read()  # [1, G, 10, g·d], heads grouped per latent
+    stored = stored.view(1, stored.shape[1], 10, -1, reference.shape[-1]).transpose(2, 3).reshape(reference.shape)
     assert torch.allclose(stored, reference, atol=1e-4)
 
 

@@ -155,6 +155,16 @@ def chunk_scores(
     return scores
 
 
+def scored_chunks(total: int, settled: int, cfg: LagKVConfig) -> tuple[int, int]:
+    """Where scoring starts and how many chunks can be scored among ``total`` stored tokens.
+
+    Paper §3 (recursive compression): every full chunk after the settled region but the last gets the
+    next chunk as its reference; the last one and any remainder wait for more tokens.
+    """
+    start = max(settled, min(cfg.sink_size, total))
+    return start, (total - start) // cfg.lag_size - 1
+
+
 def compress_step(
     keys: Tensor,
     values: Tensor,
@@ -197,9 +207,7 @@ def compress_step(
     if not 0 <= settled <= total:
         raise ValueError(f"settled must be in [0, {total}], got {settled}")
     lag, keep = cfg.lag_size, cfg.keep_per_chunk
-    start = max(settled, min(cfg.sink_size, total))
-    # Paper §3 (recursive compression): all full chunks but the last get a reference; the rest waits.
-    n_scored = (total - start) // lag - 1
+    start, n_scored = scored_chunks(total, settled, cfg)
     if n_scored < 1:
         return None, start
     new_settled = start + n_scored * keep

@@ -16,19 +16,22 @@ from dataclasses import dataclass, replace
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcompress.cache.lagkv import LagKVConfig, compress_step
+from kvcompress.cache.lagkv import LagKVConfig, compress_step, scored_chunks
 from kvcompress.cache.store import make_store
 
 
 @dataclass(frozen=True)
 class LayerStorage:
-    """How one layer stores K and V: bits (16 = not quantized), quantization groups, residual window."""
+    """How one layer stores K and V: bits (16 = not quantized), quantization groups, residual window, and
+    the quantization method (``"kivi"``: plain grouping; ``"decoquant"``: MPO cores, see
+    ``kvcompress.cache.decoquant``)."""
 
     bits_k: int = 16
     bits_v: int = 16
     group_size: int = 32
     residual_length: int = 128
     key_group_size: int = 0  # 0: the same as group_size
+    method: str = "kivi"
 
 
 class KVCompressLayer(CacheLayerMixin):
@@ -57,8 +60,9 @@ class KVCompressLayer(CacheLayerMixin):
         self.eviction = eviction
         self.settled = 0
         st = self.storage
-        self.key_store = make_store(st.bits_k, st.key_group_size or st.group_size, "tokens", st.residual_length)
-        self.value_store = make_store(st.bits_v, st.group_size, "channels", st.residual_length)
+        self.key_store = make_store(st.bits_k, st.key_group_size or st.group_size, "tokens", st.residual_length,
+                                    st.method)
+        self.value_store = make_store(st.bits_v, st.group_size, "channels", st.residual_length, st.method)
         self.positions: torch.Tensor | None = None  # [B, 1 or H, T] int32 RoPE positions of stored tokens
         self.valid: torch.Tensor | None = None  # [B, 1 or H, T] bool, only once padding was seen
         self.seen = 0
@@ -113,6 +117,10 @@ class KVCompressLayer(CacheLayerMixin):
     def _lagkv(self) -> None:
         done = self.key_store.quantized_length  # packed tokens are settled, so scoring starts after them
         cfg = self.eviction if done == 0 else replace(self.eviction, sink_size=0)
+        start, n_scored = scored_chunks(self.stored_length - done, self.settled - done, cfg)
+        if n_scored < 1:  # no chunk has its reference yet: nothing to score (the common decode step)
+            self.settled = done + start
+            return
         keys, values = self.key_store.residual(), self.value_store.residual()
         valid = None if self.valid is None else self.valid[..., done:]
         keep, settled = compress_step(keys, values, self.settled - done, cfg, valid=valid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from kvcompress.cache import decoquant
 from kvcompress.cache.quant import Packed, cat, dequantize, quantize
 
 
@@ -87,15 +88,29 @@ class QuantizedStore:
         ready = min(settled - self.quantized_length, self.fp.shape[-2]) // self.block * self.block
         if ready <= 0:
             return
-        block = quantize(self.fp[..., :ready, :].to(self.dtype), self.bits, self.group_size, self.along)
-        self.packed = block if self.packed is None else cat([self.packed, block])
+        block = self._encode(self.fp[..., :ready, :].to(self.dtype))
+        self.packed = block if self.packed is None else self._cat([self.packed, block])
         self.fp = self.fp[..., ready:, :]
+
+    def _encode(self, x: torch.Tensor) -> Packed:
+        return quantize(x, self.bits, self.group_size, self.along)
+
+    def _decode(self, packed: Packed) -> torch.Tensor:
+        return dequantize(packed, self.dtype)
+
+    def _cat(self, parts: list[Packed]) -> Packed:
+        return cat(parts)
+
+    def _select(self, packed: Packed, index: torch.Tensor) -> Packed:
+        p = packed
+        return Packed(p.codes.index_select(0, index), p.scale.index_select(0, index),
+                      p.minimum.index_select(0, index), p.bits, p.group_size, p.along, p.dim)
 
     def read(self) -> torch.Tensor:
         """All stored tokens, de-quantized, ``[B, H, T, D]`` in the residual's dtype."""
         if self.packed is None:
             return self.residual()
-        return torch.cat([dequantize(self.packed, self.dtype), self.residual()], dim=-2)
+        return torch.cat([self._decode(self.packed), self.residual()], dim=-2)
 
     def residual(self) -> torch.Tensor:
         """The 16-bit tokens after the packed ones, in the compute dtype."""
@@ -117,9 +132,30 @@ class QuantizedStore:
         if self.fp is not None:
             self.fp = self.fp.index_select(0, index.to(self.fp.device))
         if self.packed is not None:
-            p = self.packed
-            self.packed = Packed(p.codes.index_select(0, index), p.scale.index_select(0, index),
-                                 p.minimum.index_select(0, index), p.bits, p.group_size, p.along, p.dim)
+            self.packed = self._select(self.packed, index)
+
+
+class DecoQuantStore(QuantizedStore):
+    """A :class:`QuantizedStore` whose settled blocks are stored in DecoQuant form (arXiv:2405.12591).
+
+    Each flushed block of ``residual_length`` tokens is split by a two-core MPO into a large core,
+    quantized exactly like KIVI would quantize the block (same ``bits``, ``group_size``, ``along``), and a
+    small float16 ``k x k`` core per block and head (``kvcompress.cache.decoquant``). Same interface and
+    residual window as the parent; ``nbytes`` adds the small cores.
+    """
+
+    def _encode(self, x: torch.Tensor) -> decoquant.DecoPacked:
+        return decoquant.encode(x, self.bits, self.group_size, self.along, self.block)
+
+    def _decode(self, packed: decoquant.DecoPacked) -> torch.Tensor:
+        return decoquant.decode(packed, self.dtype)
+
+    def _cat(self, parts: list[decoquant.DecoPacked]) -> decoquant.DecoPacked:
+        return decoquant.cat_blocks(parts)
+
+    def _select(self, packed: decoquant.DecoPacked, index: torch.Tensor) -> decoquant.DecoPacked:
+        large = super()._select(packed.large, index)
+        return decoquant.DecoPacked(large, packed.small.index_select(0, index), packed.block)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -128,6 +164,14 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def make_store(bits: int, group_size: int, along: str, residual_length: int) -> DenseStore | QuantizedStore:
-    """A dense store for 16 bits, a quantized one otherwise."""
-    return DenseStore() if bits >= 16 else QuantizedStore(bits, group_size, along, residual_length)
+def make_store(bits: int, group_size: int, along: str, residual_length: int,
+               method: str = "kivi") -> DenseStore | QuantizedStore:
+    """A dense store for 16 bits, otherwise a quantized one: KIVI grouping, or DecoQuant (``method``)."""
+    if bits >= 16:
+        return DenseStore()
+    if method not in STORES:
+        raise ValueError(f"unknown quant method {method!r}; expected one of {tuple(STORES)}")
+    return STORES[method](bits, group_size, along, residual_length)
+
+
+STORES = {"kivi": QuantizedStore, "decoquant": DecoQuantStore}
