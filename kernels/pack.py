@@ -207,7 +207,7 @@ def unpack_dequantize_ref(
     q = unpack_codes(codes, bits).float().reshape(n, t // gt, gt, dim // gc, gc)
     s = scale.float().reshape(n, t // gt, 1, dim // gc, 1)
     m = minimum.float().reshape(n, t // gt, 1, dim // gc, 1)
-    return (m + q * s).reshape(*lead, t, dim).to(dtype)
+    return torch.addcmul(m, q, s).reshape(*lead, t, dim).to(dtype)
 
 
 @triton.jit

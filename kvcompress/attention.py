@@ -16,7 +16,6 @@ Per head group of ``g`` KV heads (``G`` groups per layer):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -74,31 +73,25 @@ class LatentAttention(nn.Module):
         self._rotary = (rotary,)  # shared with the model; a tuple keeps it out of this module's state dict
 
     def keys(self, latents: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotated keys ``[B, num_kv_heads, S, head_dim]`` from latents ``[B, G, S, r_k]`` and positions."""
+        """Rotated keys, transposed per KV head, ``[B, G, g, head_dim, S]``, from latents ``[B, G, S, r_k]``.
+
+        The transposed layout is what ``q @ k`` reads, and one GEMM (``U_k cᵀ``) writes it directly,
+        with no copy to rearrange heads. ``positions``: ``[B, 1 or G, S]``.
+        """
         b, _, s, _ = latents.shape
-        k = latents @ self.k_up.to(latents.dtype).transpose(1, 2)  # [B, G, S, r] @ [G, r, g·d]
-        k = k.reshape(b, self.groups, s, self.head_group, self.head_dim).transpose(2, 3)
-        k = k.reshape(b, self.num_kv_heads, s, self.head_dim)
+        kt = self.k_up.to(latents.dtype) @ latents.transpose(-1, -2)  # [G, g·d, r] @ [B, G, r, S]
+        kt = kt.view(b, self.groups, self.head_group, self.head_dim, s)
         if self.k_bias is not None:
-            k = k + self.k_bias.view(1, self.num_kv_heads, 1, self.head_dim).to(k.dtype)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        # positions: [B, 1 or G, S]; after eviction each latent head's tokens have their own positions
-        p = positions.shape[1]
-        cos, sin = self._rotary[0](k, positions.reshape(b * p, s))
-        cos, sin = (x.view(b, p, s, self.head_dim).to(k.dtype) for x in (cos, sin))
-        if p > 1:
-            cos, sin = (x.repeat_interleave(self.head_group, dim=1) for x in (cos, sin))
-        return rotate(k, cos, sin)
-
-    def _grouped(self, k: torch.Tensor) -> torch.Tensor:
-        b, _, s, d = k.shape
-        return k.view(b, self.groups, self.head_group, s, d).transpose(2, 3).reshape(b, self.groups, s, -1)
-
-    def _ungrouped(self, k: torch.Tensor) -> torch.Tensor:
-        b, _, s, _ = k.shape
-        k = k.view(b, self.groups, s, self.head_group, self.head_dim).transpose(2, 3)
-        return k.reshape(b, self.num_kv_heads, s, self.head_dim)
+            kt = kt + self.k_bias.view(self.groups, self.head_group, self.head_dim, 1).to(kt.dtype)
+        if self.k_norm is not None:  # Qwen3's RMS norm over head_dim, which is dim -2 here
+            var = kt.float().pow(2).mean(-2, keepdim=True)
+            kt = (kt.float() * torch.rsqrt(var + self.k_norm.variance_epsilon)).to(kt.dtype)
+            kt = kt * self.k_norm.weight.view(-1, 1).to(kt.dtype)
+        cos, sin = rope_table(self._rotary[0], positions, kt.dtype)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, 1 or G, 1, d/2, S]
+        half = self.head_dim // 2
+        k1, k2 = kt[..., :half, :], kt[..., half:, :]  # rotate-half RoPE on the transposed layout
+        return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-2)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, past_key_values=None,
@@ -116,47 +109,75 @@ class LatentAttention(nn.Module):
         positions = position_ids.expand(b, t)
         valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         if self.key_rope == "post":  # store rotated keys, [B, G, T, g·d]: what KIVI quantizes
-            ck = self._grouped(self.keys(ck, positions.unsqueeze(1)))
+            ck = self.keys(ck, positions.unsqueeze(1)).permute(0, 1, 4, 2, 3).reshape(b, self.groups, t, -1)
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         if layer is not None:
             ck, cv, stored_pos, stored_valid = layer.update(ck, cv, {"positions": positions, "valid": valid})
         else:
             stored_pos = positions.unsqueeze(1)
             stored_valid = valid.unsqueeze(1) if valid is not None else None
-        k = self._ungrouped(ck) if self.key_rope == "post" else self.keys(ck, stored_pos)
-        out = latent_attention(q, k, cv, stored_valid, self.scaling)
+        if self.key_rope == "post":
+            kt = ck.view(b, self.groups, -1, self.head_group, self.head_dim).permute(0, 1, 3, 4, 2)
+        else:
+            kt = self.keys(ck, stored_pos)
+        out = latent_attention(q, kt, cv, stored_valid, self.scaling)
         if layer is not None:
             layer.evict()  # after attention: this block's queries have seen all of its tokens
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.rank_v)), None
 
 
-def latent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+def rope_table(rotary: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of the first half of each head's channels at ``positions``, ``[..., d/2, S]``.
+
+    In the rotate-half layout both halves share one frequency per channel pair, so half a table is all
+    of it. The table is computed once by the model's rotary module (so any RoPE scaling it applies is
+    kept) and grown by doubling; reading it is a gather instead of a cos/sin per stored key per step.
+    """
+    need = int(positions.max()) + 1
+    table = getattr(rotary, "_kvcompress_table", None)
+    if table is None or table.shape[0] < need or table.device != positions.device:
+        size = max(need, 2 * table.shape[0] if table is not None else 4096)
+        probe = torch.zeros(1, device=positions.device)
+        cos, sin = rotary(probe, torch.arange(size, device=positions.device).unsqueeze(0))
+        half = cos.shape[-1] // 2
+        table = torch.stack([cos[0, :, :half], sin[0, :, :half]], dim=1).float()  # [positions, 2, d/2]
+        rotary._kvcompress_table = table
+    picked = table.index_select(0, positions.reshape(-1).long()).view(*positions.shape, 2, -1)
+    picked = picked.movedim(-2, 0).transpose(-1, -2).contiguous().to(dtype)  # [2, ..., d/2, S]
+    return picked[0], picked[1]
+
+
+def latent_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                      scaling: float) -> torch.Tensor:
-    """Causal attention of the last ``T`` stored tokens' queries over all stored tokens.
+    """Causal attention of the last ``T`` stored tokens' queries over all ``S`` stored tokens.
 
     Parameters
     ----------
     q : ``[B, Hq, T, d]`` rotated queries of the new tokens (the last ``T`` stored ones).
-    k : ``[B, Hkv, S, d]`` rotated keys.
-    v : ``[B, G, S, r]`` value latents; ``Hkv`` is a multiple of ``G`` and ``Hq`` of ``Hkv``.
+    kt : ``[B, G, g, d, S]`` rotated keys, transposed: ``g`` KV heads in each of ``G`` latent groups.
+    v : ``[B, G, S, r]`` value latents, one per group, read by all of its heads.
     valid : ``[B, 1 or G, S]`` bool padding flags, or None.
 
     Returns
     -------
     ``[B, Hq, T, r]`` attention-weighted value latents.
+
+    All query heads of a group read one value latent, so a whole group's weights multiply ``v`` in one
+    GEMM, and neither ``k`` nor ``v`` is copied per head (GQA).
     """
-    _, hq, t, _ = q.shape
-    s, hkv, g = k.shape[2], k.shape[1], v.shape[1]
-    v = v.repeat_interleave(hkv // g, dim=1) if g != hkv else v
-    if t == 1 and valid is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=hq != hkv)
-    # earlier tokens are all visible; the new block is causal within itself
-    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
-    mask = mask.view(1, 1, t, s)
+    b, hq, t, d = q.shape
+    _, groups, g, _, s = kt.shape
+    rep = hq // (groups * g)
+    scores = ((q * scaling).reshape(b, groups, g, rep * t, d) @ kt).view(b, groups, g, rep, t, s)
+    mask = None
+    if t > 1:  # earlier tokens are all visible; the new block is causal within itself
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
     if valid is not None:
-        valid = valid.repeat_interleave(hkv // valid.shape[1], dim=1) if valid.shape[1] > 1 else valid
-        valid = valid.repeat_interleave(hq // valid.shape[1], dim=1) if valid.shape[1] > 1 else valid
         own = torch.zeros(t, s, dtype=torch.bool, device=q.device)
         own[torch.arange(t), torch.arange(s - t, s)] = True  # a padded query still sees itself: no NaN rows
-        mask = (mask & valid.unsqueeze(2)) | own
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=hq != hkv)
+        flags = valid.view(b, valid.shape[1], 1, 1, 1, s)
+        mask = (flags if mask is None else flags & mask) | own
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    return (probs.view(b, groups, g * rep * t, s) @ v).view(b, hq, t, v.shape[-1])

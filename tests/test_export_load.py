@@ -383,7 +383,8 @@ def test_sharded_export_loads_identically(exported, llama_gqa, tmp_path):
         assert torch.equal(value, sharded_model.state_dict()[name]), name
     ids = _ids(1, 10, seed=9)
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, sharded_model(ids).logits)
+        # weights are bitwise equal (above); BLAS may round differently for differently aligned buffers
+        torch.testing.assert_close(model(ids).logits, sharded_model(ids).logits, rtol=1e-5, atol=1e-5)
     # the sharded checkpoint also reads back as a *source* (index file)
     src = open_source(out)
     assert src.has("model.layers.0.self_attn.k_down.weight") and len(src.files()) == len(shards)
