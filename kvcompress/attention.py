@@ -25,6 +25,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
+QUERY_BLOCK = 512  # query rows scored at once in prefill (bounds the [heads, rows, keys] score matrix)
+
 
 class LatentAttention(nn.Module):
     """Drop-in replacement for a Llama/Mistral/Qwen2/Qwen3 attention module with latent K/V.
@@ -167,6 +169,14 @@ def latent_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, valid: 
     """
     b, hq, t, d = q.shape
     _, groups, g, _, s = kt.shape
+    if t > QUERY_BLOCK:  # long prefill: at most QUERY_BLOCK query rows of scores at a time
+        parts = []
+        for i in range(0, t, QUERY_BLOCK):
+            j = min(i + QUERY_BLOCK, t)
+            seen = s - t + j  # keys visible to the last query of this block
+            parts.append(latent_attention(q[:, :, i:j], kt[..., :seen], v[:, :, :seen],
+                                          None if valid is None else valid[..., :seen], scaling))
+        return torch.cat(parts, dim=2)
     rep = hq // (groups * g)
     scores = ((q * scaling).reshape(b, groups, g, rep * t, d) @ kt).view(b, groups, g, rep, t, s)
     mask = None

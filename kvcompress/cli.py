@@ -301,3 +301,77 @@ def evaluate(
                   f"({comp['total']} prompts); KV bytes x{keys['ratios']['kv_bytes']:.3f}", highlight=False)
         out.print("depths: " + ", ".join(f"{d:.0%}" for d in keys["depths"])
                   + f" of the filler (measured within {off:.1%})", highlight=False)
+
+
+@app.command()
+@friendly
+def bench(
+    model: Annotated[str, typer.Argument(help="Source model (HF folder, GGUF, or hub id).")],
+    recipes: Annotated[str, typer.Option(help="Comma-separated shipped recipe names or files.")] = (
+        "minikv-2bit,full-stack,lagkv-4x,greedy-50"),
+    contexts: Annotated[str, typer.Option(help="Speed contexts (and passkey lengths), comma-separated.")] = (
+        "1024,2048,4096"),
+    text: Annotated[Path | None, typer.Option(help="Perplexity text file (omit to skip perplexity).")] = None,
+    ppl_tokens: Annotated[int, typer.Option(help="Tokens of --text scored.")] = 4096,
+    ppl_context: Annotated[int, typer.Option(help="Perplexity window.")] = 2048,
+    passkey_depths: Annotated[int, typer.Option(help="Passkey depths per length (0 = no passkey).")] = 5,
+    passkey_lengths: Annotated[str | None, typer.Option(help="Passkey prompt lengths (default: --contexts).")] = None,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per speed run.")] = 32,
+    repeats: Annotated[int, typer.Option(help="Timed runs per context (after one warm-up).")] = 3,
+    dtype: Annotated[str | None, typer.Option(help="float16 | bfloat16 | float32 (default: fp16 on CUDA, "
+                                                   "fp32 on CPU).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    peer: Annotated[bool, typer.Option(help="Include transformers' QuantizedCache when quanto is installed.")] = True,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where results.json and the plots go.")] = Path("bench"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+) -> None:
+    """Baseline vs recipes: KV bytes, perplexity, passkey, prefill and decode speed; results.json and plots."""
+    from kvcompress.evaluate.bench import BenchSettings, check_settings
+    from kvcompress.evaluate.bench import bench as run_bench
+    from kvcompress.evaluate.passkey import parse_lengths
+
+    settings = BenchSettings(contexts=parse_lengths(contexts), text=text, ppl_context=ppl_context,
+                             ppl_tokens=ppl_tokens, passkey_depths=passkey_depths, new_tokens=new_tokens,
+                             passkey_lengths=parse_lengths(passkey_lengths) if passkey_lengths else None,
+                             repeats=repeats, dtype=dtype, device=device, peer=peer)
+    check_settings(settings)
+    names = [r.strip() for r in recipes.split(",") if r.strip()]
+    with progress_bar(as_json) as bar:
+        results = run_bench(model, names, settings, progress=tracker(bar))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        from kvcompress.evaluate.plots import write_plots
+
+        plots = write_plots(results, out_dir)
+    except KVCompressError as e:
+        plots = []
+        err.print(f"[yellow]no plots:[/] {e}", highlight=False)
+    if as_json:
+        emit_json(results)
+        return
+    print_bench(results)
+    out.print(f"wrote {out_dir / 'results.json'}" + "".join(f", {p}" for p in plots), highlight=False)
+
+
+def print_bench(results: dict) -> None:
+    """The results table: bytes, size ratio, perplexity, passkey, and decode speed ratio per context."""
+    contexts = list(results["rows"][0].get("speed", {}))
+    table = Table(title=f"{results['model']} on {results['device']}, {results['dtype']}")
+    for col in ("system", "KV B/token", "x smaller vs fp16", "ppl", "Δppl %", "passkey"):
+        table.add_column(col, justify="right")
+    for c in contexts:
+        table.add_column(f"tok/s @{c} (x base)", justify="right")
+
+    def fmt(row: dict, key: str, spec: str) -> str:
+        return format(row[key], spec) if key in row else "-"
+
+    for row in results["rows"]:
+        if "error" in row:
+            out.print(f"[yellow]{row['name']} skipped:[/] {row['error']}", highlight=False)
+            continue
+        speed = [f"{s['decode_tokens_per_second']:.1f} (x{s['decode_ratio']:.2f})"
+                 for s in (row.get("speed", {}).get(c) for c in contexts) if s]
+        table.add_row(row["name"], fmt(row, "kv_bytes_per_token", ",.0f"), fmt(row, "x_smaller_than_fp16", ".2f"),
+                      fmt(row, "ppl", ".3f"), fmt(row, "ppl_delta_pct", "+.2f"), fmt(row, "passkey", ".0%"), *speed)
+    out.print(table)

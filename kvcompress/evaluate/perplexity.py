@@ -60,8 +60,9 @@ def blocked_perplexity(
     ids : torch.Tensor
         ``[1, N]`` token ids; the tail that does not fill a window is scored as a shorter window.
     new_cache : callable
-        Returns a fresh cache for each window; its bytes (:func:`cache_bytes`) are measured at the end
-        of each window.
+        Returns a fresh cache for each window; its bytes per token (:func:`cache_bytes`) are measured
+        at the end of each full window (the largest is reported; a shorter tail window only counts
+        when it is the only window).
     context, block : int
         Window and block sizes.
     progress : callable, optional
@@ -89,7 +90,8 @@ def blocked_perplexity(
                                                reduction="sum"))
             scored += targets.numel()
             prev_logits = logits[:, -1:]
-        kv_per_token = max(kv_per_token, cache_bytes(cache) / window.shape[1])
+        if start == 0 or window.shape[1] == context:  # a short tail window would overstate the per-token cost
+            kv_per_token = max(kv_per_token, cache_bytes(cache) / window.shape[1])
         if progress:
             progress(min(start + context, n), n)
     nll = total_nll / scored
@@ -97,11 +99,20 @@ def blocked_perplexity(
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by a kvcompress cache (its ``kv_bytes``) or by a transformers ``DynamicCache``."""
+    """Bytes held by a kvcompress cache (its ``kv_bytes``) or by a transformers cache: every tensor its
+    layers hold (``DynamicCache`` keys and values; ``QuantizedCache`` residual windows and quantized
+    tensors, counted through their packed data, scales and shifts)."""
     if hasattr(cache, "kv_bytes"):
         return int(cache.kv_bytes())
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if t is not None)
+    return sum(_tensor_bytes(t) for layer in cache.layers for t in vars(layer).values()
+               if isinstance(t, torch.Tensor))
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):  # quantized tensor subclasses
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
 
 
 def compare(checkpoint: str | Path, text: str | Path, context: int = 2048, block: int = 128,

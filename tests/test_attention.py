@@ -1,0 +1,48 @@
+"""The latent attention kernel in torch: GQA layout, causal block, padding, and query blocking."""
+
+import torch
+import torch.nn.functional as F
+
+from kvcompress import attention
+
+
+def _inputs(t: int, s: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    b, groups, per_group, rep, d, r = 2, 2, 2, 3, 16, 12
+    q = torch.randn(b, groups * per_group * rep, t, d, generator=g)
+    kt = torch.randn(b, groups, per_group, d, s, generator=g)
+    v = torch.randn(b, groups, s, r, generator=g)
+    valid = torch.rand(b, groups, s, generator=g) > 0.2
+    return q, kt, v, valid
+
+
+def _reference(q, kt, v, valid, scaling):
+    # plain SDPA on per-head copies: query head h reads KV head h // rep, whose group's value latent
+    b, hq, t, _ = q.shape
+    _, groups, per_group, d, s = kt.shape
+    rep = hq // (groups * per_group)
+    k = kt.transpose(-1, -2).reshape(b, groups * per_group, s, d).repeat_interleave(rep, dim=1)
+    vv = v.repeat_interleave(per_group * rep, dim=1)
+    mask = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t).expand(b, hq, t, s).clone()
+    mask &= valid.repeat_interleave(per_group * rep, dim=1).unsqueeze(2)
+    mask[..., torch.arange(t), torch.arange(s - t, s)] = True
+    return F.scaled_dot_product_attention(q, k, vv, attn_mask=mask, scale=scaling)
+
+
+def test_matches_sdpa_on_per_head_copies():
+    q, kt, v, valid = _inputs(t=5, s=23)
+    torch.testing.assert_close(attention.latent_attention(q, kt, v, valid, 0.25), _reference(q, kt, v, valid, 0.25))
+
+
+def test_single_query_without_padding():
+    q, kt, v, _ = _inputs(t=1, s=17, seed=1)
+    everything = torch.ones(2, 1, 17, dtype=torch.bool)
+    torch.testing.assert_close(attention.latent_attention(q, kt, v, None, 0.5),
+                               _reference(q, kt, v, everything.expand(2, 2, 17), 0.5))
+
+
+def test_query_blocks_give_the_same_result(monkeypatch):
+    q, kt, v, valid = _inputs(t=29, s=40, seed=2)
+    whole = attention.latent_attention(q, kt, v, valid, 0.3)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 7)
+    torch.testing.assert_close(attention.latent_attention(q, kt, v, valid, 0.3), whole)

@@ -1,0 +1,83 @@
+"""`kvcompress bench` on a tiny model: every row measured, bytes exact, ratios against the same run."""
+
+import json
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from kvcompress.evaluate.bench import BenchSettings, bench
+from kvcompress.evaluate.plots import pareto_front, write_plots
+from kvcompress.recipe import Recipe
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "the", "dog", "ran", "to", "the", "park",
+         "where", "birds", "sang", "in", "tall", "trees"]
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(600)))
+    return path
+
+
+def _recipe(tmp_path, name: str, **quant) -> str:
+    rec = Recipe(name=name)
+    rec.lowrank.enabled = False
+    rec.quant.enabled = True
+    rec.quant.avg_bits = 2.0
+    rec.quant.group_size = 8
+    rec.quant.residual_length = 16
+    for key, value in quant.items():
+        setattr(rec.quant, key, value)
+    rec.calibration.max_tokens, rec.calibration.seq_len = 256, 128
+    path = tmp_path / f"{name}.toml"
+    rec.save(path)
+    return str(path)
+
+
+def test_bench_measures_every_row(llama_gqa, tmp_path, text):
+    settings = BenchSettings(contexts=[24, 40], text=text, ppl_context=64, ppl_tokens=200, block=16,
+                             passkey_depths=0, new_tokens=4, repeats=2, peer=False)
+    results = bench(str(llama_gqa.path), [_recipe(tmp_path, "q2")], settings)
+    base, q2 = results["rows"]
+    assert (base["kind"], q2["kind"], q2["name"]) == ("baseline", "recipe", "q2")
+    cfg = llama_gqa.model.config
+    kv_width = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    # float32 DynamicCache: exactly layers x (K + V) x width x 4 bytes per token
+    assert base["kv_bytes_per_token"] == cfg.num_hidden_layers * 2 * kv_width * 4
+    assert results["fp16_kv_bytes_per_token"] == base["kv_bytes_per_token"] / 2
+    assert q2["kv_bytes_per_token"] < results["fp16_kv_bytes_per_token"] / 2
+    assert q2["x_smaller_than_fp16"] == pytest.approx(results["fp16_kv_bytes_per_token"] / q2["kv_bytes_per_token"])
+    assert q2["ppl_ratio"] == pytest.approx(q2["ppl"] / base["ppl"]) and base["ppl_delta_pct"] == 0
+    for row in (base, q2):
+        assert set(row["speed"]) == {"24", "40"}
+        for s in row["speed"].values():
+            assert s["decode_tokens_per_second"] > 0 and s["prefill_seconds"] > 0 and s["runs"] == 2
+            assert s["kv_bytes_per_token"] > 0
+    assert base["speed"]["24"]["decode_ratio"] == 1.0
+    assert 0 < q2["speed"]["40"]["decode_ratio"] < 100
+    written = write_plots(results, tmp_path)
+    assert [p.name for p in written] == ["pareto.png", "decode_speed.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_bench_cli_writes_results_and_json(llama_gqa, tmp_path, text):
+    out = tmp_path / "out"
+    result = run_cli("bench", llama_gqa.path, "--recipes", _recipe(tmp_path, "q4", avg_bits=4.0), "--contexts", "24",
+                     "--text", text, "--ppl-tokens", "100", "--ppl-context", "50", "--passkey-depths", "0",
+                     "--new-tokens", "3", "--repeats", "1", "--no-peer", "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert json.loads((out / "results.json").read_text()) == printed
+    assert [r["name"] for r in printed["rows"]] == ["baseline (DynamicCache)", "q4"]
+
+
+def test_bench_rejects_bad_input(llama_gqa, tmp_path):
+    assert_one_line_error(run_cli("bench", llama_gqa.path, "--contexts", "8"), "contexts")
+    assert_one_line_error(run_cli("bench", llama_gqa.path, "--text", tmp_path / "missing.txt"), "not found")
+    assert_one_line_error(run_cli("bench", llama_gqa.path, "--recipes", "no-such-recipe"), "recipe not found")
+
+
+def test_pareto_front_keeps_points_nothing_beats():
+    points = [(10, 5.0), (20, 4.0), (15, 6.0), (40, 4.5), (5, 9.0)]
+    assert pareto_front(points) == [4, 0, 1]
