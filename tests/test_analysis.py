@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from kvcompress.analysis.analyze import analyze
 from kvcompress.analysis.sensitivity import allocate_bits
 from kvcompress.analysis.svd import energy_kept, group_svd, whitening_factor
 from kvcompress.errors import KVCompressError
-from kvcompress.recipe import LayerRecipe, Recipe, recipe_from_dict
+from kvcompress.recipe import LayerRecipe, Recipe, load_recipe, recipe_from_dict
 from kvcompress.sources import ModelSpec, open_source
 
 if sys.version_info >= (3, 11):
@@ -306,7 +307,6 @@ def test_recipe_toml_round_trip():
 
 
 def test_recipe_save_and_shipped_default_round_trip(tmp_path):
-    from kvcompress.recipe import load_recipe
 
     rec = _full_recipe()
     rec.save(tmp_path / "r.toml")
@@ -349,3 +349,11 @@ def test_recipe_layer_count_must_match_model():
     rec = recipe_from_dict({"layers": _layers()[:1]})
     with pytest.raises(KVCompressError, match="1 layer entries; the model has 2 layers"):
         rec.validate(SPEC)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads_by_name_and_validates(path):
+    rec = load_recipe(path.stem)  # installed as kvcompress.recipes
+    rec.validate()
+    assert rec.name == path.stem and rec.description
