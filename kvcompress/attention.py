@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvcompress.cache.store import QuantizedStore
+from kvcompress.kernels.decode_attention import decode_attention
+
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE in the rotate-half layout used by Hugging Face Llama-family models."""
@@ -26,6 +29,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 QUERY_BLOCK = 512  # query rows scored at once in prefill (bounds the [heads, rows, keys] score matrix)
+FUSED_DEVICES = ("cuda",)  # where decode reads packed codes through the Triton kernel
 
 
 class LatentAttention(nn.Module):
@@ -113,6 +117,11 @@ class LatentAttention(nn.Module):
         if self.key_rope == "post":  # store rotated keys, [B, G, T, g·d]: what KIVI quantizes
             ck = self.keys(ck, positions.unsqueeze(1)).permute(0, 1, 4, 2, 3).reshape(b, self.groups, t, -1)
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        if layer is not None and t == 1 and valid is None and self._packed_decode_fits(layer, q):
+            layer.update(ck, cv, {"positions": positions, "read": False})
+            out = self._packed_decode(q, layer)
+            layer.evict()
+            return self.o_proj(out.reshape(b, 1, self.num_heads * self.rank_v)), None
         if layer is not None:
             ck, cv, stored_pos, stored_valid = layer.update(ck, cv, {"positions": positions, "valid": valid})
         else:
@@ -126,6 +135,22 @@ class LatentAttention(nn.Module):
         if layer is not None:
             layer.evict()  # after attention: this block's queries have seen all of its tokens
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.rank_v)), None
+
+    def _packed_decode_fits(self, layer, q: torch.Tensor) -> bool:
+        """Whether the fused decode kernel covers this step: CUDA, rotated full-width keys with one latent
+        per KV head (``key_rope = "post"``, ``head_group = 1``), both streams packed by KIVI grouping, and
+        no padding. Pre-RoPE latent keys need their reconstruction and RoPE fused in as well, which no
+        kernel does yet; they take the torch path."""
+        return (q.device.type in FUSED_DEVICES and self.key_rope == "post" and self.head_group == 1
+                and layer.valid is None and type(layer.key_store) is QuantizedStore
+                and type(layer.value_store) is QuantizedStore)
+
+    def _packed_decode(self, q: torch.Tensor, layer) -> torch.Tensor:
+        """One query token against packed codes plus the 16-bit residual: ``[B, Hq, r_v]``."""
+        keys, values = layer.key_store, layer.value_store
+        out, _ = decode_attention(q[:, :, 0], keys.packed, values.packed, keys.residual(), values.residual(),
+                                  self.scaling)
+        return out.to(q.dtype)
 
 
 def rope_table(rotary: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,7 +72,8 @@ class KVCompressLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store new key/value features; ``cache_kwargs`` carries ``positions`` and ``valid``.
+        """Store new key/value features; ``cache_kwargs`` carries ``positions``, ``valid`` and ``read``
+        (default True; False skips de-quantizing the stores for the returned keys and values).
 
         Returns
         -------
@@ -97,6 +98,8 @@ class KVCompressLayer(CacheLayerMixin):
                 old = torch.ones(b, 1, self.stored_length - t, dtype=torch.bool, device=new_valid.device)
             self.valid = _cat(old, new_valid.reshape(b, 1, t))
         self.seen += t
+        if not cache_kwargs.get("read", True):  # the caller reads the stores itself (packed decode)
+            return None, None, self.positions, self.valid
         return self.key_store.read(), self.value_store.read(), self.positions, self.valid
 
     def evict(self) -> None:
