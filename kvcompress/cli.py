@@ -325,8 +325,8 @@ def bench(
     out_dir: Annotated[Path, typer.Option("--out", help="Where results.json and the plots go.")] = Path("bench"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
-    """Baseline vs recipes: KV bytes, perplexity, passkey, prefill and decode speed; results.json and plots."""
-    from kvcompress.evaluate.bench import BenchSettings, check_settings
+    """Baseline vs recipes: KV bytes, perplexity, passkey, prefill and decode speed; results.json/.md, plots."""
+    from kvcompress.evaluate.bench import BenchSettings, check_settings, markdown_table
     from kvcompress.evaluate.bench import bench as run_bench
     from kvcompress.evaluate.passkey import parse_lengths
 
@@ -340,6 +340,7 @@ def bench(
         results = run_bench(model, names, settings, progress=tracker(bar))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown_table(results))
     try:
         from kvcompress.evaluate.plots import write_plots
 
@@ -351,7 +352,8 @@ def bench(
         emit_json(results)
         return
     print_bench(results)
-    out.print(f"wrote {out_dir / 'results.json'}" + "".join(f", {p}" for p in plots), highlight=False)
+    out.print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}" + "".join(f", {p}" for p in plots),
+              highlight=False)
 
 
 def print_bench(results: dict) -> None:

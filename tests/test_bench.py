@@ -1,6 +1,7 @@
 """`kvcompress bench` on a tiny model: every row measured, bytes exact, ratios against the same run."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, run_cli
@@ -54,6 +55,8 @@ def test_bench_measures_every_row(llama_gqa, tmp_path, text):
         for s in row["speed"].values():
             assert s["decode_tokens_per_second"] > 0 and s["prefill_seconds"] > 0 and s["runs"] == 2
             assert s["kv_bytes_per_token"] > 0
+            if Path("/proc/self/clear_refs").exists():  # Linux: the RSS high-water mark above the start
+                assert isinstance(s["peak_memory_bytes"], int) and s["peak_memory_bytes"] >= 0
     assert base["speed"]["24"]["decode_ratio"] == 1.0
     assert 0 < q2["speed"]["40"]["decode_ratio"] < 100
     written = write_plots(results, tmp_path)
@@ -69,6 +72,8 @@ def test_bench_cli_writes_results_and_json(llama_gqa, tmp_path, text):
     assert result.exit_code == 0, result.stderr
     printed = json.loads(result.stdout)
     assert json.loads((out / "results.json").read_text()) == printed
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 2 and table[3].startswith("| q4 | ")  # header, rule, baseline, q4
     assert [r["name"] for r in printed["rows"]] == ["baseline (DynamicCache)", "q4"]
 
 

@@ -221,3 +221,24 @@ def check_settings(settings: BenchSettings) -> None:
         raise KVCompressError("need --repeats >= 1 and --new-tokens >= 3")
     if settings.dtype not in (None, "float16", "bfloat16", "float32"):
         raise KVCompressError(f"dtype must be float16, bfloat16 or float32, got {settings.dtype!r}")
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a Markdown table (what the README's Results section shows)."""
+    contexts = list(results["rows"][0].get("speed", {}))
+    head = ["system", "KV bytes/token", "× smaller than fp16", "perplexity", "Δppl %", "passkey",
+            *(f"decode tok/s @{c} (× baseline)" for c in contexts)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in results["rows"]:
+        if "error" in row:
+            continue
+        cells = [row["name"], f"{row['kv_bytes_per_token']:,.0f}" if "kv_bytes_per_token" in row else "-",
+                 f"{row['x_smaller_than_fp16']:.2f}" if "x_smaller_than_fp16" in row else "-",
+                 f"{row['ppl']:.3f}" if "ppl" in row else "-",
+                 f"{row['ppl_delta_pct']:+.2f}" if "ppl_delta_pct" in row else "-",
+                 f"{row['passkey_correct']}/{row['passkey_total']}" if "passkey" in row else "-"]
+        for c in contexts:
+            s = row.get("speed", {}).get(c)
+            cells.append(f"{s['decode_tokens_per_second']:.1f} (×{s['decode_ratio']:.2f})" if s else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -7,9 +7,7 @@ everything ``generate`` does per step included.
 
 from __future__ import annotations
 
-import os
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 
@@ -29,11 +27,15 @@ class _Stamps(LogitsProcessor):
 
 
 class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator statistics, or sampled RSS on the CPU."""
+    """Peak memory above the level at entry: CUDA allocator statistics, or the kernel's RSS high-water mark.
 
-    def __init__(self, device: torch.device, interval: float = 0.002) -> None:
-        self.device, self.interval, self.peak = device, interval, 0
-        self._stop = threading.Event()
+    On Linux the CPU peak comes from ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; no
+    sampling thread runs beside the timed code (one would compete for the GIL with Python-heavy decode
+    loops and slow them down unevenly). Elsewhere ``peak`` is None.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -41,34 +43,33 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self._start = _rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self._start = _status("VmRSS") if _reset_high_water_mark() else None
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss() - self._start)
-            time.sleep(self.interval)
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, _rss() - self._start)
+        elif self._start is not None:
+            self.peak = max(0, _status("VmHWM") - self._start)
 
 
-def _rss() -> int:
+def _reset_high_water_mark() -> bool:
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the process-lifetime peak is the best available
-        import resource
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Run:
 
     prefill_seconds: float
     decode_tokens_per_second: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int | None
     kv_bytes_per_token: float
 
 
@@ -117,5 +118,6 @@ def summarize(runs: list[Run]) -> dict:
     """Medians of prefill time and decode rate, the largest peak, and the KV bytes per token."""
     return {"prefill_seconds": statistics.median(r.prefill_seconds for r in runs),
             "decode_tokens_per_second": statistics.median(r.decode_tokens_per_second for r in runs),
-            "peak_memory_bytes": max(r.peak_memory_bytes for r in runs),
+            "peak_memory_bytes": max((r.peak_memory_bytes for r in runs if r.peak_memory_bytes is not None),
+                                     default=None),
             "kv_bytes_per_token": runs[-1].kv_bytes_per_token, "runs": len(runs)}
