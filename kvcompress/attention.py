@@ -11,6 +11,10 @@ Per head group of ``g`` KV heads (``G`` groups per layer):
   and changes with each key's position ``n``, so no single matrix can be precomputed for all keys.
   With ``key_rope="post"`` (full-width keys only, as KIVI does) the cache holds the rotated keys
   themselves, grouped per latent head.
+
+Decode reads the cache in torch (de-quantize, reconstruct, attend), except on CUDA when the Triton
+decode-attention kernel covers the layout (post-RoPE keys, one latent per KV head, KIVI-packed K and V):
+then it attends over the packed codes directly.
 """
 
 from __future__ import annotations
