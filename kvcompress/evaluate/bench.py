@@ -109,7 +109,7 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings, workdir:
             export(source, out, recipe, dtype=dtype, force=True,
                    progress=lambda phase, done, total, label=label: tick(f"{phase} {label}", done, total))
             model, _ = load(out, device=device)
-            system = System(recipe.name or spec, "recipe", model, partial(kvcompress.make_cache, model),
+            system = System(label, "recipe", model, partial(kvcompress.make_cache, model),
                             {"recipe": spec, "description": recipe.description})
             rows.append(measure.everything(system))
             del model, system
