@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kvcompress.cache.store import QuantizedStore
+from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
 
 
@@ -104,8 +105,9 @@ class LatentAttention(nn.Module):
         return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-2)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values=None,
-                position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                **kwargs) -> tuple[torch.Tensor, None]:
+        past_key_values = pop_cache(kwargs)
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim)
         if self.q_norm is not None:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import TextStreamer
 
+from kvcompress.compat import CACHE_ARG
 from kvcompress.loading import make_cache
 from kvcompress.memory import baseline_bytes_per_token
 from kvcompress.sources import ModelSpec
@@ -61,7 +62,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     start = time.perf_counter()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**ids, past_key_values=cache, max_new_tokens=max_new_tokens, streamer=streamer,
+    out = model.generate(**ids, **{CACHE_ARG: cache}, max_new_tokens=max_new_tokens, streamer=streamer,
                          pad_token_id=pad, **sampling)
     seconds = time.perf_counter() - start
     new = out[0, ids.input_ids.shape[1]:]

@@ -14,6 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from kvcompress.attention import LatentAttention
 from kvcompress.cache.lagkv import LagKVConfig
 from kvcompress.cache.layer import KVCompressCache, LayerStorage
+from kvcompress.compat import CACHE_ARG, pop_cache
 from kvcompress.errors import KVCompressError
 from kvcompress.export import DTYPES
 from kvcompress.manifest import read_manifest
@@ -82,14 +83,15 @@ def load_source(manifest: dict, source: str | None = None):
 def _compressed_class(base: type) -> type:
     """A subclass of the model class whose ``forward``/``generate`` default to a kvcompress cache."""
 
-    def forward(self, *args, past_key_values=None, use_cache=None, **kwargs):
-        if past_key_values is None and (use_cache if use_cache is not None else self.config.use_cache):
-            past_key_values = make_cache(self)
-        return base.forward(self, *args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+    def forward(self, *args, use_cache=None, **kwargs):
+        cache = pop_cache(kwargs)
+        if cache is None and (use_cache if use_cache is not None else self.config.use_cache):
+            cache = make_cache(self)
+        return base.forward(self, *args, use_cache=use_cache, **kwargs, **{CACHE_ARG: cache})
 
     def generate(self, *args, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = make_cache(self)
+        cache = pop_cache(kwargs)
+        kwargs[CACHE_ARG] = cache if cache is not None else make_cache(self)
         eviction = self.kvcompress_manifest.get("eviction")
         if eviction is not None and "prefill_chunk_size" not in kwargs:
             kwargs["prefill_chunk_size"] = eviction["lag_size"]  # evict while reading a long prompt

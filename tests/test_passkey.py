@@ -12,6 +12,7 @@ from conftest import assert_one_line_error, build_tiny, run_cli, save_tokenizer,
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from kvcompress.compat import pop_cache
 from kvcompress.errors import KVCompressError
 from kvcompress.evaluate.passkey import (
     FILLER,
@@ -171,15 +172,16 @@ class ReaderStub:
     def __init__(self, tok, corrupt: bool = False) -> None:
         self.tok, self.corrupt, self.calls = tok, corrupt, []
 
-    def generate(self, input_ids, attention_mask=None, past_key_values=None, max_new_tokens=0, **kwargs):
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=0, **kwargs):
+        cache = pop_cache(kwargs)  # "cache" from transformers 5.24 on, "past_key_values" before
         self.calls.append(input_ids[0].tolist())
         text = "".join(self.tok.decode(input_ids[0]).split())
         key = re.search(r"passkeyis(\d+)", text).group(1)
         if self.corrupt:
             key = key[:-1] + str((int(key[-1]) + 1) % 10)
         new = self.tok(f"{key} . Remember", return_tensors="pt").input_ids[:, :max_new_tokens]
-        if past_key_values is not None:
-            past_key_values.seen = input_ids.shape[1] + new.shape[1] - 1
+        if cache is not None:
+            cache.seen = input_ids.shape[1] + new.shape[1] - 1
         return torch.cat([input_ids, new], dim=1)
 
 

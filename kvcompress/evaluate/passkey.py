@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kvcompress.compat import CACHE_ARG
 from kvcompress.errors import KVCompressError
 from kvcompress.evaluate.perplexity import cache_bytes
 
@@ -321,7 +322,7 @@ def passkey_accuracy(model, tokenizer, prompts: Sequence[PasskeyPrompt], new_cac
     for i, p in enumerate(prompts):
         ids = torch.tensor([p.input_ids], dtype=torch.long, device=device)
         cache = new_cache() if new_cache is not None else None
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_ARG: cache},
                              max_new_tokens=len(p.key) + EXTRA_NEW_TOKENS, do_sample=False, pad_token_id=pad)
         new = out[0, ids.shape[1]:]
         answer = tokenizer.decode(new, skip_special_tokens=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvcompress.compat import CACHE_ARG
 from kvcompress.errors import KVCompressError
 
 
@@ -56,7 +57,7 @@ def blocked_perplexity(
     Parameters
     ----------
     model : PreTrainedModel
-        Any causal LM accepting ``past_key_values`` and ``position_ids``.
+        Any causal LM accepting a cache and ``position_ids``.
     ids : torch.Tensor
         ``[1, N]`` token ids; the tail that does not fill a window is scored as a shorter window.
     new_cache : callable
@@ -83,7 +84,7 @@ def blocked_perplexity(
         for b0 in range(0, window.shape[1], block):
             chunk = window[:, b0:b0 + block]
             pos = torch.arange(b0, b0 + chunk.shape[1], device=device).unsqueeze(0)
-            logits = model(input_ids=chunk, past_key_values=cache, position_ids=pos, use_cache=True).logits.float()
+            logits = model(input_ids=chunk, position_ids=pos, use_cache=True, **{CACHE_ARG: cache}).logits.float()
             preds = logits[:, :-1] if prev_logits is None else torch.cat([prev_logits, logits[:, :-1]], dim=1)
             targets = chunk if prev_logits is not None else chunk[:, 1:]
             total_nll += float(F.cross_entropy(preds.reshape(-1, preds.shape[-1]), targets.reshape(-1),

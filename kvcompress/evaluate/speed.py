@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from kvcompress.compat import CACHE_ARG
 from kvcompress.evaluate.perplexity import cache_bytes
 
 
@@ -106,7 +107,7 @@ def timed_generate(model, ids: torch.Tensor, cache, new_tokens: int = 32, pad_to
     stamps = _Stamps()
     with PeakMemory(device) as mem:
         start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_ARG: cache},
                        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        logits_processor=LogitsProcessorList([stamps]), pad_token_id=pad_token_id)
     t = stamps.times
