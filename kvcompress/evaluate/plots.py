@@ -50,14 +50,9 @@ def write_plots(results: dict, out: Path) -> list[Path]:
         ax.plot(*zip(*front, strict=True), color="tab:orange", lw=1.5, label="Pareto front", zorder=2)
         ax.axvline(results["fp16_kv_bytes_per_token"], color="grey", ls="--", lw=1, label="fp16 KV cache")
         ax.set_xscale("log")
-        ax.set_xlabel("KV bytes per token (log)")
-        ax.set_ylabel(f"perplexity ({rated[0].get('ppl_tokens', '?')} tokens)")
-        ax.set_title(f"{Path(results['model']).name}: quality vs KV memory")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        _finish(fig, ax, "KV bytes per token (log)", f"perplexity ({rated[0].get('ppl_tokens', '?')} tokens)",
+                f"{Path(results['model']).name}: quality vs KV memory", out / "pareto.png")
         written.append(out / "pareto.png")
-        fig.savefig(written[-1], dpi=130)
-        plt.close(fig)
     timed = [r for r in rows if "speed" in r]
     if timed:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -66,12 +61,20 @@ def write_plots(results: dict, out: Path) -> list[Path]:
             ax.plot(contexts, [r["speed"][str(c)]["decode_tokens_per_second"] for c in contexts], marker="o",
                     label=r["name"], lw=2.5 if r["kind"] == "baseline" else 1.2)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"decode speed on {results['device']}, {results['dtype']}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        _finish(fig, ax, "context (tokens)", "decode tokens/s",
+                f"decode speed on {results['device']}, {results['dtype']}", out / "decode_speed.png")
         written.append(out / "decode_speed.png")
-        fig.savefig(written[-1], dpi=130)
-        plt.close(fig)
     return written
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Label, lay out, write and close one figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
