@@ -33,6 +33,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
+
 QUERY_BLOCK = 512  # query rows scored at once in prefill (bounds the [heads, rows, keys] score matrix)
 FUSED_DEVICES = ("cuda",)  # where decode reads packed codes through the Triton kernel
 

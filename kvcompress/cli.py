@@ -358,22 +358,15 @@ def bench(
 
 def print_bench(results: dict) -> None:
     """The results table: bytes, size ratio, perplexity, passkey, and decode speed ratio per context."""
-    contexts = list(results["rows"][0].get("speed", {}))
-    table = Table(title=f"{results['model']} on {results['device']}, {results['dtype']}")
-    for col in ("system", "KV B/token", "x smaller vs fp16", "ppl", "Δppl %", "passkey"):
-        table.add_column(col, justify="right")
-    for c in contexts:
-        table.add_column(f"tok/s @{c} (x base)", justify="right")
-
-    def fmt(row: dict, key: str, spec: str) -> str:
-        return format(row[key], spec) if key in row else "-"
+    from kvcompress.evaluate.bench import summary_table
 
     for row in results["rows"]:
         if "error" in row:
             out.print(f"[yellow]{row['name']} skipped:[/] {row['error']}", highlight=False)
-            continue
-        speed = [f"{s['decode_tokens_per_second']:.1f} (x{s['decode_ratio']:.2f})"
-                 for s in (row.get("speed", {}).get(c) for c in contexts) if s]
-        table.add_row(row["name"], fmt(row, "kv_bytes_per_token", ",.0f"), fmt(row, "x_smaller_than_fp16", ".2f"),
-                      fmt(row, "ppl", ".3f"), fmt(row, "ppl_delta_pct", "+.2f"), fmt(row, "passkey", ".0%"), *speed)
+    head, rows = summary_table(results)
+    table = Table(title=f"{results['model']} on {results['device']}, {results['dtype']}")
+    for col in head:
+        table.add_column(col, justify="right")
+    for cells in rows:
+        table.add_row(*cells)
     out.print(table)

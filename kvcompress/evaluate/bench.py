@@ -60,7 +60,7 @@ class System:
     meta: dict = field(default_factory=dict)
 
 
-def bench(model_path: str, recipes: list[str], settings: BenchSettings, workdir: Path | None = None,
+def bench(model_path: str, recipes: list[str], settings: BenchSettings,
           progress: Progress | None = None) -> dict:
     """Run the benchmark; returns the results that ``results.json`` holds.
 
@@ -72,8 +72,6 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings, workdir:
         Shipped recipe names or recipe files; each is exported, loaded and measured in turn.
     settings : BenchSettings
         Contexts, text, repeats, dtype, device.
-    workdir : Path, optional
-        Where recipe checkpoints are written (default: a temporary folder, removed at the end).
     progress : callable, optional
         ``(phase, done, total)``.
     """
@@ -100,8 +98,7 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings, workdir:
             rows.append(measure.everything(peer))
         except (ValueError, RuntimeError) as e:  # quanto rejects some shapes; say so instead of failing the run
             rows.append({"name": peer.name, "kind": peer.kind, **peer.meta, "error": str(e).splitlines()[0]})
-    own_dir = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="kvcompress-bench-")) if own_dir else Path(workdir)
+    root = Path(tempfile.mkdtemp(prefix="kvcompress-bench-"))  # recipe checkpoints, one at a time
     try:
         for spec, recipe in zip(recipes, parsed, strict=True):
             out = root / f"ckpt-{len(rows)}"
@@ -113,11 +110,9 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings, workdir:
                             {"recipe": spec, "description": recipe.description})
             rows.append(measure.everything(system))
             del model, system
-            if own_dir:
-                shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
     finally:
-        if own_dir:
-            shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     rows[0]["speed"] = measure.baseline_speed()
     fp16 = baseline_bytes_per_token(source.spec)
     for row in rows:
@@ -223,12 +218,12 @@ def check_settings(settings: BenchSettings) -> None:
         raise KVCompressError(f"dtype must be float16, bfloat16 or float32, got {settings.dtype!r}")
 
 
-def markdown_table(results: dict) -> str:
-    """The results as a Markdown table (what the README's Results section shows)."""
+def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows of the results table (rows that failed are left out)."""
     contexts = list(results["rows"][0].get("speed", {}))
     head = ["system", "KV bytes/token", "× smaller than fp16", "perplexity", "Δppl %", "passkey",
             *(f"decode tok/s @{c} (× baseline)" for c in contexts)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for row in results["rows"]:
         if "error" in row:
             continue
@@ -238,7 +233,15 @@ def markdown_table(results: dict) -> str:
                  f"{row['ppl_delta_pct']:+.2f}" if "ppl_delta_pct" in row else "-",
                  f"{row['passkey_correct']}/{row['passkey_total']}" if "passkey" in row else "-"]
         for c in contexts:
-            s = row.get("speed", {}).get(c)
-            cells.append(f"{s['decode_tokens_per_second']:.1f} (×{s['decode_ratio']:.2f})" if s else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+            sp = row.get("speed", {}).get(c)
+            cells.append(f"{sp['decode_tokens_per_second']:.1f} (×{sp['decode_ratio']:.2f})" if sp else "-")
+        rows.append(cells)
+    return head, rows
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a Markdown table (what the README's Results section shows)."""
+    head, rows = summary_table(results)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
