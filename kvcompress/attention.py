@@ -10,7 +10,8 @@ Per head group of ``g`` KV heads (``G`` groups per layer):
   ``q``: the score is ``qᵀ R_mᵀ R_n U_k c_n``, and the rotation ``R_n`` sits *between* ``q`` and ``U_k``
   and changes with each key's position ``n``, so no single matrix can be precomputed for all keys.
   With ``key_rope="post"`` (full-width keys only, as KIVI does) the cache holds the rotated keys
-  themselves, grouped per latent head.
+  themselves, grouped per latent head. An orthogonal ``k_rot`` per KV head (QuaRot) may then turn both
+  ``q`` and ``k`` after RoPE: ``(R q)ᵀ (R k) = qᵀ k``, and the cached ``R k`` has no outlier channels.
 
 Decode reads the cache in torch (de-quantize, reconstruct, attend), except on CUDA when the Triton
 decode-attention kernel covers the layout (post-RoPE keys, one latent per KV head, KIVI-packed K and V):
@@ -25,6 +26,7 @@ from torch import nn
 from kvcompress.cache.store import QuantizedStore
 from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
+from kvcompress.kernels.lowrank_rope import lowrank_rope, rope_transposed
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,11 +61,14 @@ class LatentAttention(nn.Module):
         Qwen3's per-head RMS norms.
     key_rope : str
         ``"pre"``: cache key latents and rotate when reading; ``"post"``: cache rotated full-width keys.
+    key_rotation : bool
+        With ``key_rope="post"``: turn queries and keys by ``k_rot`` (one orthogonal matrix per KV head)
+        after RoPE, before the keys are cached.
     """
 
     def __init__(self, config, layer_idx: int, rank_k: int, rank_v: int, head_group: int, rotary: nn.Module,
                  bias: bool = False, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
-                 key_rope: str = "pre"):
+                 key_rope: str = "pre", key_rotation: bool = False):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -82,28 +87,28 @@ class LatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * rank_v, hidden, bias=bias)
         self.q_norm, self.k_norm = q_norm, k_norm
         self.key_rope = key_rope
+        self.k_rot = nn.Parameter(torch.empty(self.num_kv_heads, d, d)) if key_rotation else None
         self._rotary = (rotary,)  # shared with the model; a tuple keeps it out of this module's state dict
 
     def keys(self, latents: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotated keys, transposed per KV head, ``[B, G, g, head_dim, S]``, from latents ``[B, G, S, r_k]``.
 
         The transposed layout is what ``q @ k`` reads, and one GEMM (``U_k cᵀ``) writes it directly,
-        with no copy to rearrange heads. ``positions``: ``[B, 1 or G, S]``.
+        with no copy to rearrange heads. ``positions``: ``[B, 1 or G, S]``. Reconstruction and RoPE run
+        in one kernel (``kvcompress.kernels.lowrank_rope``: Triton on CUDA, torch elsewhere), except
+        with Qwen3's key norm, which sits between them.
         """
+        cos, sin = rope_table(self._rotary[0], positions, latents.dtype)
+        if self.k_norm is None:
+            return lowrank_rope(latents, self.k_up, self.k_bias, cos, sin, self.head_dim)
         b, _, s, _ = latents.shape
         kt = self.k_up.to(latents.dtype) @ latents.transpose(-1, -2)  # [G, g·d, r] @ [B, G, r, S]
         kt = kt.view(b, self.groups, self.head_group, self.head_dim, s)
         if self.k_bias is not None:
             kt = kt + self.k_bias.view(self.groups, self.head_group, self.head_dim, 1).to(kt.dtype)
-        if self.k_norm is not None:  # Qwen3's RMS norm over head_dim, which is dim -2 here
-            var = kt.float().pow(2).mean(-2, keepdim=True)
-            kt = (kt.float() * torch.rsqrt(var + self.k_norm.variance_epsilon)).to(kt.dtype)
-            kt = kt * self.k_norm.weight.view(-1, 1).to(kt.dtype)
-        cos, sin = rope_table(self._rotary[0], positions, kt.dtype)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, 1 or G, 1, d/2, S]
-        half = self.head_dim // 2
-        k1, k2 = kt[..., :half, :], kt[..., half:, :]  # rotate-half RoPE on the transposed layout
-        return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-2)
+        var = kt.float().pow(2).mean(-2, keepdim=True)  # RMS norm over head_dim, which is dim -2 here
+        kt = (kt.float() * torch.rsqrt(var + self.k_norm.variance_epsilon)).to(kt.dtype)
+        return rope_transposed(kt * self.k_norm.weight.view(-1, 1).to(kt.dtype), cos, sin)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -122,7 +127,12 @@ class LatentAttention(nn.Module):
         positions = position_ids.expand(b, t)
         valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         if self.key_rope == "post":  # store rotated keys, [B, G, T, g·d]: what KIVI quantizes
-            ck = self.keys(ck, positions.unsqueeze(1)).permute(0, 1, 4, 2, 3).reshape(b, self.groups, t, -1)
+            ck = self.keys(ck, positions.unsqueeze(1)).permute(0, 1, 4, 2, 3)  # [B, G, T, g, d]
+            if self.k_rot is not None:
+                rot = self.k_rot.to(q.dtype)
+                ck = (ck.unsqueeze(-2) @ rot.transpose(-1, -2).view(self.groups, 1, self.head_group, *rot.shape[1:]))
+                q = (q.reshape(b, self.num_kv_heads, -1, self.head_dim) @ rot.transpose(-1, -2)).view(q.shape)
+            ck = ck.reshape(b, self.groups, t, -1)
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         if layer is not None and t == 1 and valid is None and self._packed_decode_fits(layer, q):
             layer.update(ck, cv, {"positions": positions, "read": False})
