@@ -79,6 +79,13 @@ class ShardWriter:
         return n
 
 
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """A seeded Haar-distributed ``n × n`` orthogonal matrix (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    q, tri = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(tri))
+
+
 def rotate_latent(down: torch.Tensor, up: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate a latent by a seeded random orthogonal ``Q``: ``(Q·down, up·Qᵀ)``, so ``up @ down`` is unchanged.
 
@@ -86,16 +93,14 @@ def rotate_latent(down: torch.Tensor, up: torch.Tensor, seed: int) -> tuple[torc
     group-wise low-bit quantization loses less (QuaRot/SpinQuant's idea, applied where it is free: the
     rotation is folded into the exported weights). 2-bit K/V on SmolLM2: perplexity x1.226 -> x1.117.
     """
-    generator = torch.Generator().manual_seed(seed)
-    r = down.shape[0]
-    q, tri = torch.linalg.qr(torch.randn(r, r, generator=generator, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(tri))  # Haar-distributed
+    q = random_orthogonal(down.shape[0], seed)
     return q @ down, up @ q.T
 
 
 def factorized_attention(source: Source, layer: int, recipe: Recipe, s_factor: torch.Tensor | None
                          ) -> dict[str, torch.Tensor]:
-    """One layer's replacement tensors: ``k_down``, ``k_up``, ``k_bias``, ``v_down`` and folded ``o_proj``.
+    """One layer's replacement tensors: ``k_down``, ``k_up``, ``k_bias``, ``v_down``, folded ``o_proj``, and
+    ``k_rot`` (one orthogonal ``d × d`` per KV head) when post-RoPE keys are rotated.
 
     ``o_proj`` folding: query head h reads KV head j = h // n_rep, member jj of group G; its value is
     ``U_v[G][jj] c_v + b_v[j]``, so ``W_o'[:, h] = W_o[:, h] @ U_v[G][jj]`` and the value bias becomes
@@ -109,16 +114,19 @@ def factorized_attention(source: Source, layer: int, recipe: Recipe, s_factor: t
     k_factors = [x.factors(lay.rank_k) for x in k_svds]
     v_factors = [x.factors(lay.rank_v) for x in v_svds]
     q = recipe.quant
+    out = {}
     if q.enabled and q.rotation == "orthogonal":
-        k_factors = k_factors if q.key_rope == "post" else [
-            rotate_latent(down, up, 2 * (layer * len(k_factors) + group)) for group, (down, up) in enumerate(k_factors)]
+        if q.key_rope == "post":  # RoPE sits between k_up and the cache: rotate q and k after RoPE at run time
+            out[f"{p}k_rot"] = torch.stack([random_orthogonal(d, 2 * (layer * spec.num_kv_heads + h))
+                                            for h in range(spec.num_kv_heads)])
+        else:
+            k_factors = [rotate_latent(down, up, 2 * (layer * len(k_factors) + group))
+                         for group, (down, up) in enumerate(k_factors)]
         v_factors = [rotate_latent(down, up, 2 * (layer * len(v_factors) + group) + 1)
                      for group, (down, up) in enumerate(v_factors)]
-    out = {
-        f"{p}k_down.weight": torch.cat([down for down, _ in k_factors]),
-        f"{p}k_up": torch.stack([up for _, up in k_factors]),
-        f"{p}v_down.weight": torch.cat([down for down, _ in v_factors]),
-    }
+    out[f"{p}k_down.weight"] = torch.cat([down for down, _ in k_factors])
+    out[f"{p}k_up"] = torch.stack([up for _, up in k_factors])
+    out[f"{p}v_down.weight"] = torch.cat([down for down, _ in v_factors])
     w_o = source.tensor(f"{p}o_proj.weight").double()
     n_rep = spec.num_heads // spec.num_kv_heads
     blocks = []
@@ -268,6 +276,7 @@ def _manifest(source: Source, recipe: Recipe, dtype: str) -> dict:
         ],
         "quant": {"enabled": q.enabled, "method": q.method},
         "key_rope": q.key_rope,
+        "key_rotation": q.enabled and q.rotation == "orthogonal" and q.key_rope == "post",
         "eviction": ({"method": "lagkv", "sink_size": lag.sink_size, "lag_size": lag.lag_size,
                       "keep_ratio": lag.keep_ratio, "value_weight": lag.value_weight} if lag.enabled else None),
         "kernel_backend": "auto",

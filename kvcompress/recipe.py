@@ -46,11 +46,12 @@ class Quant:
     """Packed low-bit K/V (KIVI/MiniKV grouping); per-layer bits come from ``[[layers]]``.
 
     ``key_rope``: ``"pre"`` caches key latents before RoPE (KVQuant's choice, and the only one for
-    low-rank keys); ``"post"`` caches rotated full-width keys (KIVI's), for recipes without low-rank keys.
+    low-rank keys); ``"post"`` caches rotated full-width keys (KIVI's); low-rank then applies to values only.
     ``key_group_size``: tokens per key group (0 = ``group_size``); keys lose most at low bits, and a
     finer key group costs few bytes.
-    ``rotation``: ``"orthogonal"`` mixes each latent's channels by a seeded random rotation folded into the
-    weights (values always, keys when ``key_rope = "pre"``); ``"none"`` keeps the principal axes.
+    ``rotation``: ``"orthogonal"`` mixes each latent's channels by a seeded random rotation: folded into the
+    weights for values and pre-RoPE key latents; with ``key_rope = "post"``, applied to queries and keys
+    after RoPE at run time (QuaRot). ``"none"`` keeps the principal axes.
     """
 
     enabled: bool = False
@@ -133,8 +134,6 @@ class Recipe:
         _check(0.0 < lr.energy <= 1.0, f"energy must be in (0, 1], got {lr.energy}")
         _check(q.method in QUANT_METHODS, f"quant method must be one of {QUANT_METHODS}, got {q.method!r}")
         _check(q.key_rope in ("pre", "post"), f"key_rope must be 'pre' or 'post', got {q.key_rope!r}")
-        _check(q.key_rope == "pre" or not lr.enabled,
-               "key_rope = 'post' stores full-width rotated keys; it needs [lowrank] enabled = false")
         _check(q.rotation in ("orthogonal", "none"), f"rotation must be 'orthogonal' or 'none', got {q.rotation!r}")
         _check(2.0 <= q.avg_bits <= 8.0, f"avg_bits must be in [2, 8], got {q.avg_bits}")
         _check(q.group_size >= 1 and q.key_group_size >= 0, "group_size must be >= 1 and key_group_size >= 0")
@@ -167,6 +166,9 @@ class Recipe:
             for name, r in (("rank_k", lay.rank_k), ("rank_v", lay.rank_v)):
                 _check(r <= width, f"layer {lay.layer}: {name} {r} exceeds the head group's width {width} "
                        f"({g} heads x head_dim {spec.head_dim})")
+            _check(self.lowrank_keys or lay.rank_k == width,
+                   f"layer {lay.layer}: key_rope = 'post' caches full-width keys; rank_k must be {width}, "
+                   f"got {lay.rank_k}")
         if self.quant.enabled and self.quant.method == "decoquant":
             from kvcompress.cache.decoquant import CORE, MIN_CORE, core_width
 
@@ -177,6 +179,12 @@ class Recipe:
                     _check(bits >= 16 or core_width(r, block) >= MIN_CORE,
                            f"layer {lay.layer}: decoquant needs a {name} with a divisor in [{MIN_CORE}, {CORE}] "
                            f"(the small core's width), got {r}; use a rank_multiple of 8 or method = \"kivi\"")
+
+    @property
+    def lowrank_keys(self) -> bool:
+        """Whether keys are cached as low-rank latents: post-RoPE keys are always full width (only values
+        are factorized then), because RoPE cannot be applied to a latent."""
+        return self.lowrank.enabled and self.quant.key_rope == "pre"
 
     def head_group(self, spec: ModelSpec) -> int:
         """KV heads per latent group for ``spec`` (``0`` in the recipe = all KV heads)."""

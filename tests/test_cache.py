@@ -241,11 +241,49 @@ def test_post_rope_keys_store_the_rotated_keys(llama_gqa, tmp_path, one_thread):
     assert torch.allclose(stored, reference, atol=1e-4)
 
 
-def test_post_rope_needs_full_width_keys():
+def test_post_rope_key_rotation_is_exact_and_rotates_what_is_cached(llama_gqa, tmp_path, one_thread):
+    # QuaRot-style: queries and keys are turned by one orthogonal matrix per KV head after RoPE, so the
+    # scores are unchanged (a residual window longer than the text keeps every token in 16 bits)
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False},
+                    quant={"enabled": True, "key_rope": "post", "rotation": "orthogonal", "avg_bits": 8.0,
+                           "group_size": 8, "residual_length": 4096})
+    assert model.kvcompress_manifest["key_rotation"]
+    ids = torch.randint(4, 300, (1, 12), generator=torch.Generator().manual_seed(7))
+    cache = kvcompress.make_cache(model)
+    logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(12)[None]).logits
+    assert torch.allclose(logits, llama_gqa.model(ids).logits, atol=1e-2)
+    reference = llama_gqa.model(ids, use_cache=True).past_key_values.layers[0].keys  # [1, Hkv, 12, d]
+    rot = model.model.layers[0].self_attn.k_rot  # [Hkv, d, d]
+    stored = cache.layers[0].key_store.read().float()  # [1, 1, 12, Hkv·d]
+    stored = stored.view(1, 12, rot.shape[0], -1).transpose(1, 2)
+    assert torch.allclose(stored, reference @ rot.transpose(-1, -2), atol=1e-2)
+    assert not torch.allclose(stored, reference, atol=1e-1)
+    assert torch.allclose(rot @ rot.transpose(-1, -2), torch.eye(rot.shape[-1]).expand_as(rot), atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["greedy", "uniform"])
+def test_post_rope_keys_stay_full_width_while_values_are_factorized(llama_gqa, tmp_path, one_thread, schedule):
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": True, "target_ratio": 0.5, "schedule": schedule,
+                                                  "rank_multiple": 4},
+                    quant={"key_rope": "post"})
+    width = llama_gqa.config.num_key_value_heads * llama_gqa.config.head_dim
+    layers = model.kvcompress_manifest["layers"]
+    assert all(lay["rank_k"] == width for lay in layers)
+    assert sum(lay["rank_v"] for lay in layers) / len(layers) <= 0.5 * width + 4
+    ids = torch.randint(4, 300, (1, 16), generator=torch.Generator().manual_seed(8))
+    cache = kvcompress.make_cache(model)
+    model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(16)[None])
+    assert cache.layers[0].key_store.read().shape[-1] == width
+    assert cache.layers[0].value_store.read().shape[-1] == layers[0]["rank_v"] < width
+
+
+def test_post_rope_recipe_refuses_low_rank_keys():
     rec = Recipe()
     rec.quant.key_rope = "post"
-    with pytest.raises(kvcompress.KVCompressError, match="lowrank"):
-        rec.validate()
+    rec.layers = [LayerRecipe(0, rank_k=8, rank_v=8)]
+    spec = type("Spec", (), {"num_kv_heads": 2, "head_dim": 8, "num_layers": 1})()
+    with pytest.raises(kvcompress.KVCompressError, match="full-width keys; rank_k must be 16"):
+        rec.validate(spec)
 
 
 def test_latent_rotation_is_exact_in_full_precision(llama_gqa, tmp_path, one_thread):

@@ -168,13 +168,16 @@ def analyze(
     elif lr.schedule == "uniform":
         ranks_k = ranks_v = schedules.uniform(n, width, lr.target_ratio, lr.rank_multiple)
     elif lr.schedule == "greedy":
-        ranks_k, ranks_v = schedules.greedy(spectra, width, lr.target_ratio, lr.rank_multiple)
+        ranks_k, ranks_v = schedules.greedy(spectra, width, lr.target_ratio, lr.rank_multiple,
+                                            keys=recipe.lowrank_keys)
     else:
         # the rank a layer needs is the rank its hungriest head group needs
         ranks_k = [max(schedules.energy([x.tolist() for x in k], width, lr.energy, lr.rank_multiple))
                    for k, _ in spectra]
         ranks_v = [max(schedules.energy([x.tolist() for x in v], width, lr.energy, lr.rank_multiple))
                    for _, v in spectra]
+    if not recipe.lowrank_keys:  # post-RoPE keys are cached at full width
+        ranks_k = [width] * n
     for i, (k_sig, v_sig) in enumerate(spectra):
         energy_k.append(sum(energy_kept(x, ranks_k[i]) for x in k_sig) / len(k_sig))
         energy_v.append(sum(energy_kept(x, ranks_v[i]) for x in v_sig) / len(v_sig))
