@@ -17,7 +17,7 @@ import triton.language as tl
 
 from kvcompress.cache.quant import Packed, dequantize
 
-from .pack import load_dequant
+from .pack import load_dequant, plane_channels
 
 _TARGET_PROGRAMS = 512  # enough chunk programs to fill a large GPU several times over
 _REGISTER_TILE = 4096  # elements of the [heads, tokens, dim] product held by one program
@@ -86,11 +86,11 @@ def decode_attention_ref(
 
 
 @triton.jit
-def _load_query(q_ptr, bh, qk_scale, N_REP, DK, BLOCK_R: tl.constexpr, BLOCK_DK: tl.constexpr):
+def _load_query(q_ptr, bh, qk_scale, N_REP, DK, cols, col_mask, BLOCK_R: tl.constexpr):
+    """Scaled queries of one KV head's ``N_REP`` heads, ``[BLOCK_R, len(cols)]``, channels ``cols``."""
     r = tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_DK)
-    mask = (r < N_REP)[:, None] & (c < DK)[None, :]
-    q = tl.load(q_ptr + (bh * N_REP + r)[:, None] * DK + c[None, :], mask=mask, other=0.0)
+    mask = (r < N_REP)[:, None] & col_mask[None, :]
+    q = tl.load(q_ptr + (bh * N_REP + r)[:, None] * DK + cols[None, :], mask=mask, other=0.0)
     return q.to(tl.float32) * qk_scale
 
 
@@ -108,14 +108,23 @@ def _attend(q, k, v, valid, m_i, l_i, acc):
 
 
 @triton.jit
-def _store_partial(m_ptr, l_ptr, acc_ptr, bh, split, n_split, m_i, l_i, acc, N_REP, DV,
-                   BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _store_partial(m_ptr, l_ptr, acc_ptr, bh, split, n_split, m_i, l_i, acc, N_REP, DV, cols, col_mask,
+                   BLOCK_R: tl.constexpr):
+    """Store one split's ``(max, sum, acc)``; column ``i`` of ``acc`` is value channel ``cols[i]``."""
     r = tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_DV)
     slot = (bh * N_REP + r) * n_split + split
     tl.store(m_ptr + slot, m_i, mask=r < N_REP)
     tl.store(l_ptr + slot, l_i, mask=r < N_REP)
-    tl.store(acc_ptr + slot[:, None] * DV + c[None, :], acc, mask=(r < N_REP)[:, None] & (c < DV)[None, :])
+    tl.store(acc_ptr + slot[:, None] * DV + cols[None, :], acc, mask=(r < N_REP)[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _plane_columns(D, PER: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Channels (and validity) of a dequantized packed row flattened from ``[BLOCK_B, PER]`` slots."""
+    cols = tl.reshape(plane_channels(D, PER, BLOCK_B), (BLOCK_B * PER,))
+    valid = tl.reshape(tl.broadcast_to((tl.arange(0, BLOCK_B) < D // PER)[:, None], (BLOCK_B, PER)),
+                       (BLOCK_B * PER,))
+    return cols, valid
 
 
 @triton.jit
@@ -127,7 +136,9 @@ def _quantized_partial_kernel(
 ):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    q = _load_query(q_ptr, bh, qk_scale, N_REP, DK, BLOCK_R, BLOCK_KB * K_PER)
+    k_cols, k_valid = _plane_columns(DK, K_PER, BLOCK_KB)  # packed rows come out in bit-plane order
+    v_cols, v_valid = _plane_columns(DV, V_PER, BLOCK_VB)
+    q = _load_query(q_ptr, bh, qk_scale, N_REP, DK, k_cols, k_valid, BLOCK_R)
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_VB * V_PER), tl.float32)
@@ -142,8 +153,7 @@ def _quantized_partial_kernel(
         k = tl.reshape(k, (BLOCK_N, BLOCK_KB * K_PER))
         v = tl.reshape(v, (BLOCK_N, BLOCK_VB * V_PER))
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc)
-    _store_partial(m_ptr, l_ptr, acc_ptr, bh, split, n_split, m_i, l_i, acc, N_REP, DV,
-                   BLOCK_R, BLOCK_VB * V_PER)
+    _store_partial(m_ptr, l_ptr, acc_ptr, bh, split, n_split, m_i, l_i, acc, N_REP, DV, v_cols, v_valid, BLOCK_R)
 
 
 @triton.jit
@@ -155,11 +165,11 @@ def _dense_partial_kernel(
 ):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    q = _load_query(q_ptr, bh, qk_scale, N_REP, DK, BLOCK_R, BLOCK_DK)
-    k_base = k_ptr + (bh // H_KV) * stride_kb + (bh % H_KV) * stride_kh
-    v_base = v_ptr + (bh // H_KV) * stride_vb + (bh % H_KV) * stride_vh
     ck = tl.arange(0, BLOCK_DK)
     cv = tl.arange(0, BLOCK_DV)
+    q = _load_query(q_ptr, bh, qk_scale, N_REP, DK, ck, ck < DK, BLOCK_R)
+    k_base = k_ptr + (bh // H_KV) * stride_kb + (bh % H_KV) * stride_kh
+    v_base = v_ptr + (bh // H_KV) * stride_vb + (bh % H_KV) * stride_vh
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
@@ -174,7 +184,7 @@ def _dense_partial_kernel(
                     mask=valid[:, None] & (cv < DV)[None, :], other=0.0).to(tl.float32)
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc)
     _store_partial(m_ptr, l_ptr, acc_ptr, bh, split_offset + split, n_split, m_i, l_i, acc, N_REP, DV,
-                   BLOCK_R, BLOCK_DV)
+                   cv, cv < DV, BLOCK_R)
 
 
 @triton.jit

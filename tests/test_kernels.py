@@ -132,6 +132,7 @@ CASES = [
     (1, 2, 2, 0, 7, 16, 8, 4, 4, None),  # no quantized tokens
     (1, 2, 2, 24, 0, 16, 8, 2, 4, None),  # empty residual window
     (1, 2, 2, 0, 0, 16, 8, 4, 4, None),  # no tokens at all
+    (1, 1, 3, 24, 4, 24, 40, 2, 2, None),  # bytes per row not a power of two: padded bit-plane slots
 ]
 
 

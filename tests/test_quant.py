@@ -61,9 +61,21 @@ def test_pack_unpack_round_trip(layout: tuple, data: st.DataObject) -> None:
     assert torch.equal(unpack_codes(packed, bits), codes)
 
 
-def test_pack_layout_is_low_bits_first() -> None:
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n_bytes", [1, 2, 3, 4, 6, 8, 24])  # uint8, int16, int32 and int64 words
+def test_unpack_reads_every_word_width(bits: int, n_bytes: int) -> None:
+    d = n_bytes * 8 // bits
+    codes = torch.randint(0, 2**bits, (3, 5, d), generator=torch.Generator().manual_seed(n_bytes), dtype=torch.uint8)
+    codes[0, 0] = 2**bits - 1  # all bits set, the sign bit of every word included
+    packed = pack_codes(codes, bits)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+    assert torch.equal(unpack_codes(packed[:, 1:4], bits), codes[:, 1:4])  # a non-contiguous view
+
+
+def test_pack_layout_is_bit_planes() -> None:
+    # channel d of nb bytes goes to byte d % nb at bit offset bits * (d // nb)
     codes = torch.tensor([1, 2, 3, 0, 3, 3, 0, 1], dtype=torch.uint8)
-    assert pack_codes(codes, 2).tolist() == [1 | 2 << 2 | 3 << 4, 3 | 3 << 2 | 1 << 6]
+    assert pack_codes(codes, 2).tolist() == [1 | 3 << 2 | 3 << 4 | 0 << 6, 2 | 0 << 2 | 3 << 4 | 1 << 6]
     assert pack_codes(torch.tensor([0xA, 0x5], dtype=torch.uint8), 4).tolist() == [0x5A]
     assert pack_codes(torch.tensor([7, 200], dtype=torch.uint8), 8).tolist() == [7, 200]
 

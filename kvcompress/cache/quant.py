@@ -29,8 +29,8 @@ class Packed:
     Attributes
     ----------
     codes
-        uint8 ``[..., T, D * bits // 8]``, codes bit-packed along the last dim (channel ``d`` in byte
-        ``d // (8 // bits)`` at bit offset ``bits * (d % (8 // bits))``, low bits first).
+        uint8 ``[..., T, nb]``, ``nb = D * bits // 8``: codes bit-packed along the last dim in bit planes
+        (channel ``d`` in byte ``d % nb`` at bit offset ``bits * (d // nb)``).
     scale, minimum
         float16 ``[..., T // group_size, D]`` for ``along="tokens"``, ``[..., T, D // group_size]`` for
         ``along="channels"``.
@@ -116,7 +116,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, along: Along) -> Packe
     return Packed(codes, scale, minimum, bits, group_size, along, x.shape[-1])
 
 
-def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(p: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """Reconstruct ``[..., T, D]`` as ``minimum + code * scale`` in ``dtype``.
 
     Parameters
@@ -125,13 +125,16 @@ def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         A quantized tensor.
     dtype
         Output dtype.
+    out
+        Optional ``[..., T, D]`` tensor to write into, e.g. the front of a buffer that also takes the
+        residual window.
 
     Returns
     -------
     torch.Tensor
         The dequantized tensor.
     """
-    return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype)
+    return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype, out)
 
 
 def cat(blocks: Sequence[Packed]) -> Packed:
