@@ -86,7 +86,7 @@ def rope_transposed(kt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     cos, sin = cos.unsqueeze(2).to(kt.dtype), sin.unsqueeze(2).to(kt.dtype)  # [B, 1 or G, 1, d/2, S]
     half = kt.shape[-2] // 2
     k1, k2 = kt[..., :half, :], kt[..., half:, :]
-    return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-2)
+    return torch.cat([torch.addcmul(k1 * cos, k2, sin, value=-1), torch.addcmul(k2 * cos, k1, sin)], dim=-2)
 
 
 @triton.jit

@@ -3,8 +3,10 @@
 Per head group of ``g`` KV heads (``G`` groups per layer):
 
 * values: the cache holds ``c_v = D_v x`` (``r_v`` wide). Attention weights sum to one, so
-  ``Σ_t p_t (U_v c_v,t + b_v) = U_v (Σ_t p_t c_v,t) + b_v``: the up-projection ``U_v`` and the bias are
-  folded into ``o_proj`` at export, which then takes ``num_heads · r_v`` inputs. Exact, and fewer FLOPs.
+  ``Σ_t p_t (U_v c_v,t + b_v) = U_v (Σ_t p_t c_v,t) + b_v``: attention reads the latents, and ``U_v``
+  is applied once to each head's output. Export folds ``U_v`` into ``o_proj`` (which then takes
+  ``num_heads · r_v`` inputs) where that makes fewer weights, and otherwise keeps it as ``v_up``
+  (``[G, g·d, r_v]``) beside the original ``o_proj``; the bias always goes into ``o_proj``'s.
 * keys (``key_rope="pre"``, the default): the cache holds ``c_k = D_k x`` (pre-RoPE) and each
   token's position. At attention time ``k = RoPE(U_k c_k + b_k, pos)``. ``U_k`` cannot be folded into
   ``q``: the score is ``qᵀ R_mᵀ R_n U_k c_n``, and the rotation ``R_n`` sits *between* ``q`` and ``U_k``
@@ -64,11 +66,13 @@ class LatentAttention(nn.Module):
     key_rotation : bool
         With ``key_rope="post"``: turn queries and keys by ``k_rot`` (one orthogonal matrix per KV head)
         after RoPE, before the keys are cached.
+    value_folded : bool
+        Whether ``U_v`` is folded into ``o_proj`` (else it is the parameter ``v_up``).
     """
 
     def __init__(self, config, layer_idx: int, rank_k: int, rank_v: int, head_group: int, rotary: nn.Module,
                  bias: bool = False, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
-                 key_rope: str = "pre", key_rotation: bool = False):
+                 key_rope: str = "pre", key_rotation: bool = False, value_folded: bool = True):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -84,7 +88,8 @@ class LatentAttention(nn.Module):
         self.k_up = nn.Parameter(torch.empty(self.groups, head_group * d, rank_k))
         self.k_bias = nn.Parameter(torch.empty(self.num_kv_heads * d)) if bias else None
         self.v_down = nn.Linear(hidden, self.groups * rank_v, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * rank_v, hidden, bias=bias)
+        self.v_up = None if value_folded else nn.Parameter(torch.empty(self.groups, head_group * d, rank_v))
+        self.o_proj = nn.Linear(self.num_heads * (rank_v if value_folded else d), hidden, bias=bias)
         self.q_norm, self.k_norm = q_norm, k_norm
         self.key_rope = key_rope
         self.k_rot = nn.Parameter(torch.empty(self.num_kv_heads, d, d)) if key_rotation else None
@@ -138,7 +143,7 @@ class LatentAttention(nn.Module):
             layer.update(ck, cv, {"positions": positions, "read": False})
             out = self._packed_decode(q, layer)
             layer.evict()
-            return self.o_proj(out.reshape(b, 1, self.num_heads * self.rank_v)), None
+            return self._output(out.unsqueeze(2)), None
         if layer is not None:
             ck, cv, stored_pos, stored_valid = layer.update(ck, cv, {"positions": positions, "valid": valid})
         else:
@@ -151,7 +156,15 @@ class LatentAttention(nn.Module):
         out = latent_attention(q, kt, cv, stored_valid, self.scaling)
         if layer is not None:
             layer.evict()  # after attention: this block's queries have seen all of its tokens
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.rank_v)), None
+        return self._output(out), None
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """``o_proj`` of the attention-weighted value latents ``[B, Hq, T, r_v]``, through ``v_up`` if kept."""
+        b, _, t, _ = out.shape
+        if self.v_up is not None:  # query head h = ((G·g) + j)·rep + i reads KV head G·g + j
+            up = self.v_up.to(out.dtype).view(self.groups, self.head_group, 1, self.head_dim, -1)
+            out = out.view(b, self.groups, self.head_group, -1, t, self.rank_v) @ up.transpose(-1, -2)
+        return self.o_proj(out.reshape(b, self.num_heads, t, -1).transpose(1, 2).reshape(b, t, -1))
 
     def _packed_decode_fits(self, layer, q: torch.Tensor) -> bool:
         """Whether the fused decode kernel covers this step: CUDA, rotated full-width keys with one latent

@@ -97,10 +97,21 @@ def rotate_latent(down: torch.Tensor, up: torch.Tensor, seed: int) -> tuple[torc
     return q @ down, up @ q.T
 
 
+def value_folded(spec, head_group: int, rank_v: int) -> bool:
+    """Whether folding ``U_v`` into ``o_proj`` makes fewer weights than keeping it apart.
+
+    Folded: ``hidden × heads·r_v``. Apart: ``U_v`` (``kv_heads·d × r_v``) plus the original ``hidden ×
+    heads·d``. Every weight is read at each decode step, so fewer weights is also faster decoding.
+    """
+    folded = spec.hidden_size * spec.num_heads * rank_v
+    return folded <= spec.num_kv_heads * spec.head_dim * rank_v + spec.hidden_size * spec.num_heads * spec.head_dim
+
+
 def factorized_attention(source: Source, layer: int, recipe: Recipe, s_factor: torch.Tensor | None
                          ) -> dict[str, torch.Tensor]:
-    """One layer's replacement tensors: ``k_down``, ``k_up``, ``k_bias``, ``v_down``, folded ``o_proj``, and
-    ``k_rot`` (one orthogonal ``d × d`` per KV head) when post-RoPE keys are rotated.
+    """One layer's replacement tensors: ``k_down``, ``k_up``, ``k_bias``, ``v_down``, ``o_proj`` (with ``U_v``
+    folded in, or ``v_up`` beside it; see :func:`value_folded`), and ``k_rot`` (one orthogonal ``d × d``
+    per KV head) when post-RoPE keys are rotated.
 
     ``o_proj`` folding: query head h reads KV head j = h // n_rep, member jj of group G; its value is
     ``U_v[G][jj] c_v + b_v[j]``, so ``W_o'[:, h] = W_o[:, h] @ U_v[G][jj]`` and the value bias becomes
@@ -129,12 +140,16 @@ def factorized_attention(source: Source, layer: int, recipe: Recipe, s_factor: t
     out[f"{p}v_down.weight"] = torch.cat([down for down, _ in v_factors])
     w_o = source.tensor(f"{p}o_proj.weight").double()
     n_rep = spec.num_heads // spec.num_kv_heads
-    blocks = []
-    for h in range(spec.num_heads):
-        j = h // n_rep
-        up = v_factors[j // g][1][(j % g) * d:(j % g + 1) * d]  # this KV head's rows of U_v, d × r_v
-        blocks.append(w_o[:, h * d:(h + 1) * d] @ up)
-    out[f"{p}o_proj.weight"] = torch.cat(blocks, dim=1)
+    if value_folded(spec, g, lay.rank_v):
+        blocks = []
+        for h in range(spec.num_heads):
+            j = h // n_rep
+            up = v_factors[j // g][1][(j % g) * d:(j % g + 1) * d]  # this KV head's rows of U_v, d × r_v
+            blocks.append(w_o[:, h * d:(h + 1) * d] @ up)
+        out[f"{p}o_proj.weight"] = torch.cat(blocks, dim=1)
+    else:
+        out[f"{p}v_up"] = torch.stack([up for _, up in v_factors])
+        out[f"{p}o_proj.weight"] = w_o
     bias = source.tensor(f"{p}o_proj.bias").double() if source.has(f"{p}o_proj.bias") else None
     if source.has(f"{p}v_proj.bias"):
         b_v = source.tensor(f"{p}v_proj.bias").double().view(spec.num_kv_heads, d)
@@ -269,6 +284,7 @@ def _manifest(source: Source, recipe: Recipe, dtype: str) -> dict:
         "head_group": recipe.head_group(spec),
         "layers": [
             {"layer": lay.layer, "rank_k": lay.rank_k, "rank_v": lay.rank_v,
+             "value_folded": value_folded(spec, recipe.head_group(spec), lay.rank_v),
              "bits_k": lay.bits_k if q.enabled else 16, "bits_v": lay.bits_v if q.enabled else 16,
              "group_size": q.group_size, "key_group_size": q.key_group, "residual_length": q.residual_length,
              "method": q.method}

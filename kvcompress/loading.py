@@ -151,6 +151,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
                 config, old.layer_idx, entry["rank_k"], entry["rank_v"], group, model.model.rotary_emb,
                 bias=spec.attention_bias, q_norm=getattr(old, "q_norm", None), k_norm=getattr(old, "k_norm", None),
                 key_rope=manifest.get("key_rope", "pre"), key_rotation=manifest.get("key_rotation", False),
+                value_folded=entry.get("value_folded", True),
             )
     expected = set(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):

@@ -92,6 +92,29 @@ def test_reduced_rank_changes_logits(exported, name):
     assert diff > 1e-3
 
 
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2"])
+def test_value_up_projection_folded_or_kept_gives_the_same_model(tiny_factory, tmp_path, monkeypatch, name):
+    # rank 8 of 16: folding U_v into o_proj (8 heads x 8 inputs) is smaller than keeping it, so export folds;
+    # forcing it to keep v_up must give the same logits (attention weights sum to one, both are exact)
+    tiny = tiny_factory(name)
+    export(open_source(tiny.path), tmp_path / "folded", _recipe(0.5), dtype="float32")
+    monkeypatch.setattr(export_mod, "value_folded", lambda *_: False)
+    export(open_source(tiny.path), tmp_path / "kept", _recipe(0.5), dtype="float32")
+    folded, kept = load(tmp_path / "folded")[0], load(tmp_path / "kept")[0]
+    assert all(lay["value_folded"] for lay in folded.kvcompress_manifest["layers"])
+    assert not any(lay["value_folded"] for lay in kept.kvcompress_manifest["layers"])
+    attn = kept.model.layers[0].self_attn
+    assert attn.v_up is not None and folded.model.layers[0].self_attn.v_up is None
+    assert attn.o_proj.in_features == tiny.config.num_attention_heads * tiny.config.head_dim
+    ids = _ids(2, 12, seed=9)
+    torch.testing.assert_close(kept(ids).logits, folded(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_full_rank_values_keep_their_up_projection(exported):
+    _, _, model = exported("llama_gqa", 1.0)  # r_v = 16: folding would take 8 x 16 inputs instead of 8 x 8
+    assert not any(lay["value_folded"] for lay in model.kvcompress_manifest["layers"])
+
+
 def test_qwen2_config_without_attention_bias_field(tmp_path):
     """Real Qwen2 config.json files have no ``attention_bias`` key: Qwen2 always has q/k/v biases.
 

@@ -88,15 +88,15 @@ class QuantizedStore:
         ready = min(settled - self.quantized_length, self.fp.shape[-2]) // self.block * self.block
         if ready <= 0:
             return
-        block = self._encode(self.fp[..., :ready, :].to(self.dtype))
+        block = self._encode(self.fp[..., :ready, :].detach().to(self.dtype))  # rounding has no gradient
         self.packed = block if self.packed is None else self._cat([self.packed, block])
         self.fp = self.fp[..., ready:, :]
 
     def _encode(self, x: torch.Tensor) -> Packed:
         return quantize(x, self.bits, self.group_size, self.along)
 
-    def _decode(self, packed: Packed) -> torch.Tensor:
-        return dequantize(packed, self.dtype)
+    def _decode(self, packed: Packed, out: torch.Tensor) -> None:
+        dequantize(packed, self.dtype, out)
 
     def _cat(self, parts: list[Packed]) -> Packed:
         return cat(parts)
@@ -107,10 +107,18 @@ class QuantizedStore:
                       p.minimum.index_select(0, index), p.bits, p.group_size, p.along, p.dim)
 
     def read(self) -> torch.Tensor:
-        """All stored tokens, de-quantized, ``[B, H, T, D]`` in the residual's dtype."""
+        """All stored tokens, de-quantized, ``[B, H, T, D]`` in the compute dtype.
+
+        The packed tokens are de-quantized straight into the front of one buffer and the residual window
+        is copied behind them: no intermediate copy of the whole cache.
+        """
         if self.packed is None:
             return self.residual()
-        return torch.cat([self._decode(self.packed), self.residual()], dim=-2)
+        fp, tq = self.fp, self.packed.num_tokens
+        out = fp.new_empty((*fp.shape[:-2], tq + fp.shape[-2], fp.shape[-1]), dtype=self.dtype)
+        self._decode(self.packed, out[..., :tq, :])
+        out[..., tq:, :] = fp
+        return out
 
     def residual(self) -> torch.Tensor:
         """The 16-bit tokens after the packed ones, in the compute dtype."""
@@ -147,8 +155,8 @@ class DecoQuantStore(QuantizedStore):
     def _encode(self, x: torch.Tensor) -> decoquant.DecoPacked:
         return decoquant.encode(x, self.bits, self.group_size, self.along, self.block)
 
-    def _decode(self, packed: decoquant.DecoPacked) -> torch.Tensor:
-        return decoquant.decode(packed, self.dtype)
+    def _decode(self, packed: decoquant.DecoPacked, out: torch.Tensor) -> None:
+        out.copy_(decoquant.decode(packed, self.dtype))
 
     def _cat(self, parts: list[decoquant.DecoPacked]) -> decoquant.DecoPacked:
         return decoquant.cat_blocks(parts)
