@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvcompress.cache.channels import describe
 from kvcompress.errors import KVCompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -86,6 +87,8 @@ def analyze(
     head_group: Annotated[int | None, typer.Option(help="KV heads per latent; 0 = all, 1 = per head.")] = None,
     rank_multiple: Annotated[int | None, typer.Option(help="Round ranks to this multiple.")] = None,
     avg_bits: Annotated[float | None, typer.Option(help="Average K/V bits for the allocation.")] = None,
+    allocation: Annotated[str | None, typer.Option(help="Bits per stream | per channel segment: stream | channels.")
+                          ] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text file (never the eval text).")] = None,
     context: Annotated[int, typer.Option(help="Context at which KV bytes/token are reported.")] = 2048,
     sensitivity: Annotated[bool, typer.Option(help="Measure per-layer KL sensitivity for bits.")] = True,
@@ -104,6 +107,8 @@ def analyze(
             setattr(rec.lowrank, key, value)
     if avg_bits is not None:
         rec.quant.avg_bits = avg_bits
+    if allocation is not None:
+        rec.quant.allocation = allocation
     if calib is not None:
         rec.calibration.text = str(calib)
     rec.validate()
@@ -121,14 +126,15 @@ def analyze(
 
 def print_analysis(result, output: Path | None) -> None:
     """The per-layer table and a summary."""
-    lr = result.recipe.lowrank
+    lr, q = result.recipe.lowrank, result.recipe.quant
     table = Table(title=f"{result.model}: {lr.svd} SVD, {lr.schedule} schedule, target {lr.target_ratio}")
     for col in ("layer", "rank K", "rank V", "κ K", "κ V", "energy K", "energy V", "bits K", "bits V",
                 "KL K", "KL V"):
         table.add_column(col, justify="right")
     for r in result.layers:
         table.add_row(str(r.layer), str(r.rank_k), str(r.rank_v), f"{r.kappa_k:.3g}", f"{r.kappa_v:.3g}",
-                      f"{r.energy_k:.3f}", f"{r.energy_v:.3f}", str(r.bits_k), str(r.bits_v),
+                      f"{r.energy_k:.3f}", f"{r.energy_v:.3f}", describe(r.bits_k, r.rank_k, q.segment_size("k")),
+                      describe(r.bits_v, r.rank_v, q.segment_size("v")),
                       f"{r.sensitivity_k:.3g}", f"{r.sensitivity_v:.3g}")
     out.print(table)
     kv = result.kv_bytes_per_token
@@ -233,8 +239,10 @@ def inspect(
     for col in ("layer", "rank_k", "rank_v", "bits_k", "bits_v", "group_size", "residual_length"):
         table.add_column(col, justify="right")
     for lay in m["layers"]:
-        table.add_row(*(str(lay[c]) for c in ("layer", "rank_k", "rank_v", "bits_k", "bits_v", "group_size",
-                                              "residual_length")))
+        segments = {"k": lay.get("key_segment", 16), "v": lay["group_size"]}
+        bits = [describe(lay[f"bits_{s}"], lay[f"rank_{s}"], segments[s]) for s in ("k", "v")]
+        table.add_row(str(lay["layer"]), str(lay["rank_k"]), str(lay["rank_v"]), *bits, str(lay["group_size"]),
+                      str(lay["residual_length"]))
     out.print(table)
 
 

@@ -54,14 +54,19 @@ def make_cache(model) -> KVCompressCache:
         One layer object per decoder layer, configured from the checkpoint's manifest.
     """
     manifest = model.kvcompress_manifest
-    storage = [LayerStorage(lay["bits_k"], lay["bits_v"], lay["group_size"], lay["residual_length"],
-                            lay.get("key_group_size", lay["group_size"]), lay.get("method", "kivi"))
+    storage = [LayerStorage(_bits(lay["bits_k"]), _bits(lay["bits_v"]), lay["group_size"], lay["residual_length"],
+                            lay.get("key_group_size", lay["group_size"]), lay.get("method", "kivi"),
+                            lay.get("key_segment", 16))
                for lay in manifest["layers"]]  # manifests before DecoQuant have no "method": KIVI
     eviction = manifest.get("eviction")
     lagkv = None
     if eviction is not None:
         lagkv = LagKVConfig(**{k: v for k, v in eviction.items() if k != "method"})
     return KVCompressCache(storage, lagkv)
+
+
+def _bits(bits: int | list[int]) -> int | tuple[int, ...]:
+    return bits if isinstance(bits, int) else tuple(bits)
 
 
 def load_source(manifest: dict, source: str | None = None):

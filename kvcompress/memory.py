@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvcompress.cache.channels import bit_runs
 from kvcompress.cache.decoquant import core_width
 from kvcompress.cache.quant import effective_group
 from kvcompress.recipe import LayerRecipe, Quant
@@ -17,7 +18,8 @@ def baseline_bytes_per_token(spec: ModelSpec, element_size: int = FP16) -> int:
 
 
 def stream_bytes(width: int, bits: int, along: str, quant: Quant, context: int) -> float:
-    """Bytes per token, averaged over ``context`` tokens, of one K or V stream ``width`` channels wide.
+    """Bytes per token, averaged over ``context`` tokens, of one K or V stream (or run of channels, see
+    ``kvcompress.cache.channels``) ``width`` channels wide.
 
     Quantized tokens hold packed codes plus an fp16 scale and minimum per group; the tokens not yet
     flushed from the residual window (``context mod residual_length``) are fp16. DecoQuant adds one fp16
@@ -50,8 +52,8 @@ def compressed_bytes_per_token(
     groups = spec.num_kv_heads // head_group
     total = float(len(layers) * POSITION * (groups if evicting else 1))
     for lay in layers:
-        bits_k = lay.bits_k if quant.enabled else 16
-        bits_v = lay.bits_v if quant.enabled else 16
-        total += groups * stream_bytes(lay.rank_k, bits_k, "tokens", quant, context)
-        total += groups * stream_bytes(lay.rank_v, bits_v, "channels", quant, context)
+        streams = (("k", lay.rank_k, lay.bits_k, "tokens"), ("v", lay.rank_v, lay.bits_v, "channels"))
+        for stream, rank, bits, along in streams:
+            for width, b in bit_runs(bits if quant.enabled else 16, rank, quant.segment_size(stream)):
+                total += groups * stream_bytes(width, b, along, quant, context)
     return total

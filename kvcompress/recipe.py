@@ -13,6 +13,7 @@ from pathlib import Path
 import tomli_w
 
 from kvcompress.analysis.schedule import SCHEDULES
+from kvcompress.cache.channels import bit_runs
 from kvcompress.errors import KVCompressError
 from kvcompress.sources import ModelSpec
 
@@ -26,6 +27,7 @@ SVD_MODES = ("whitened", "weight")
 
 BITS = (2, 4, 8)
 QUANT_METHODS = ("kivi", "decoquant")
+ALLOCATIONS = ("stream", "channels")
 
 
 @dataclass
@@ -52,6 +54,10 @@ class Quant:
     ``rotation``: ``"orthogonal"`` mixes each latent's channels by a seeded random rotation: folded into the
     weights for values and pre-RoPE key latents; with ``key_rope = "post"``, applied to queries and keys
     after RoPE at run time (QuaRot). ``"none"`` keeps the principal axes.
+    ``allocation``: ``"stream"`` gives each layer's K and each layer's V one bit width (MiniKV's
+    layer-discriminative bits); ``"channels"`` gives one width per segment of the latent's principal axes
+    (``segment`` channels for keys, ``group_size`` for values), so bits follow the energy of each axis
+    (see ``kvcompress.cache.channels``); the rotation then mixes channels only within runs of equal bits.
     """
 
     enabled: bool = False
@@ -62,12 +68,18 @@ class Quant:
     group_size: int = 32
     key_group_size: int = 0
     residual_length: int = 128
-
+    allocation: str = "stream"
+    segment: int = 16
 
     @property
     def key_group(self) -> int:
         """Tokens per key quantization group."""
         return self.key_group_size or self.group_size
+
+    def segment_size(self, stream: str) -> int:
+        """Channels per segment of the ``"k"`` or ``"v"`` latent under ``allocation = "channels"``: value
+        segments are whole quantization groups, so they cost no extra scales."""
+        return self.segment if stream == "k" else self.group_size
 
 
 @dataclass
@@ -92,13 +104,14 @@ class Calibration:
 
 @dataclass
 class LayerRecipe:
-    """One decoder layer's ranks (per head group) and bits (16 = not quantized)."""
+    """One decoder layer's ranks (per head group) and bits (16 = not quantized; a list gives one width
+    per channel segment, see ``Quant.allocation``)."""
 
     layer: int
     rank_k: int
     rank_v: int
-    bits_k: int = 16
-    bits_v: int = 16
+    bits_k: int | list[int] = 16
+    bits_v: int | list[int] = 16
 
 
 @dataclass
@@ -145,13 +158,32 @@ class Recipe:
         _check(lag.sink_size >= 0 and lag.lag_size >= 1, "lagkv sink_size must be >= 0 and lag_size >= 1")
         _check(self.calibration.max_tokens >= 1 and self.calibration.seq_len >= 1,
                "calibration max_tokens and seq_len must be >= 1")
+        _check(q.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}, got {q.allocation!r}")
+        _check(q.segment >= 4 and q.segment % 4 == 0, f"segment must be a positive multiple of 4, got {q.segment}")
+        _check(q.allocation == "stream" or q.method == "kivi", "allocation = 'channels' needs method = 'kivi'")
         for lay in self.layers:
-            for b in (lay.bits_k, lay.bits_v):
-                _check(b in (*BITS, 16), f"layer {lay.layer}: bits must be one of {BITS} (or 16 = off), got {b}")
             _check(lay.rank_k >= 1 and lay.rank_v >= 1, f"layer {lay.layer}: ranks must be >= 1")
+            for stream, bits, rank in (("k", lay.bits_k, lay.rank_k), ("v", lay.bits_v, lay.rank_v)):
+                self._check_bits(lay.layer, stream, bits, rank)
         if spec is not None:
             self._validate_for(spec)
         return self
+
+    def _check_bits(self, layer: int, stream: str, bits: int | list[int], rank: int) -> None:
+        name = f"layer {layer}: bits_{stream}"
+        if isinstance(bits, int):
+            _check(bits in (*BITS, 16), f"{name} must be one of {BITS} (or 16 = off), got {bits}")
+            return
+        _check(self.quant.allocation == "channels", f"{name} is a list; that needs [quant] allocation = 'channels'")
+        _check(stream == "v" or self.quant.key_rope == "pre",
+               f"{name} is a list; post-RoPE keys have no principal axes to allocate over")
+        _check(all(b in BITS for b in bits), f"{name} entries must be in {BITS}, got {bits}")
+        try:
+            runs = bit_runs(bits, rank, self.quant.segment_size(stream))
+        except ValueError as e:
+            raise KVCompressError(f"{name}: {e}") from None
+        for width, b in runs:
+            _check(width % (8 // b) == 0, f"{name}: a run of {width} channels cannot hold packed {b}-bit codes")
 
     def _validate_for(self, spec: ModelSpec) -> None:
         g = self.head_group(spec)

@@ -193,6 +193,52 @@ def test_allocate_bits_spends_on_the_most_sensitive_layer():
     assert allocate_bits([1.0, 2.0], 8.0) == [8, 8]
 
 
+def test_equal_sensitivities_get_uniform_bits():
+    # --no-sensitivity measures nothing (all zeros): the budget must spread evenly, not pile onto one stream
+    assert allocate_bits([0.0] * 4, 4.0) == [4, 4, 4, 4]
+    assert allocate_bits([0.0] * 6, 8.0) == [8] * 6
+
+
+@settings(max_examples=200, deadline=None)
+@given(sens=SENS, avg=st.floats(min_value=2.0, max_value=8.0), seed=st.integers(0, 1000))
+def test_allocate_bits_with_widths_respects_the_channel_budget(sens, avg, seed):
+    widths = torch.randint(1, 33, (len(sens),), generator=torch.Generator().manual_seed(seed)).tolist()
+    bits = allocate_bits(sens, avg, widths=widths)
+    assert set(bits) <= {2, 4, 8}
+    assert sum(b * w for b, w in zip(bits, widths, strict=True)) <= avg * sum(widths) + 1e-6
+    left = avg * sum(widths) - sum(b * w for b, w in zip(bits, widths, strict=True))
+    ladder = {2: 4, 4: 8}
+    assert all(b == 8 or (ladder[b] - b) * w > left + 1e-9 for b, w in zip(bits, widths, strict=True))
+    assert allocate_bits([8.0, 1.0], 3.0, widths=[16, 16]) == [4, 2]  # per channel damage decides
+    assert allocate_bits([8.0, 1.0], 3.0, widths=[64, 2]) == [2, 8]  # the wide unit's upgrade does not fit
+
+
+def test_channel_allocation_follows_the_spectrum(tiny_factory):
+    from kvcompress.cache.channels import mean_bits
+
+    tiny = tiny_factory("llama_gqa")
+    source = open_source(tiny.path)
+    rec = _small_calibration(Recipe())
+    rec.lowrank.enabled = False
+    rec.quant.enabled, rec.quant.allocation, rec.quant.segment, rec.quant.avg_bits = True, "channels", 4, 3.0
+    rec.quant.group_size, rec.quant.residual_length = 4, 16
+    result = analyze(source, source.tokenizer(), rec, sensitivity=True)
+    rec.validate(source.spec)
+    width = tiny.config.num_key_value_heads * tiny.config.head_dim
+    channel_bits = 0.0
+    lists = 0
+    for lay in rec.layers:
+        for bits in (lay.bits_k, lay.bits_v):
+            channel_bits += mean_bits(bits, width, 4) * width
+            if isinstance(bits, list):
+                lists += 1
+                assert len(bits) == width // 4
+                assert bits == sorted(bits, reverse=True)  # the leading principal axes carry the most energy
+    assert lists > 0  # the spectrum made some stream mix widths
+    assert channel_bits / (2 * width * len(rec.layers)) <= 3.0 + 1e-9
+    assert "bits_k" in result.to_json()["layers"][0]
+
+
 # --------------------------------------------------------------------------- analyze end to end
 
 TOP_KEYS = {"model", "num_layers", "num_kv_heads", "head_dim", "head_group", "group_width", "svd", "schedule",
@@ -321,8 +367,19 @@ def _layers(rank_k=8, rank_v=8, bits_k=16, bits_v=16):
 @pytest.mark.parametrize(("data", "pattern"), [
     ({"lowrank": {"target_ratio": 0}}, r"target_ratio must be in \(0, 1\], got 0"),
     ({"lowrank": {"target_ratio": 1.5}}, r"target_ratio must be in \(0, 1\], got 1.5"),
-    ({"layers": _layers(bits_k=3)}, r"layer 0: bits must be one of .*got 3"),
-    ({"layers": _layers(bits_v=1)}, r"bits must be one of .*got 1"),
+    ({"layers": _layers(bits_k=3)}, r"layer 0: bits_k must be one of .*got 3"),
+    ({"layers": _layers(bits_v=1)}, r"bits_v must be one of .*got 1"),
+    ({"layers": _layers(bits_k=[4])}, r"bits_k is a list; that needs \[quant\] allocation = 'channels'"),
+    ({"quant": {"allocation": "channels", "segment": 4}, "layers": _layers(bits_k=[4, 3])},
+     r"bits_k entries must be in \(2, 4, 8\), got \[4, 3\]"),
+    ({"quant": {"allocation": "channels", "segment": 4}, "layers": _layers(bits_k=[4, 2, 2])},
+     r"bits_k: 3 segment bits for 2 segments of 4 in 8 channels"),
+    ({"quant": {"allocation": "channels", "segment": 4, "key_rope": "post"}, "layers": _layers(bits_k=[4, 2])},
+     r"post-RoPE keys have no principal axes"),
+    ({"quant": {"allocation": "channels", "group_size": 6, "residual_length": 12}, "layers": _layers(bits_v=[4, 2])},
+     r"bits_v: a run of 2 channels cannot hold packed 2-bit codes"),
+    ({"quant": {"allocation": "rows"}}, r"allocation must be one of"),
+    ({"quant": {"allocation": "channels", "method": "decoquant"}}, r"allocation = 'channels' needs method = 'kivi'"),
     ({"quant": {"group_size": 32, "residual_length": 100}}, r"residual_length \(100\).*multiple of group_size \(32\)"),
     ({"schema_version": 2}, r"schema_version 2 is newer.*upgrade"),
     ({"colour": "blue"}, r"unknown recipe key\(s\): colour"),

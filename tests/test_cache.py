@@ -86,6 +86,55 @@ def test_live_bytes_match_the_memory_formula(key_group, method):
     assert layer.kv_bytes() == pytest.approx(100 * formula)  # formula counts the int32 positions too
 
 
+def test_segmented_store_quantizes_each_run_on_its_own():
+    from kvcompress.cache.store import SegmentedStore, make_store
+
+    store = make_store((8, 4, 4, 2), 8, "channels", 16, segment=8)  # runs: 8 ch @ 8 bits, 16 @ 4, 8 @ 2
+    assert isinstance(store, SegmentedStore)
+    x = torch.randn(1, 2, 40, 32)
+    store.append(x)
+    store.flush(40)
+    assert [(w, s.bits) for w, s in store.runs] == [(8, 8), (16, 4), (8, 2)]
+    assert store.quantized_length == 32
+    expect = []
+    for (width, run), start in zip(store.runs, [0, 8, 24], strict=True):
+        alone = QuantizedStore(run.bits, 8, "channels", 16)
+        alone.append(x[..., start:start + width])
+        alone.flush(40)
+        expect.append(alone.read())
+        assert alone.nbytes() == run.nbytes()
+    assert store.nbytes() == sum(run.nbytes() for _, run in store.runs)
+    assert torch.equal(store.read(), torch.cat(expect, dim=-1))
+    assert torch.equal(store.residual(), x[..., 32:, :].half().float())
+    assert isinstance(make_store((4, 4), 8, "channels", 16, segment=8), QuantizedStore)  # one run: plain store
+
+
+def test_segmented_layer_bytes_match_the_memory_formula():
+    storage = LayerStorage(bits_k=(8, 2, 2, 4), bits_v=(4, 2), group_size=4, residual_length=16, key_segment=4)
+    layer = KVCompressLayer(storage)
+    _feed(layer, total=90, block=9, d_k=16, d_v=8, heads=1)
+    quant = Quant(enabled=True, group_size=4, residual_length=16, allocation="channels", segment=4)
+    formula = compressed_bytes_per_token(
+        spec=_spec(kv_heads=1, head_dim=16), layers=[LayerRecipe(0, 16, 8, [8, 2, 2, 4], [4, 2])], head_group=1,
+        quant=quant, context=90)
+    assert layer.kv_bytes() == pytest.approx(90 * formula)
+
+
+def test_channel_allocation_export_rotates_within_runs_and_stays_exact(llama_gqa, tmp_path, one_thread):
+    from kvcompress.cache.store import SegmentedStore
+
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False},
+                    quant={"enabled": True, "allocation": "channels", "segment": 4, "avg_bits": 4.0,
+                           "group_size": 4, "residual_length": 4096})
+    layers = model.kvcompress_manifest["layers"]
+    assert any(isinstance(lay["bits_k"], list) or isinstance(lay["bits_v"], list) for lay in layers)
+    ids = torch.randint(4, 300, (1, 20), generator=torch.Generator().manual_seed(11))
+    cache = kvcompress.make_cache(model)
+    logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(20)[None]).logits
+    assert any(isinstance(s, SegmentedStore) for lay in cache.layers for s in (lay.key_store, lay.value_store))
+    assert torch.allclose(logits, llama_gqa.model(ids).logits, atol=1e-2)  # every token in the 16-bit window
+
+
 def _spec(kv_heads: int, head_dim: int):
     from kvcompress.sources import ModelSpec
 

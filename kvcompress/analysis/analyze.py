@@ -21,6 +21,7 @@ from kvcompress.analysis.svd import (
     split_groups,
     whitening_factor,
 )
+from kvcompress.cache.channels import segment_widths
 from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
 from kvcompress.recipe import LayerRecipe, Recipe
 from kvcompress.skeleton import load_full
@@ -40,8 +41,8 @@ class LayerReport:
     kappa_v: float
     energy_k: float
     energy_v: float
-    bits_k: int
-    bits_v: int
+    bits_k: int | list[int]
+    bits_v: int | list[int]
     sensitivity: float
     sensitivity_k: float
     sensitivity_v: float
@@ -112,6 +113,39 @@ def _log_kappa(source: Source, layer: int, head_group: int) -> tuple[float, floa
     return logs[0], logs[1]
 
 
+def channel_bits(recipe: Recipe, spectra: list, ranks_k: list[int], ranks_v: list[int],
+                 sens: list[tuple[float, float]]) -> tuple[list, list]:
+    """Bits per segment of every latent's principal axes, from one budget over all layers and streams.
+
+    A segment's share of its stream's 2-bit damage is its share of the stream's kept energy ``Σ σ_j²``
+    (averaged over head groups): the sensitivity says how much a stream matters, the spectrum where its
+    error lands. Post-RoPE keys have no principal axes and stay one unit per layer.
+    """
+    q = recipe.quant
+    units = []  # (layer, stream, weight, width)
+    for i, (k_sig, v_sig) in enumerate(spectra):
+        for j, (stream, sigmas, rank) in enumerate((("k", k_sig, ranks_k[i]), ("v", v_sig, ranks_v[i]))):
+            if stream == "k" and q.key_rope == "post":
+                units.append((i, stream, sens[i][j], rank))
+                continue
+            energy = torch.stack([s.double()[:rank].square() for s in sigmas]).mean(0)
+            total = float(energy.sum().clamp_min(1e-300))
+            start = 0
+            for width in segment_widths(rank, q.segment_size(stream)):
+                units.append((i, stream, sens[i][j] * float(energy[start:start + width].sum()) / total, width))
+                start += width
+    bits = allocate_bits([u[2] for u in units], q.avg_bits, widths=[u[3] for u in units])
+    per_stream: dict[tuple[int, str], list[int]] = {}
+    for (i, stream, _, _), b in zip(units, bits, strict=True):
+        per_stream.setdefault((i, stream), []).append(b)
+
+    def as_recipe(values: list[int]) -> int | list[int]:
+        return values[0] if len(set(values)) == 1 else values  # one width for the whole stream
+
+    layers = range(len(spectra))
+    return [as_recipe(per_stream[i, "k"]) for i in layers], [as_recipe(per_stream[i, "v"]) for i in layers]
+
+
 def analyze(
     source: Source,
     tokenizer,
@@ -147,7 +181,8 @@ def analyze(
     ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
 
     grams = None
-    if lr.enabled and lr.svd == "whitened":
+    by_channels = recipe.quant.enabled and recipe.quant.allocation == "channels"
+    if lr.svd == "whitened" and (lr.enabled or by_channels):  # the latents' principal axes, as exported
         grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))
 
     kappas, energy_k, energy_v = [], [], []
@@ -192,8 +227,11 @@ def analyze(
     else:
         sens = [(0.0, 0.0)] * n
         method = "none (uniform bits)"
-    bits = allocate_bits([s for pair in sens for s in pair], recipe.quant.avg_bits)
-    bits_k, bits_v = bits[0::2], bits[1::2]
+    if by_channels:
+        bits_k, bits_v = channel_bits(recipe, spectra, ranks_k, ranks_v, sens)
+    else:
+        bits = allocate_bits([s for pair in sens for s in pair], recipe.quant.avg_bits)
+        bits_k, bits_v = bits[0::2], bits[1::2]
 
     recipe.layers = [LayerRecipe(i, ranks_k[i], ranks_v[i], bits_k[i], bits_v[i]) for i in range(n)]
     reports = [

@@ -95,31 +95,35 @@ def layer_sensitivity(
     return scores
 
 
-def allocate_bits(sensitivity: list[float], avg_bits: float, choices: tuple[int, ...] = (2, 4, 8)) -> list[int]:
-    """Stream-discriminative bits under an average budget (a stream: one layer's K, or its V).
+def allocate_bits(sensitivity: list[float], avg_bits: float, choices: tuple[int, ...] = (2, 4, 8),
+                  widths: list[int] | None = None) -> list[int]:
+    """Bits for each unit under an average budget (a unit: one layer's K or V, or a segment of one).
 
-    Quantization error energy falls about 4x per extra bit, so a stream's damage at b bits is modelled
+    Quantization error energy falls about 4x per extra bit, so a unit's damage at b bits is modelled
     as ``s · 4^-(b - b_min)``. Starting from the lowest width everywhere, we greedily take the upgrade
-    with the largest damage reduction per extra bit while the mean stays within ``avg_bits``.
+    with the largest damage reduction per extra bit (per extra bit *and channel*, for units of
+    ``widths`` channels) while the channel-weighted mean stays within ``avg_bits``.
     """
+    widths = widths or [1] * len(sensitivity)
     bits = [min(choices)] * len(sensitivity)
-    budget = avg_bits * len(sensitivity) - sum(bits)
+    budget = avg_bits * sum(widths) - sum(b * w for b, w in zip(bits, widths, strict=True))
     ladder = sorted(choices)
 
     def damage(s: float, b: int) -> float:
         return s * 4.0 ** -(b - ladder[0])
 
     while True:
-        best, best_key = None, (0.0, 0.0)
-        for i, (s, b) in enumerate(zip(sensitivity, bits, strict=True)):
+        best, best_key = None, (0.0, 0.0, 0)
+        for i, (s, b, w) in enumerate(zip(sensitivity, bits, widths, strict=True)):
             up = ladder.index(b) + 1
-            if up == len(ladder) or ladder[up] - b > budget + 1e-9:
+            if up == len(ladder) or (ladder[up] - b) * w > budget + 1e-9:
                 continue
-            key = ((damage(s, b) - damage(s, ladder[up])) / (ladder[up] - b), s)  # ties: more sensitive first
+            # ties: the more sensitive unit, then the one with fewer bits (equal sensitivities: uniform bits)
+            key = ((damage(s, b) - damage(s, ladder[up])) / ((ladder[up] - b) * w), s, -b)
             if best is None or key > best_key:
                 best, best_key = i, key
         if best is None:
             return bits
         nxt = ladder[ladder.index(bits[best]) + 1]
-        budget -= nxt - bits[best]
+        budget -= (nxt - bits[best]) * widths[best]
         bits[best] = nxt

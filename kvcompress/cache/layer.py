@@ -22,16 +22,17 @@ from kvcompress.cache.store import make_store
 
 @dataclass(frozen=True)
 class LayerStorage:
-    """How one layer stores K and V: bits (16 = not quantized), quantization groups, residual window, and
-    the quantization method (``"kivi"``: plain grouping; ``"decoquant"``: MPO cores, see
-    ``kvcompress.cache.decoquant``)."""
+    """How one layer stores K and V: bits (16 = not quantized; a tuple gives one width per channel segment,
+    see ``kvcompress.cache.channels``), quantization groups, residual window, and the quantization method
+    (``"kivi"``: plain grouping; ``"decoquant"``: MPO cores, see ``kvcompress.cache.decoquant``)."""
 
-    bits_k: int = 16
-    bits_v: int = 16
+    bits_k: int | tuple[int, ...] = 16  # a tuple: one width per segment of principal axes
+    bits_v: int | tuple[int, ...] = 16
     group_size: int = 32
     residual_length: int = 128
     key_group_size: int = 0  # 0: the same as group_size
     method: str = "kivi"
+    key_segment: int = 16  # channels per key segment (value segments are group_size wide)
 
 
 class KVCompressLayer(CacheLayerMixin):
@@ -61,8 +62,9 @@ class KVCompressLayer(CacheLayerMixin):
         self.settled = 0
         st = self.storage
         self.key_store = make_store(st.bits_k, st.key_group_size or st.group_size, "tokens", st.residual_length,
-                                    st.method)
-        self.value_store = make_store(st.bits_v, st.group_size, "channels", st.residual_length, st.method)
+                                    st.method, st.key_segment)
+        self.value_store = make_store(st.bits_v, st.group_size, "channels", st.residual_length, st.method,
+                                      st.group_size)
         self.positions: torch.Tensor | None = None  # [B, 1 or H, T] int32 RoPE positions of stored tokens
         self.valid: torch.Tensor | None = None  # [B, 1 or H, T] bool, only once padding was seen
         self.seen = 0

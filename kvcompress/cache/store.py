@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from kvcompress.cache import decoquant
+from kvcompress.cache.channels import bit_runs
 from kvcompress.cache.quant import Packed, cat, dequantize, quantize
 
 
@@ -106,17 +107,21 @@ class QuantizedStore:
         return Packed(p.codes.index_select(0, index), p.scale.index_select(0, index),
                       p.minimum.index_select(0, index), p.bits, p.group_size, p.along, p.dim)
 
-    def read(self) -> torch.Tensor:
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """All stored tokens, de-quantized, ``[B, H, T, D]`` in the compute dtype.
 
-        The packed tokens are de-quantized straight into the front of one buffer and the residual window
-        is copied behind them: no intermediate copy of the whole cache.
+        The packed tokens are de-quantized straight into the front of one buffer (``out`` if given, which
+        may be a slice of channels of a wider buffer) and the residual window is copied behind them: no
+        intermediate copy of the whole cache.
         """
-        if self.packed is None:
-            return self.residual()
-        fp, tq = self.fp, self.packed.num_tokens
-        out = fp.new_empty((*fp.shape[:-2], tq + fp.shape[-2], fp.shape[-1]), dtype=self.dtype)
-        self._decode(self.packed, out[..., :tq, :])
+        fp, tq = self.fp, self.quantized_length
+        assert fp is not None
+        if out is None:
+            if self.packed is None:
+                return self.residual()
+            out = fp.new_empty((*fp.shape[:-2], tq + fp.shape[-2], fp.shape[-1]), dtype=self.dtype)
+        if self.packed is not None:
+            self._decode(self.packed, out[..., :tq, :])
         out[..., tq:, :] = fp
         return out
 
@@ -166,15 +171,84 @@ class DecoQuantStore(QuantizedStore):
         return decoquant.DecoPacked(large, packed.small.index_select(0, index), packed.block)
 
 
+class SegmentedStore:
+    """Runs of latent channels with their own bit widths (``[quant] allocation = "channels"``).
+
+    ``bits`` holds one width per segment of ``segment`` channels in principal-axis order; neighbouring
+    segments with equal bits form a run (``kvcompress.cache.channels``), each a :class:`QuantizedStore`
+    of its channels. All runs hold the same tokens, flush together and read back into one buffer.
+    """
+
+    def __init__(self, bits: tuple[int, ...], segment: int, group_size: int, along: str,
+                 residual_length: int) -> None:
+        self.bits, self.segment = bits, segment
+        self.make = lambda b: QuantizedStore(b, group_size, along, residual_length)
+        self.runs: list[tuple[int, QuantizedStore]] = []  # (channels, store), built on the first append
+
+    @property
+    def quantized_length(self) -> int:
+        """Tokens held in packed form."""
+        return self.runs[0][1].quantized_length if self.runs else 0
+
+    def append(self, x: torch.Tensor) -> None:
+        """Add new tokens; each run takes its channels."""
+        if not self.runs:
+            self.runs = [(w, self.make(b)) for w, b in bit_runs(self.bits, x.shape[-1], self.segment)]
+        start = 0
+        for width, store in self.runs:
+            store.append(x[..., start:start + width])
+            start += width
+
+    def read(self) -> torch.Tensor:
+        """All stored tokens, de-quantized, ``[B, H, T, D]``: every run writes its channels of one buffer."""
+        first = self.runs[0][1]
+        assert first.fp is not None
+        b, h, t = first.fp.shape[:-1]
+        out = first.fp.new_empty((b, h, first.quantized_length + t, sum(w for w, _ in self.runs)), dtype=first.dtype)
+        start = 0
+        for width, store in self.runs:
+            store.read(out[..., start:start + width])
+            start += width
+        return out
+
+    def residual(self) -> torch.Tensor:
+        """The 16-bit tokens after the packed ones, all channels."""
+        return torch.cat([store.residual() for _, store in self.runs], dim=-1)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep residual tokens ``index`` in every run."""
+        for _, store in self.runs:
+            store.keep(index)
+
+    def flush(self, settled: int) -> None:
+        """Quantize settled whole blocks in every run."""
+        for _, store in self.runs:
+            store.flush(settled)
+
+    def nbytes(self) -> int:
+        """Bytes held by all runs."""
+        return sum(store.nbytes() for _, store in self.runs)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Reorder or select sequences (beam search)."""
+        for _, store in self.runs:
+            store.select_batch(index)
+
+
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if x.shape[1] != index.shape[1]:  # a store shared by heads is split per head by a per-head selection
         x = x.expand(-1, index.shape[1], -1, -1)
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def make_store(bits: int, group_size: int, along: str, residual_length: int,
-               method: str = "kivi") -> DenseStore | QuantizedStore:
-    """A dense store for 16 bits, otherwise a quantized one: KIVI grouping, or DecoQuant (``method``)."""
+def make_store(bits: int | tuple[int, ...], group_size: int, along: str, residual_length: int,
+               method: str = "kivi", segment: int = 0) -> DenseStore | QuantizedStore | SegmentedStore:
+    """A dense store for 16 bits, otherwise a quantized one: KIVI grouping, or DecoQuant (``method``).
+    A tuple of bits (one per ``segment`` channels) makes a :class:`SegmentedStore`."""
+    if not isinstance(bits, int):
+        if len(set(bits)) == 1:
+            return make_store(bits[0], group_size, along, residual_length, method)
+        return SegmentedStore(tuple(bits), segment, group_size, along, residual_length)
     if bits >= 16:
         return DenseStore()
     if method not in STORES:
