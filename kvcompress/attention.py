@@ -162,8 +162,10 @@ class LatentAttention(nn.Module):
         """``o_proj`` of the attention-weighted value latents ``[B, Hq, T, r_v]``, through ``v_up`` if kept."""
         b, _, t, _ = out.shape
         if self.v_up is not None:  # query head h = ((G·g) + j)·rep + i reads KV head G·g + j
-            up = self.v_up.to(out.dtype).view(self.groups, self.head_group, 1, self.head_dim, -1)
-            out = out.view(b, self.groups, self.head_group, -1, t, self.rank_v) @ up.transpose(-1, -2)
+            kv = self.num_kv_heads
+            up = self.v_up.to(out.dtype).view(kv, self.head_dim, self.rank_v).transpose(-1, -2)  # [kv, r_v, d]
+            rows = out.view(b, kv, -1, self.rank_v).transpose(0, 1).reshape(kv, -1, self.rank_v)
+            out = (rows @ up).view(kv, b, -1, self.head_dim).transpose(0, 1)  # one GEMM per KV head
         return self.o_proj(out.reshape(b, self.num_heads, t, -1).transpose(1, 2).reshape(b, t, -1))
 
     def _packed_decode_fits(self, layer, q: torch.Tensor) -> bool:
@@ -188,19 +190,20 @@ def rope_table(rotary: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -
 
     In the rotate-half layout both halves share one frequency per channel pair, so half a table is all
     of it. The table is computed once by the model's rotary module (so any RoPE scaling it applies is
-    kept) and grown by doubling; reading it is a gather instead of a cos/sin per stored key per step.
+    kept), stored as ``[cos | sin channels, positions]`` and grown by doubling; reading it is one gather
+    of columns, already in the ``[d/2, S]`` layout the keys use.
     """
     need = int(positions.max()) + 1
     table = getattr(rotary, "_kvcompress_table", None)
-    if table is None or table.shape[0] < need or table.device != positions.device:
-        size = max(need, 2 * table.shape[0] if table is not None else 4096)
+    if table is None or table.shape[1] < need or table.device != positions.device:
+        size = max(need, 2 * table.shape[1] if table is not None else 4096)
         probe = torch.zeros(1, device=positions.device)
         cos, sin = rotary(probe, torch.arange(size, device=positions.device).unsqueeze(0))
         half = cos.shape[-1] // 2
-        table = torch.stack([cos[0, :, :half], sin[0, :, :half]], dim=1).float()  # [positions, 2, d/2]
+        table = torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=1).T.contiguous().float()  # [d, positions]
         rotary._kvcompress_table = table
-    picked = table.index_select(0, positions.reshape(-1).long()).view(*positions.shape, 2, -1)
-    picked = picked.movedim(-2, 0).transpose(-1, -2).contiguous().to(dtype)  # [2, ..., d/2, S]
+    picked = table.index_select(1, positions.reshape(-1).long()).to(dtype)  # [d, B·H·S]
+    picked = picked.view(2, -1, *positions.shape).movedim(1, -2)  # [2, B, H, d/2, S]
     return picked[0], picked[1]
 
 
