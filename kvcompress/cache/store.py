@@ -182,7 +182,7 @@ class SegmentedStore:
     def __init__(self, bits: tuple[int, ...], segment: int, group_size: int, along: str,
                  residual_length: int) -> None:
         self.bits, self.segment = bits, segment
-        self.make = lambda b: QuantizedStore(b, group_size, along, residual_length)
+        self.layout = (group_size, along, residual_length)
         self.runs: list[tuple[int, QuantizedStore]] = []  # (channels, store), built on the first append
 
     @property
@@ -193,7 +193,8 @@ class SegmentedStore:
     def append(self, x: torch.Tensor) -> None:
         """Add new tokens; each run takes its channels."""
         if not self.runs:
-            self.runs = [(w, self.make(b)) for w, b in bit_runs(self.bits, x.shape[-1], self.segment)]
+            runs = bit_runs(self.bits, x.shape[-1], self.segment)
+            self.runs = [(w, QuantizedStore(b, *self.layout)) for w, b in runs]
         start = 0
         for width, store in self.runs:
             store.append(x[..., start:start + width])
