@@ -72,13 +72,20 @@ def lowrank_rope_ref(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor
     torch.Tensor
         Rotated keys, transposed per head: ``[B, G, g, head_dim, S]`` in ``latents.dtype``.
     """
-    g = _check(latents, up, bias, cos, sin, head_dim)
+    _check(latents, up, bias, cos, sin, head_dim)
+    return rope_transposed(reconstruct_transposed(latents, up, bias, head_dim), cos, sin)
+
+
+def reconstruct_transposed(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None,
+                           head_dim: int) -> torch.Tensor:
+    """Keys before RoPE, transposed per head, ``[B, G, g, d, S]``: one GEMM ``U_k cᵀ`` (plus bias)."""
     b, groups, s, _ = latents.shape
+    g = up.shape[1] // head_dim
     kt = up.to(latents.dtype) @ latents.transpose(-1, -2)  # [G, g·d, r] @ [B, G, r, S] -> [B, G, g·d, S]
     kt = kt.view(b, groups, g, head_dim, s)
     if bias is not None:
         kt = kt + bias.view(groups, g, head_dim, 1).to(kt.dtype)
-    return rope_transposed(kt, cos, sin)
+    return kt
 
 
 def rope_transposed(kt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

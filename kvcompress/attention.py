@@ -28,7 +28,7 @@ from torch import nn
 from kvcompress.cache.store import QuantizedStore
 from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
-from kvcompress.kernels.lowrank_rope import lowrank_rope, rope_transposed
+from kvcompress.kernels.lowrank_rope import lowrank_rope, reconstruct_transposed, rope_transposed
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -106,11 +106,7 @@ class LatentAttention(nn.Module):
         cos, sin = rope_table(self._rotary[0], positions, latents.dtype)
         if self.k_norm is None:
             return lowrank_rope(latents, self.k_up, self.k_bias, cos, sin, self.head_dim)
-        b, _, s, _ = latents.shape
-        kt = self.k_up.to(latents.dtype) @ latents.transpose(-1, -2)  # [G, g·d, r] @ [B, G, r, S]
-        kt = kt.view(b, self.groups, self.head_group, self.head_dim, s)
-        if self.k_bias is not None:
-            kt = kt + self.k_bias.view(self.groups, self.head_group, self.head_dim, 1).to(kt.dtype)
+        kt = reconstruct_transposed(latents, self.k_up, self.k_bias, self.head_dim)
         var = kt.float().pow(2).mean(-2, keepdim=True)  # RMS norm over head_dim, which is dim -2 here
         kt = (kt.float() * torch.rsqrt(var + self.k_norm.variance_epsilon)).to(kt.dtype)
         return rope_transposed(kt * self.k_norm.weight.view(-1, 1).to(kt.dtype), cos, sin)
