@@ -11,7 +11,10 @@ then Hugging Face Llama's rotate-half RoPE, per head, with ``half = d / 2`` and 
     out[i + half] = k[i + half] · cos[i] + k[i] · sin[i]
 
 ``cos`` and ``sin`` are half tables (both halves of a pair share one frequency) taken at the token's stored
-position. The output is transposed per head, ``[B, G, g, d, S]``: what ``q @ k`` reads with no copy.
+position. The output is transposed per head, ``[B, G, g, d, S]``: what ``q @ k`` reads with no copy. Each
+head's channels come out in *pair order*: ``out[i]`` at channel ``2i`` and ``out[i + half]`` at ``2i + 1``
+(:func:`pair_order`). Scores only need the queries in the same order (``(Pq)ᵀ(Pk) = qᵀk``), and in pair
+order RoPE is one complex multiply, ``(k[2i] + i·k[2i+1]) · e^{iθ}``, which the torch twin uses.
 
 The Triton program owns one ``(b, G)``, a block of tokens, one head and a block of channel pairs ``i``: it
 computes rows ``i`` and ``i + half`` together over a loop of rank chunks (so any ``r`` fits), reading each
@@ -51,14 +54,15 @@ def _check(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, c
 
 def lowrank_rope_ref(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None,
                      cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Up-project latent keys and apply rotate-half RoPE with vectorized torch (the CPU path).
+    """Up-project latent keys and apply RoPE with vectorized torch (the CPU path).
 
     Parameters
     ----------
     latents
         Pre-RoPE key latents ``[B, G, S, r]``.
     up
-        Up-projections ``[G, g·head_dim, r]`` (cast to ``latents.dtype``).
+        Up-projections ``[G, g·head_dim, r]`` (cast to ``latents.dtype``), rows in the model's rotate-half
+        order.
     bias
         Key bias ``[G·g·head_dim]``, or ``None``.
     cos, sin
@@ -70,30 +74,48 @@ def lowrank_rope_ref(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor
     Returns
     -------
     torch.Tensor
-        Rotated keys, transposed per head: ``[B, G, g, head_dim, S]`` in ``latents.dtype``.
+        Rotated keys in pair order, transposed per head: ``[B, G, g, head_dim, S]`` in ``latents.dtype``.
+        This is a view of token-major memory ``[B, G, S, g, d]``: on the CPU ``c U_kᵀ`` (rows of tokens)
+        runs about 1.5x faster than ``U_k cᵀ``, and BLAS reads the transposed view in ``q @ k`` with no copy.
     """
     _check(latents, up, bias, cos, sin, head_dim)
-    return rope_transposed(reconstruct_transposed(latents, up, bias, head_dim), cos, sin)
+    up, bias = pair_order(up, head_dim, dim=1), None if bias is None else pair_order(bias, head_dim)
+    return rope_pairs(reconstruct(latents, up, bias, head_dim), cos, sin).permute(0, 1, 3, 4, 2)
 
 
-def reconstruct_transposed(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None,
-                           head_dim: int) -> torch.Tensor:
-    """Keys before RoPE, transposed per head, ``[B, G, g, d, S]``: one GEMM ``U_k cᵀ`` (plus bias)."""
+def pair_order(x: torch.Tensor, head_dim: int, dim: int = -1, inverse: bool = False) -> torch.Tensor:
+    """Permute each head's channels along ``dim`` from rotate-half order to RoPE pair order (or back).
+
+    Rotate-half order pairs channel ``i`` with ``i + d/2``; pair order puts them at ``2i`` and ``2i + 1``.
+    """
+    x = x.movedim(dim, -1)
+    split = (2, head_dim // 2) if not inverse else (head_dim // 2, 2)
+    out = x.reshape(*x.shape[:-1], x.shape[-1] // head_dim, *split).transpose(-1, -2).reshape(x.shape)
+    return out.movedim(-1, dim)
+
+
+def reconstruct(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """Keys before RoPE, token-major ``[B, G, S, g, d]``: one GEMM ``c U_kᵀ`` (plus bias), in ``up``'s row order."""
     b, groups, s, _ = latents.shape
-    g = up.shape[1] // head_dim
-    kt = up.to(latents.dtype) @ latents.transpose(-1, -2)  # [G, g·d, r] @ [B, G, r, S] -> [B, G, g·d, S]
-    kt = kt.view(b, groups, g, head_dim, s)
+    k = latents @ up.to(latents.dtype).transpose(-1, -2)  # [B, G, S, r] @ [G, r, g·d] -> [B, G, S, g·d]
     if bias is not None:
-        kt = kt + bias.view(groups, g, head_dim, 1).to(kt.dtype)
-    return kt
+        k += bias.view(groups, 1, -1).to(k.dtype)
+    return k.view(b, groups, s, up.shape[1] // head_dim, head_dim)
 
 
-def rope_transposed(kt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of keys transposed per head, ``[B, G, g, d, S]``, by half tables ``[B, 1 or G, d/2, S]``."""
-    cos, sin = cos.unsqueeze(2).to(kt.dtype), sin.unsqueeze(2).to(kt.dtype)  # [B, 1 or G, 1, d/2, S]
-    half = kt.shape[-2] // 2
-    k1, k2 = kt[..., :half, :], kt[..., half:, :]
-    return torch.cat([torch.addcmul(k1 * cos, k2, sin, value=-1), torch.addcmul(k2 * cos, k1, sin)], dim=-2)
+def rope_pairs(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of token-major keys in pair order, ``[B, G, S, g, d]``, by half tables ``[B, 1 or G, d/2, S]``.
+
+    Pair ``(k[2i], k[2i+1])`` turns by the angle of channel ``i``: one complex multiply in float32/64,
+    the same rotation written out in real arithmetic for 16-bit dtypes (which have no complex type).
+    """
+    cos = cos.to(k.dtype).transpose(-1, -2).unsqueeze(-2)  # [B, 1 or G, S, 1, d/2]
+    sin = sin.to(k.dtype).transpose(-1, -2).unsqueeze(-2)
+    pairs = k.view(*k.shape[:-1], k.shape[-1] // 2, 2)
+    if k.dtype in (torch.float32, torch.float64):
+        return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).view(k.shape)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).view(k.shape)
 
 
 @triton.jit
@@ -155,9 +177,9 @@ def _lowrank_rope_kernel(
     out2 = acc2 * cos + acc1 * sin
 
     out_base = out_ptr + (bg * HEADS + head) * 2 * HALF * S  # out is contiguous [B, G, g, d, S]
-    out_dtype = out_ptr.dtype.element_ty
-    tl.store(out_base + i[:, None] * S + s[None, :], out1.to(out_dtype), mask=mask)
-    tl.store(out_base + (i + HALF)[:, None] * S + s[None, :], out2.to(out_dtype), mask=mask)
+    out_dtype = out_ptr.dtype.element_ty  # pair order: channel i at row 2i, channel i + half at 2i + 1
+    tl.store(out_base + (2 * i)[:, None] * S + s[None, :], out1.to(out_dtype), mask=mask)
+    tl.store(out_base + (2 * i + 1)[:, None] * S + s[None, :], out2.to(out_dtype), mask=mask)
 
 
 def _table_strides(t: torch.Tensor) -> tuple[int, ...]:

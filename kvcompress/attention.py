@@ -28,7 +28,7 @@ from torch import nn
 from kvcompress.cache.store import QuantizedStore
 from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
-from kvcompress.kernels.lowrank_rope import lowrank_rope, reconstruct_transposed, rope_transposed
+from kvcompress.kernels.lowrank_rope import lowrank_rope, pair_order, reconstruct, rope_pairs
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -98,18 +98,21 @@ class LatentAttention(nn.Module):
     def keys(self, latents: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotated keys, transposed per KV head, ``[B, G, g, head_dim, S]``, from latents ``[B, G, S, r_k]``.
 
-        The transposed layout is what ``q @ k`` reads, and one GEMM (``U_k cᵀ``) writes it directly,
-        with no copy to rearrange heads. ``positions``: ``[B, 1 or G, S]``. Reconstruction and RoPE run
-        in one kernel (``kvcompress.kernels.lowrank_rope``: Triton on CUDA, torch elsewhere), except
-        with Qwen3's key norm, which sits between them.
+        Each head's channels come in RoPE pair order (``kvcompress.kernels.lowrank_rope.pair_order``), so
+        queries must be put in the same order before scoring. The transposed layout is what ``q @ k``
+        reads with no copy. ``positions``: ``[B, 1 or G, S]``. Reconstruction and RoPE run in one kernel
+        (``kvcompress.kernels.lowrank_rope``: Triton on CUDA, torch elsewhere), except with Qwen3's key
+        norm, which sits between them.
         """
         cos, sin = rope_table(self._rotary[0], positions, latents.dtype)
         if self.k_norm is None:
             return lowrank_rope(latents, self.k_up, self.k_bias, cos, sin, self.head_dim)
-        kt = reconstruct_transposed(latents, self.k_up, self.k_bias, self.head_dim)
-        var = kt.float().pow(2).mean(-2, keepdim=True)  # RMS norm over head_dim, which is dim -2 here
-        kt = (kt.float() * torch.rsqrt(var + self.k_norm.variance_epsilon)).to(kt.dtype)
-        return rope_transposed(kt * self.k_norm.weight.view(-1, 1).to(kt.dtype), cos, sin)
+        d = self.head_dim
+        bias = None if self.k_bias is None else pair_order(self.k_bias, d)
+        k = reconstruct(latents, pair_order(self.k_up, d, dim=1), bias, d)  # [B, G, S, g, d], pair order
+        var = k.float().pow(2).mean(-1, keepdim=True)
+        k = (k.float() * torch.rsqrt(var + self.k_norm.variance_epsilon)).to(k.dtype)
+        return rope_pairs(k * pair_order(self.k_norm.weight, d).to(k.dtype), cos, sin).permute(0, 1, 3, 4, 2)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -128,7 +131,8 @@ class LatentAttention(nn.Module):
         positions = position_ids.expand(b, t)
         valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         if self.key_rope == "post":  # store rotated keys, [B, G, T, g·d]: what KIVI quantizes
-            ck = self.keys(ck, positions.unsqueeze(1)).permute(0, 1, 4, 2, 3)  # [B, G, T, g, d]
+            ck = self.keys(ck, positions.unsqueeze(1)).permute(0, 1, 4, 2, 3)  # [B, G, T, g, d], pair order
+            ck = pair_order(ck, self.head_dim, inverse=True)  # the model's channel order, as analysis saw it
             if self.k_rot is not None:
                 rot = self.k_rot.to(q.dtype)
                 ck = (ck.unsqueeze(-2) @ rot.transpose(-1, -2).view(self.groups, 1, self.head_group, *rot.shape[1:]))
@@ -148,7 +152,7 @@ class LatentAttention(nn.Module):
         if self.key_rope == "post":
             kt = ck.view(b, self.groups, -1, self.head_group, self.head_dim).permute(0, 1, 3, 4, 2)
         else:
-            kt = self.keys(ck, stored_pos)
+            kt, q = self.keys(ck, stored_pos), pair_order(q, self.head_dim)
         out = latent_attention(q, kt, cv, stored_valid, self.scaling)
         if layer is not None:
             layer.evict()  # after attention: this block's queries have seen all of its tokens
@@ -186,21 +190,21 @@ def rope_table(rotary: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -
 
     In the rotate-half layout both halves share one frequency per channel pair, so half a table is all
     of it. The table is computed once by the model's rotary module (so any RoPE scaling it applies is
-    kept), stored as ``[cos | sin channels, positions]`` and grown by doubling; reading it is one gather
-    of columns, already in the ``[d/2, S]`` layout the keys use.
+    kept), stored as rows ``[positions, cos | sin]`` and grown by doubling; reading it is one gather of
+    rows, returned as transposed views.
     """
     need = int(positions.max()) + 1
     table = getattr(rotary, "_kvcompress_table", None)
-    if table is None or table.shape[1] < need or table.device != positions.device:
-        size = max(need, 2 * table.shape[1] if table is not None else 4096)
+    if table is None or table.shape[0] < need or table.device != positions.device:
+        size = max(need, 2 * table.shape[0] if table is not None else 4096)
         probe = torch.zeros(1, device=positions.device)
         cos, sin = rotary(probe, torch.arange(size, device=positions.device).unsqueeze(0))
         half = cos.shape[-1] // 2
-        table = torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=1).T.contiguous().float()  # [d, positions]
+        table = torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=1).float()  # [positions, d]
         rotary._kvcompress_table = table
-    picked = table.index_select(1, positions.reshape(-1).long()).to(dtype)  # [d, B·H·S]
-    picked = picked.view(2, -1, *positions.shape).movedim(1, -2)  # [2, B, H, d/2, S]
-    return picked[0], picked[1]
+    picked = table.index_select(0, positions.reshape(-1)).to(dtype).view(*positions.shape, -1)  # [B, H, S, d]
+    half = picked.shape[-1] // 2
+    return picked[..., :half].transpose(-1, -2), picked[..., half:].transpose(-1, -2)
 
 
 def latent_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from kvcompress.kernels import lowrank_rope as module
-from kvcompress.kernels.lowrank_rope import lowrank_rope, lowrank_rope_ref, lowrank_rope_triton
+from kvcompress.kernels.lowrank_rope import lowrank_rope, lowrank_rope_ref, lowrank_rope_triton, pair_order
 
 CASES = [
     # B, G, g, S, r, head_dim, table groups (1 or G), bias, latents layout
@@ -58,7 +58,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _straightforward(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
                      sin: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Per (b, group, head) in float64: ``k = U c + bias`` as ``[S, d]``, then HF ``apply_rotary_pos_emb``."""
+    """Per (b, group, head) in float64: ``k = U c + bias`` as ``[S, d]``, then HF ``apply_rotary_pos_emb``,
+    channels in pair order: ``i`` at ``2i``, ``i + d/2`` at ``2i + 1``."""
     b, groups, s, _ = latents.shape
     g = up.shape[1] // head_dim
     out = torch.empty(b, groups, g, head_dim, s, dtype=torch.float64)
@@ -72,7 +73,9 @@ def _straightforward(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor
                 k = latents[bi, gi].double() @ up[gi, rows].double().T  # [S, d]
                 if bias is not None:
                     k = k + bias.view(groups, g * head_dim)[gi, rows].double()
-                out[bi, gi, h] = (k * cos_full + _rotate_half(k) * sin_full).T
+                rotated = k * cos_full + _rotate_half(k) * sin_full
+                half = head_dim // 2
+                out[bi, gi, h, 0::2], out[bi, gi, h, 1::2] = rotated[:, :half].T, rotated[:, half:].T
     return out
 
 
@@ -146,7 +149,17 @@ def test_rope_is_applied() -> None:
     assert not torch.allclose(rotated, plain, atol=1e-3)
     b, groups, s, _ = latents.shape
     keys = (latents @ up.transpose(-1, -2) + bias.view(groups, 1, -1)).transpose(-1, -2)  # [B, G, g·d, S]
-    torch.testing.assert_close(plain, keys.reshape(b, groups, -1, d, s))
+    torch.testing.assert_close(pair_order(plain, d, dim=-2, inverse=True), keys.reshape(b, groups, -1, d, s))
+
+
+def test_pair_order_round_trip_and_scores() -> None:
+    """Pair order interleaves the halves of each head; permuting queries alike keeps every score."""
+    x = torch.arange(2 * 8).view(1, 16)  # two heads of d = 8
+    paired = pair_order(x, 8)
+    assert paired[0, :8].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert torch.equal(pair_order(paired, 8, inverse=True), x)
+    q, k = torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(pair_order(q, 8) @ pair_order(k, 8).T, q @ k.T)
 
 
 def test_dispatch_uses_ref_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
