@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -86,8 +87,13 @@ def load_source(manifest: dict, source: str | None = None):
 
 
 def _compressed_class(base: type) -> type:
-    """A subclass of the model class whose ``forward``/``generate`` default to a kvcompress cache."""
+    """A subclass of the model class whose ``forward``/``generate`` default to a kvcompress cache.
 
+    ``forward`` keeps the base signature (``functools.wraps``): ``generate`` inspects it, e.g. to pass
+    ``logits_to_keep=1`` so a long prompt's prefill computes one row of logits, not one per token.
+    """
+
+    @functools.wraps(base.forward)
     def forward(self, *args, use_cache=None, **kwargs):
         cache = pop_cache(kwargs)
         if cache is None and (use_cache if use_cache is not None else self.config.use_cache):
