@@ -246,6 +246,6 @@ def latent_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, valid: 
         flags = valid.view(b, valid.shape[1], 1, 1, 1, s)
         mask = (flags if mask is None else flags & mask) | own
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores.masked_fill_(~mask, float("-inf"))  # in place: no second copy of the score block
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
     return (probs.view(b, groups, g * rep * t, s) @ v).view(b, hq, t, v.shape[-1])
