@@ -79,7 +79,6 @@ def lowrank_rope_ref(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor
         runs about 1.5x faster than ``U_k cᵀ``, and BLAS reads the transposed view in ``q @ k`` with no copy.
     """
     _check(latents, up, bias, cos, sin, head_dim)
-    up, bias = pair_order(up, head_dim, dim=1), None if bias is None else pair_order(bias, head_dim)
     return rope_pairs(reconstruct(latents, up, bias, head_dim), cos, sin).permute(0, 1, 3, 4, 2)
 
 
@@ -95,11 +94,15 @@ def pair_order(x: torch.Tensor, head_dim: int, dim: int = -1, inverse: bool = Fa
 
 
 def reconstruct(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, head_dim: int) -> torch.Tensor:
-    """Keys before RoPE, token-major ``[B, G, S, g, d]``: one GEMM ``c U_kᵀ`` (plus bias), in ``up``'s row order."""
+    """Keys before RoPE, token-major ``[B, G, S, g, d]`` in pair order: one GEMM ``c U_kᵀ`` (plus bias).
+
+    ``up`` and ``bias`` come in the model's rotate-half order; their rows are put in pair order here.
+    """
     b, groups, s, _ = latents.shape
-    k = latents @ up.to(latents.dtype).transpose(-1, -2)  # [B, G, S, r] @ [G, r, g·d] -> [B, G, S, g·d]
+    up = pair_order(up, head_dim, dim=1).to(latents.dtype)
+    k = latents @ up.transpose(-1, -2)  # [B, G, S, r] @ [G, r, g·d] -> [B, G, S, g·d]
     if bias is not None:
-        k += bias.view(groups, 1, -1).to(k.dtype)
+        k += pair_order(bias, head_dim).view(groups, 1, -1).to(k.dtype)
     return k.view(b, groups, s, up.shape[1] // head_dim, head_dim)
 
 

@@ -107,12 +107,11 @@ class LatentAttention(nn.Module):
         cos, sin = rope_table(self._rotary[0], positions, latents.dtype)
         if self.k_norm is None:
             return lowrank_rope(latents, self.k_up, self.k_bias, cos, sin, self.head_dim)
-        d = self.head_dim
-        bias = None if self.k_bias is None else pair_order(self.k_bias, d)
-        k = reconstruct(latents, pair_order(self.k_up, d, dim=1), bias, d)  # [B, G, S, g, d], pair order
+        k = reconstruct(latents, self.k_up, self.k_bias, self.head_dim)  # [B, G, S, g, d], pair order
         var = k.float().pow(2).mean(-1, keepdim=True)
         k = (k.float() * torch.rsqrt(var + self.k_norm.variance_epsilon)).to(k.dtype)
-        return rope_pairs(k * pair_order(self.k_norm.weight, d).to(k.dtype), cos, sin).permute(0, 1, 3, 4, 2)
+        weight = pair_order(self.k_norm.weight, self.head_dim).to(k.dtype)
+        return rope_pairs(k * weight, cos, sin).permute(0, 1, 3, 4, 2)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
