@@ -15,9 +15,10 @@ Per head group of ``g`` KV heads (``G`` groups per layer):
   themselves, grouped per latent head. An orthogonal ``k_rot`` per KV head (QuaRot) may then turn both
   ``q`` and ``k`` after RoPE: ``(R q)ᵀ (R k) = qᵀ k``, and the cached ``R k`` has no outlier channels.
 
-Decode reads the cache in torch (de-quantize, reconstruct, attend), except on CUDA when the Triton
-decode-attention kernel covers the layout (post-RoPE keys, one latent per KV head, KIVI-packed K and V):
-then it attends over the packed codes directly.
+Decode (one new token) on the CPU runs in the cache's reused workspace, one GEMM per stage
+(``kvcompress.latent_decode``). On CUDA, when the Triton decode-attention kernel covers the layout
+(post-RoPE keys, one latent per KV head, KIVI-packed K and V), it attends over the packed codes
+directly; everything else reads the cache in torch (de-quantize, reconstruct, attend).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvcompress import latent_decode
 from kvcompress.cache.store import QuantizedStore
 from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
@@ -94,6 +96,7 @@ class LatentAttention(nn.Module):
         self.key_rope = key_rope
         self.k_rot = nn.Parameter(torch.empty(self.num_kv_heads, d, d)) if key_rotation else None
         self._rotary = (rotary,)  # shared with the model; a tuple keeps it out of this module's state dict
+        self._up_cache: tuple = (None, None, None)  # (parameter identity, U_kᵀ, bias) in pair order
 
     def keys(self, latents: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotated keys, transposed per KV head, ``[B, G, g, head_dim, S]``, from latents ``[B, G, S, r_k]``.
@@ -138,11 +141,13 @@ class LatentAttention(nn.Module):
                 q = (q.reshape(b, self.num_kv_heads, -1, self.head_dim) @ rot.transpose(-1, -2)).view(q.shape)
             ck = ck.reshape(b, self.groups, t, -1)
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        if layer is not None and t == 1 and valid is None and self._packed_decode_fits(layer, q):
-            layer.update(ck, cv, {"positions": positions, "read": False})
-            out = self._packed_decode(q, layer)
-            layer.evict()
-            return self._output(out.unsqueeze(2)), None
+        if layer is not None and t == 1 and valid is None:
+            decode = self._packed_decode if self._packed_decode_fits(layer, q) else self._latent_decode
+            if decode is self._packed_decode or self._latent_decode_fits(q):
+                layer.update(ck, cv, {"positions": positions, "read": False})
+                out = decode(q, layer)
+                layer.evict()
+                return self._output(out.unsqueeze(2)), None
         if layer is not None:
             ck, cv, stored_pos, stored_valid = layer.update(ck, cv, {"positions": positions, "valid": valid})
         else:
@@ -176,6 +181,35 @@ class LatentAttention(nn.Module):
                 and layer.valid is None and type(layer.key_store) is QuantizedStore
                 and type(layer.value_store) is QuantizedStore)
 
+    def _latent_decode_fits(self, q: torch.Tensor) -> bool:
+        """Whether the workspace decode path (``kvcompress.latent_decode``) takes this step: float32 on the
+        CPU, no gradients (it works in place), and no Qwen3 key norm between ``U_k`` and RoPE."""
+        return (q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
+                and self.k_norm is None)
+
+    def _latent_decode(self, q: torch.Tensor, layer) -> torch.Tensor:
+        """One query token against the layer's stores, through :func:`latent_decode`: ``[B, Hq, r_v]``."""
+        q = q[:, :, 0]
+        up_t = bias = phases = None
+        if self.key_rope == "pre":
+            q = pair_order(q, self.head_dim)
+            up_t, bias = self._pair_ordered_up()
+            phases = rope_phases(self._rotary[0], layer.positions)
+        return latent_decode.latent_decode(q, layer.key_store, layer.value_store, layer.workspace, self.scaling,
+                             self.head_group, up_t, bias, phases, layer.valid)
+
+    def _pair_ordered_up(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``U_kᵀ`` ``[G, r_k, g·d]`` and the key bias ``[G, 1, g·d]`` with channels in pair order, permuted
+        once and kept until the parameters change."""
+        key = (self.k_up.data_ptr(), self.k_up._version)
+        if self._up_cache[0] != key:
+            up_t = pair_order(self.k_up.detach(), self.head_dim, dim=1).transpose(-1, -2).contiguous()
+            bias = self.k_bias
+            if bias is not None:
+                bias = pair_order(bias.detach(), self.head_dim).view(self.groups, 1, -1)
+            self._up_cache = (key, up_t, bias)
+        return self._up_cache[1], self._up_cache[2]
+
     def _packed_decode(self, q: torch.Tensor, layer) -> torch.Tensor:
         """One query token against packed codes plus the 16-bit residual: ``[B, Hq, r_v]``."""
         keys, values = layer.key_store, layer.value_store
@@ -184,26 +218,31 @@ class LatentAttention(nn.Module):
         return out.to(q.dtype)
 
 
-def rope_table(rotary: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos`` and ``sin`` of the first half of each head's channels at ``positions``, ``[..., d/2, S]``.
+def rope_phases(rotary: nn.Module, positions: torch.Tensor) -> torch.Tensor:
+    """``e^{i n θ}`` at each of ``positions`` ``[...]``: complex64 ``[..., d/2]``, one angle per channel pair.
 
-    In the rotate-half layout both halves share one frequency per channel pair, so half a table is all
-    of it. The table is computed once by the model's rotary module (so any RoPE scaling it applies is
-    kept), stored as rows ``[positions, cos | sin]`` and grown by doubling; reading it is one gather of
-    rows, returned as transposed views.
+    The table of all positions is computed once by the model's rotary module (so any RoPE scaling it
+    applies is kept), kept on that module as complex rows and grown by doubling; reading it is one gather
+    of rows. In the rotate-half layout both halves of a head share one frequency per pair, so half a
+    table is all of it.
     """
     need = int(positions.max()) + 1
-    table = getattr(rotary, "_kvcompress_table", None)
+    table = getattr(rotary, "_kvcompress_phases", None)
     if table is None or table.shape[0] < need or table.device != positions.device:
         size = max(need, 2 * table.shape[0] if table is not None else 4096)
         probe = torch.zeros(1, device=positions.device)
         cos, sin = rotary(probe, torch.arange(size, device=positions.device).unsqueeze(0))
         half = cos.shape[-1] // 2
-        table = torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=1).float()  # [positions, d]
-        rotary._kvcompress_table = table
-    picked = table.index_select(0, positions.reshape(-1)).to(dtype).view(*positions.shape, -1)  # [B, H, S, d]
-    half = picked.shape[-1] // 2
-    return picked[..., :half].transpose(-1, -2), picked[..., half:].transpose(-1, -2)
+        table = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())  # [positions, d/2]
+        rotary._kvcompress_phases = table
+    return table.index_select(0, positions.reshape(-1)).view(*positions.shape, -1)
+
+
+def rope_table(rotary: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of the first half of each head's channels at ``positions``, ``[..., d/2, S]``
+    (transposed views of :func:`rope_phases`)."""
+    rows = torch.view_as_real(rope_phases(rotary, positions)).to(dtype)  # [..., S, d/2, 2]
+    return rows[..., 0].transpose(-1, -2), rows[..., 1].transpose(-1, -2)
 
 
 def latent_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,

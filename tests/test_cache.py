@@ -391,3 +391,58 @@ def test_packed_decode_kernel_matches_the_torch_path(llama_gqa, tmp_path, one_th
     assert len(calls) == 10 * model.config.num_hidden_layers
     for a, b in zip(torch_path, kernel_path, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+WORKSPACE_CASES = {
+    "latent keys, 2/4 bits, LagKV": ("llama_gqa", {
+        "lowrank": {"target_ratio": 0.6, "head_group": 0},
+        "quant": {"enabled": True, "avg_bits": 3.0, "group_size": 8, "key_group_size": 4, "residual_length": 8},
+        "lagkv": {"enabled": True, "sink_size": 2, "lag_size": 8, "keep_ratio": 0.5}}),
+    "latent keys with bias, one head per latent": ("qwen2", {
+        "lowrank": {"target_ratio": 0.7, "head_group": 1},
+        "quant": {"enabled": True, "avg_bits": 2.0, "group_size": 8, "residual_length": 8}}),
+    "channel runs": ("llama_gqa", {
+        "lowrank": {"target_ratio": 0.75},
+        "quant": {"enabled": True, "avg_bits": 3.0, "allocation": "channels", "group_size": 8,
+                  "residual_length": 8}}),
+    "post-RoPE keys, rotated": ("llama_gqa", {
+        "lowrank": {"enabled": False, "head_group": 1},
+        "quant": {"enabled": True, "key_rope": "post", "avg_bits": 2.0, "group_size": 8, "residual_length": 8}}),
+    "dense stores": ("mistral", {"lowrank": {"target_ratio": 0.5}}),
+}
+
+
+@pytest.mark.parametrize("case", list(WORKSPACE_CASES))
+def test_workspace_decode_matches_the_generic_path(request, tmp_path, one_thread, monkeypatch, case):
+    # inference (no gradients) on the CPU decodes through kvcompress.latent_decode; with gradients on,
+    # the same steps take the generic path (latent_attention over a read of the whole cache)
+    from kvcompress import latent_decode
+
+    name, sections = WORKSPACE_CASES[case]
+    model = _export(request.getfixturevalue(name), tmp_path, **sections)
+    ids = torch.randint(4, 300, (2, 40), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding in the second sequence: stored padding flags are masked out
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    calls = []
+    spy = latent_decode.latent_decode
+    monkeypatch.setattr(latent_decode, "latent_decode", lambda *a: calls.append(1) or spy(*a))
+
+    def decode_logits() -> list[torch.Tensor]:
+        cache = kvcompress.make_cache(model)
+        model(input_ids=ids[:, :24], attention_mask=mask[:, :24], past_key_values=cache,
+              position_ids=positions[:, :24])
+        steps = [model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache,
+                       position_ids=positions[:, i:i + 1]).logits.detach() for i in range(24, 40)]
+        if model.kvcompress_manifest["layers"][0]["bits_k"] != 16:
+            assert cache.layers[0].key_store.quantized_length > 0  # packed blocks and a residual both read
+        return steps
+
+    with torch.enable_grad():
+        generic = decode_logits()
+    assert not calls
+    with torch.no_grad():
+        fast = decode_logits()
+    assert len(calls) == 16 * model.config.num_hidden_layers
+    for a, b in zip(generic, fast, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcompress.cache.lagkv import LagKVConfig, compress_step, scored_chunks
 from kvcompress.cache.store import make_store
+from kvcompress.cache.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,19 @@ class KVCompressLayer(CacheLayerMixin):
         so a block's own queries still see every token of the block. Selection is per sequence and per
         latent head; each kept token keeps its original RoPE position, and keys are rotated at those
         positions when read, so positions stay true after eviction.
+    workspace : Workspace, optional
+        Scratch buffers for decode, shared by all layers of a cache (default: this layer's own).
     """
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, storage: LayerStorage | None = None, eviction: LagKVConfig | None = None) -> None:
+    def __init__(self, storage: LayerStorage | None = None, eviction: LagKVConfig | None = None,
+                 workspace: Workspace | None = None) -> None:
         super().__init__()
         self.storage = storage or LayerStorage()
         self.eviction = eviction
+        self.workspace = workspace or Workspace()
         self.settled = 0
         st = self.storage
         self.key_store = make_store(st.bits_k, st.key_group_size or st.group_size, "tokens", st.residual_length,
@@ -166,7 +171,7 @@ class KVCompressLayer(CacheLayerMixin):
         return self.key_store.nbytes() + self.value_store.nbytes() + meta
 
     def reset(self) -> None:
-        self.__init__(self.storage, self.eviction)
+        self.__init__(self.storage, self.eviction, self.workspace)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for store in (self.key_store, self.value_store):
@@ -186,10 +191,11 @@ def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 
 
 class KVCompressCache(Cache):
-    """A ``Cache`` of :class:`KVCompressLayer` objects, one per decoder layer."""
+    """A ``Cache`` of :class:`KVCompressLayer` objects, one per decoder layer, sharing one decode workspace."""
 
     def __init__(self, storage: list[LayerStorage], eviction: LagKVConfig | None = None) -> None:
-        super().__init__(layers=[KVCompressLayer(st, eviction) for st in storage])
+        workspace = Workspace()
+        super().__init__(layers=[KVCompressLayer(st, eviction, workspace) for st in storage])
 
     def kv_bytes(self) -> int:
         """Bytes held by every layer together (what is really stored)."""

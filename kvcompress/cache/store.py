@@ -1,7 +1,7 @@
 """Token storage for one K or V stream of one layer: dense, or packed low-bit with an fp residual window.
 
-Both stores hold ``[B, H, T, D]`` features and share one interface (``append``, ``read``, ``keep``,
-``flush``, ``nbytes``, ``select_batch``), so a cache layer composes them with any eviction policy.
+Both stores hold ``[B, H, T, D]`` features and share one interface (``shape``, ``append``, ``read``,
+``keep``, ``flush``, ``nbytes``, ``select_batch``), so a cache layer composes them with any eviction policy.
 """
 
 from __future__ import annotations
@@ -24,14 +24,20 @@ class DenseStore:
         """Tokens held in packed form (none here)."""
         return 0
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(B, H, T, D)`` of what :meth:`read` returns."""
+        assert self.data is not None
+        return tuple(self.data.shape)
+
     def append(self, x: torch.Tensor) -> None:
         """Add new tokens along dim -2."""
         self.data = x if self.data is None else torch.cat([self.data, x], dim=-2)
 
-    def read(self) -> torch.Tensor:
-        """All stored tokens, ``[B, H, T, D]``."""
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """All stored tokens, ``[B, H, T, D]`` (copied into ``out`` if given)."""
         assert self.data is not None
-        return self.data
+        return self.data if out is None else out.copy_(self.data)
 
     def residual(self) -> torch.Tensor:
         """Tokens not in packed form (all of them)."""
@@ -75,6 +81,13 @@ class QuantizedStore:
     def quantized_length(self) -> int:
         """Tokens held in packed form."""
         return 0 if self.packed is None else self.packed.num_tokens
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(B, H, T, D)`` of what :meth:`read` returns."""
+        assert self.fp is not None
+        b, h, t, d = self.fp.shape
+        return b, h, self.quantized_length + t, d
 
     def append(self, x: torch.Tensor) -> None:
         """Add new tokens to the 16-bit residual window (float32 input is stored as float16)."""
@@ -190,6 +203,12 @@ class SegmentedStore:
         """Tokens held in packed form."""
         return self.runs[0][1].quantized_length if self.runs else 0
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(B, H, T, D)`` of what :meth:`read` returns."""
+        b, h, t, _ = self.runs[0][1].shape
+        return b, h, t, sum(w for w, _ in self.runs)
+
     def append(self, x: torch.Tensor) -> None:
         """Add new tokens; each run takes its channels."""
         if not self.runs:
@@ -200,12 +219,13 @@ class SegmentedStore:
             store.append(x[..., start:start + width])
             start += width
 
-    def read(self) -> torch.Tensor:
-        """All stored tokens, de-quantized, ``[B, H, T, D]``: every run writes its channels of one buffer."""
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """All stored tokens, de-quantized, ``[B, H, T, D]``: every run writes its channels of one buffer
+        (``out`` if given)."""
         first = self.runs[0][1]
         assert first.fp is not None
-        b, h, t = first.fp.shape[:-1]
-        out = first.fp.new_empty((b, h, first.quantized_length + t, sum(w for w, _ in self.runs)), dtype=first.dtype)
+        if out is None:
+            out = first.fp.new_empty(self.shape, dtype=first.dtype)
         start = 0
         for width, store in self.runs:
             store.read(out[..., start:start + width])
