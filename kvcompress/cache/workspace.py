@@ -28,7 +28,3 @@ class Workspace:
             buf = torch.empty(max(n, grown), dtype=dtype, device=device)
             self._buffers[name] = buf
         return buf[:n].view(shape)
-
-    def nbytes(self) -> int:
-        """Bytes held by all buffers."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
