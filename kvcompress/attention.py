@@ -141,13 +141,12 @@ class LatentAttention(nn.Module):
                 q = (q.reshape(b, self.num_kv_heads, -1, self.head_dim) @ rot.transpose(-1, -2)).view(q.shape)
             ck = ck.reshape(b, self.groups, t, -1)
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        if layer is not None and t == 1 and valid is None:
-            decode = self._packed_decode if self._packed_decode_fits(layer, q) else self._latent_decode
-            if decode is self._packed_decode or self._latent_decode_fits(q):
-                layer.update(ck, cv, {"positions": positions, "read": False})
-                out = decode(q, layer)
-                layer.evict()
-                return self._output(out.unsqueeze(2)), None
+        decode = self._decode_path(layer, q) if layer is not None and t == 1 and valid is None else None
+        if decode is not None:
+            layer.update(ck, cv, {"positions": positions, "read": False})
+            out = decode(q, layer)
+            layer.evict()
+            return self._output(out.unsqueeze(2)), None
         if layer is not None:
             ck, cv, stored_pos, stored_valid = layer.update(ck, cv, {"positions": positions, "valid": valid})
         else:
@@ -172,6 +171,14 @@ class LatentAttention(nn.Module):
             out = (rows @ up).view(kv, b, -1, self.head_dim).transpose(0, 1)  # one GEMM per KV head
         return self.o_proj(out.reshape(b, self.num_heads, t, -1).transpose(1, 2).reshape(b, t, -1))
 
+    def _decode_path(self, layer, q: torch.Tensor):
+        """The one-token decode that reads this step's stores itself, or None for the generic path."""
+        if self._packed_decode_fits(layer, q):
+            return self._packed_decode
+        if self._latent_decode_fits(q):
+            return self._latent_decode
+        return None
+
     def _packed_decode_fits(self, layer, q: torch.Tensor) -> bool:
         """Whether the fused decode kernel covers this step: CUDA, rotated full-width keys with one latent
         per KV head (``key_rope = "post"``, ``head_group = 1``), both streams packed by KIVI grouping, and
@@ -195,8 +202,8 @@ class LatentAttention(nn.Module):
             q = pair_order(q, self.head_dim)
             up_t, bias = self._pair_ordered_up()
             phases = rope_phases(self._rotary[0], layer.positions)
-        return latent_decode.latent_decode(q, layer.key_store, layer.value_store, layer.workspace, self.scaling,
-                             self.head_group, up_t, bias, phases, layer.valid)
+        return latent_decode.latent_decode(q, layer.key_store, layer.value_store, layer.workspace,
+                                           self.scaling, self.head_group, up_t, bias, phases, layer.valid)
 
     def _pair_ordered_up(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``U_kᵀ`` ``[G, r_k, g·d]`` and the key bias ``[G, 1, g·d]`` with channels in pair order, permuted
