@@ -446,3 +446,19 @@ def test_workspace_decode_matches_the_generic_path(request, tmp_path, one_thread
     assert len(calls) == 16 * model.config.num_hidden_layers
     for a, b in zip(generic, fast, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_workspace_reuses_one_buffer_and_grows_by_doubling():
+    from kvcompress.cache.workspace import Workspace
+
+    ws = Workspace()
+    a = ws.take("keys", (1, 2, 10, 4), torch.float32, torch.device("cpu"))
+    b = ws.take("keys", (1, 2, 6, 4), torch.float32, torch.device("cpu"))
+    assert b.data_ptr() == a.data_ptr() and b.is_contiguous()  # smaller: a view of the same memory
+    c = ws.take("keys", (1, 2, 11, 4), torch.float32, torch.device("cpu"))
+    assert c.data_ptr() != a.data_ptr()
+    d = ws.take("keys", (1, 2, 20, 4), torch.float32, torch.device("cpu"))
+    assert d.data_ptr() == c.data_ptr()  # the growth doubled 80 -> 160 elements, enough for 20 tokens
+    other = ws.take("values", (1, 2, 6, 4), torch.float32, torch.device("cpu"))
+    assert other.data_ptr() != d.data_ptr()
+    assert ws.take("keys", (1, 2, 6, 4), torch.float16, torch.device("cpu")).dtype == torch.float16
