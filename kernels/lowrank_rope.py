@@ -79,7 +79,8 @@ def lowrank_rope_ref(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor
         runs about 1.5x faster than ``U_k cᵀ``, and BLAS reads the transposed view in ``q @ k`` with no copy.
     """
     _check(latents, up, bias, cos, sin, head_dim)
-    return rope_pairs(reconstruct(latents, up, bias, head_dim), cos, sin).permute(0, 1, 3, 4, 2)
+    keys = reconstruct(latents, *pair_ordered_up(up, bias, head_dim), head_dim)
+    return rope_pairs(keys, cos, sin).permute(0, 1, 3, 4, 2)
 
 
 def pair_order(x: torch.Tensor, head_dim: int, dim: int = -1, inverse: bool = False) -> torch.Tensor:
@@ -93,17 +94,27 @@ def pair_order(x: torch.Tensor, head_dim: int, dim: int = -1, inverse: bool = Fa
     return out.movedim(-1, dim)
 
 
-def reconstruct(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+def pair_ordered_up(up: torch.Tensor, bias: torch.Tensor | None,
+                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``U_kᵀ`` ``[G, r, g·d]`` and the key bias ``[G, 1, g·d]`` from the model's rotate-half order
+    (``up`` ``[G, g·d, r]``, ``bias`` ``[G·g·d]``) to pair order: what :func:`reconstruct` takes."""
+    up_t = pair_order(up, head_dim, dim=1).transpose(-1, -2)
+    if bias is not None:
+        bias = pair_order(bias, head_dim).view(up.shape[0], 1, -1)
+    return up_t, bias
+
+
+def reconstruct(latents: torch.Tensor, up_t: torch.Tensor, bias: torch.Tensor | None, head_dim: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Keys before RoPE, token-major ``[B, G, S, g, d]`` in pair order: one GEMM ``c U_kᵀ`` (plus bias).
 
-    ``up`` and ``bias`` come in the model's rotate-half order; their rows are put in pair order here.
+    ``up_t`` and ``bias`` come from :func:`pair_ordered_up`; ``out`` (``[B, G, S, g·d]``) takes the GEMM.
     """
     b, groups, s, _ = latents.shape
-    up = pair_order(up, head_dim, dim=1).to(latents.dtype)
-    k = latents @ up.transpose(-1, -2)  # [B, G, S, r] @ [G, r, g·d] -> [B, G, S, g·d]
+    k = torch.matmul(latents, up_t.to(latents.dtype), out=out)  # [B, G, S, r] @ [G, r, g·d]
     if bias is not None:
-        k += pair_order(bias, head_dim).view(groups, 1, -1).to(k.dtype)
-    return k.view(b, groups, s, up.shape[1] // head_dim, head_dim)
+        k += bias.to(k.dtype)
+    return k.view(b, groups, s, up_t.shape[-1] // head_dim, head_dim)
 
 
 def rope_pairs(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

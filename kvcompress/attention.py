@@ -30,7 +30,7 @@ from kvcompress import latent_decode
 from kvcompress.cache.store import QuantizedStore
 from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
-from kvcompress.kernels.lowrank_rope import lowrank_rope, pair_order, reconstruct, rope_pairs
+from kvcompress.kernels.lowrank_rope import lowrank_rope, pair_order, pair_ordered_up, reconstruct, rope_pairs
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,8 @@ class LatentAttention(nn.Module):
         cos, sin = rope_table(self._rotary[0], positions, latents.dtype)
         if self.k_norm is None:
             return lowrank_rope(latents, self.k_up, self.k_bias, cos, sin, self.head_dim)
-        k = reconstruct(latents, self.k_up, self.k_bias, self.head_dim)  # [B, G, S, g, d], pair order
+        up_t, bias = pair_ordered_up(self.k_up, self.k_bias, self.head_dim)
+        k = reconstruct(latents, up_t, bias, self.head_dim)  # [B, G, S, g, d], pair order
         var = k.float().pow(2).mean(-1, keepdim=True)
         k = (k.float() * torch.rsqrt(var + self.k_norm.variance_epsilon)).to(k.dtype)
         weight = pair_order(self.k_norm.weight, self.head_dim).to(k.dtype)
@@ -206,15 +207,13 @@ class LatentAttention(nn.Module):
                                            self.scaling, self.head_group, up_t, bias, phases, layer.valid)
 
     def _pair_ordered_up(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``U_kᵀ`` ``[G, r_k, g·d]`` and the key bias ``[G, 1, g·d]`` with channels in pair order, permuted
-        once and kept until the parameters change."""
+        """:func:`pair_ordered_up` of ``U_k`` and the key bias, computed once and kept until the
+        parameters change (decode only: the cached tensors are detached)."""
         key = (self.k_up.data_ptr(), self.k_up._version)
         if self._up_cache[0] != key:
-            up_t = pair_order(self.k_up.detach(), self.head_dim, dim=1).transpose(-1, -2).contiguous()
-            bias = self.k_bias
-            if bias is not None:
-                bias = pair_order(bias.detach(), self.head_dim).view(self.groups, 1, -1)
-            self._up_cache = (key, up_t, bias)
+            bias = None if self.k_bias is None else self.k_bias.detach()
+            up_t, bias = pair_ordered_up(self.k_up.detach(), bias, self.head_dim)
+            self._up_cache = (key, up_t.contiguous(), bias)
         return self._up_cache[1], self._up_cache[2]
 
     def _packed_decode(self, q: torch.Tensor, layer) -> torch.Tensor:

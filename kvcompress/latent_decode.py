@@ -25,6 +25,7 @@ import torch
 
 from kvcompress.cache.store import DenseStore
 from kvcompress.cache.workspace import Workspace
+from kvcompress.kernels.lowrank_rope import reconstruct
 
 
 def read_into(store, workspace: Workspace, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,8 @@ def latent_decode(q: torch.Tensor, keys, values, workspace: Workspace, scaling: 
     heads
         ``g``, KV heads per latent group.
     up_t
-        ``U_kᵀ`` per group, ``[G, r_k, g·d]`` with columns in pair order; None when keys are stored rotated.
+        ``U_kᵀ`` per group, ``[G, r_k, g·d]`` with columns in pair order
+        (``kvcompress.kernels.lowrank_rope.pair_ordered_up``); None when keys are stored rotated.
     bias
         Key bias ``[G, 1, g·d]`` in pair order, or None.
     phases
@@ -81,13 +83,10 @@ def latent_decode(q: torch.Tensor, keys, values, workspace: Workspace, scaling: 
     b, hq, d = q.shape
     k = read_into(keys, workspace, "keys", q)
     if up_t is not None:
-        latents = k
-        k = workspace.take("rotated keys", (*latents.shape[:-1], up_t.shape[-1]), q.dtype, q.device)
-        torch.matmul(latents, up_t, out=k)
-        if bias is not None:
-            k += bias
-        pairs = torch.view_as_complex(k.view(*k.shape[:-1], heads, d // 2, 2))
-        pairs.mul_(phases.unsqueeze(-2))
+        out = workspace.take("rotated keys", (*k.shape[:-1], up_t.shape[-1]), q.dtype, q.device)
+        pairs = reconstruct(k, up_t, bias, d, out=out).view(*out.shape[:-1], heads, d // 2, 2)
+        torch.view_as_complex(pairs).mul_(phases.unsqueeze(-2))
+        k = out
     groups = k.shape[1]
     scores = block_queries(q, groups, heads, scaling) @ k.transpose(-1, -2)  # [B, G, g·rep, S]
     if valid is not None:
