@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 
 from kvcompress.evaluate.bench import BenchSettings, bench
-from kvcompress.evaluate.plots import pareto_front, write_plots
+from kvcompress.evaluate.plots import _label_points, pareto_front, write_plots
 from kvcompress.recipe import Recipe
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "the", "dog", "ran", "to", "the", "park",
@@ -86,3 +86,43 @@ def test_bench_rejects_bad_input(llama_gqa, tmp_path):
 def test_pareto_front_keeps_points_nothing_beats():
     points = [(10, 5.0), (20, 4.0), (15, 6.0), (40, 4.5), (5, 9.0)]
     assert pareto_front(points) == [4, 0, 1]
+
+
+def _png_width(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # IHDR: width, then height
+
+
+def test_pareto_plot_zooms_on_systems_near_the_best_perplexity(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"name": f"r{i}", "kind": "recipe", "kv_bytes_per_token": 5000.0 + 300 * i, "ppl": 19.0 + 0.1 * i}
+            for i in range(5)]
+    results = {"rows": rows, "model": "m", "fp16_kv_bytes_per_token": 20000.0}
+    (tmp_path / "near").mkdir()
+    (tmp_path / "spread").mkdir()
+    (single,) = write_plots(results, tmp_path / "near")
+    rows.append({"name": "far", "kind": "recipe", "kv_bytes_per_token": 9000.0, "ppl": 35.0})
+    (zoomed,) = write_plots(results, tmp_path / "spread")
+    assert _png_width(zoomed) == 2 * _png_width(single)  # a second panel for the five close ones
+
+
+def test_point_labels_do_not_cover_each_other():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points = [(5000.0 + 40 * i, 19.0 + 0.02 * i) for i in range(6)] + [(2000.0, 15.0), (20000.0, 30.0)]
+    ax.scatter(*zip(*points, strict=True))
+    ax.set_xscale("log")
+    _label_points(ax, [f"recipe-{i}" for i in range(len(points))], points)
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    boxes = []
+    for label in ax.texts:
+        label.update_positions(renderer)
+        boxes.append(Text.get_window_extent(label, renderer))
+    plt.close(fig)
+    assert len(boxes) == len(points)
+    assert all(frame.contains(b.x0, b.y0) and frame.contains(b.x1, b.y1) for b in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
