@@ -9,8 +9,8 @@ group is stored as ``minimum + code * scale`` with ``code`` in ``[0, 2**bits - 1
 ``scale`` and ``minimum`` are float16 of shape ``[..., T // GT, D // GC]``. Codes are packed along the last
 dim into uint8 ``[..., T, nb]`` with ``nb = D * bits // 8`` bytes per token, in bit planes: channel ``d``
 goes to byte ``d % nb`` at bit offset ``bits * (d // nb)`` (channels ``0..nb-1`` in the low bits). One
-mask then gives ``nb`` consecutive channels; on the CPU one ``and`` unpacks every plane straight into
-floats (:func:`plane_codes`). The Triton kernels and the decode-attention kernel read this layout
+mask then gives ``nb`` consecutive channels; on the CPU one ``and`` unpacks every plane at once, each
+code left at its bit offset (:func:`plane_codes`). The Triton kernels and the decode-attention kernel read this layout
 directly.
 
 Rounding: the minimum is rounded *down* and the scale *up* to float16, so every value of a group lies in
@@ -104,13 +104,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def plane_codes(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Codes of packed bytes ``[..., nb]`` by bit plane, ``[..., 8 // bits, nb]``, each *in place*.
+    """Codes of packed bytes ``[..., nb]`` by bit plane, ``[..., 8 // bits, nb]``, each left at its bit offset.
 
     Plane ``j`` comes out as ``code * 2**(bits * j)``: the byte masked to its bits, not shifted down. One
-    ``and`` with a ``[planes, nb]`` mask does it, and with a float ``out`` it also converts, so
-    de-quantizing takes a single pass over the codes; the plane weights ``2**(-bits * j)`` are powers of
-    two that fold exactly into the scales (:func:`plane_weights`). On the CPU this is several times faster
-    than shifting each plane down, which torch does not vectorize for tensor shift amounts.
+    ``and`` with a ``[planes, nb]`` mask does it (into a float ``out``, torch casts the result); the plane
+    weights ``2**(-bits * j)`` are powers of two that fold exactly into the scales (:func:`plane_weights`).
+    On the CPU this is several times faster than shifting each plane down, which torch does not vectorize
+    for tensor shift amounts.
 
     Parameters
     ----------
@@ -119,7 +119,7 @@ def plane_codes(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None
     bits
         Code width, one of 2, 4 or 8.
     out
-        Optional ``[..., 8 // bits, nb]`` tensor of any real dtype to write into.
+        Optional ``[..., 8 // bits, nb]`` tensor of a floating dtype (or uint8) to write into.
 
     Returns
     -------
@@ -131,10 +131,25 @@ def plane_codes(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None
 
 @functools.cache
 def plane_weights(bits: int, dim: int, device: torch.device) -> torch.Tensor:
-    """``2**(-bits * j)`` for each of ``dim`` channels in plane ``j`` (float32 ``[dim]``, cached: do not
-    modify): multiplying :func:`plane_codes` by these gives the codes."""
+    """The weight ``2**(-bits * j)`` of each channel, ``j`` being its bit plane.
+
+    Parameters
+    ----------
+    bits
+        Code width, one of 2, 4 or 8.
+    dim
+        ``D``, the unpacked channels.
+    device
+        Where the weights live.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 ``[D]``; :func:`plane_codes` times these gives the codes. Cached: do not modify.
+    """
     per = 8 // bits
-    return torch.tensor([2.0 ** (-bits * j) for j in range(per)], device=device).repeat_interleave(dim // per)
+    weights = torch.tensor([2.0 ** (-bits * j) for j in range(per)], dtype=torch.float32, device=device)
+    return weights.repeat_interleave(dim // per)
 
 
 @functools.cache
@@ -233,15 +248,14 @@ def unpack_dequantize_ref(
     n = math.prod(lead)
     direct = out is not None and dtype == torch.float32
     x = out if direct else torch.empty((*lead, t, dim), dtype=torch.float32, device=codes.device)
-    plane_codes(codes.view(n, t, nb), bits, out=x.view(n, t, 8 // bits, nb))  # code * 2**(bits * plane)
-    weights = plane_weights(bits, dim, codes.device)
-    if gc == 1 or nb % gc == 0:  # each group within one plane: its weight folds into the scale, exactly
-        scale = scale * weights[::gc]
-    else:
-        x.view(n, t, dim).mul_(weights)
-    shape = (n, t // gt, gt, dim // gc, gc)
-    s = scale.float().view(n, t // gt, 1, dim // gc, 1)
-    x.view(shape).mul_(s).add_(minimum.float().view(s.shape))  # one mixed-dtype addcmul is ~3x slower
+    plane_codes(codes.reshape(n, t, nb), bits, out=x.view(n, t, 8 // bits, nb))  # code * 2**(bits * plane)
+    unit = math.gcd(gc, nb)  # runs of channels that share one scale and one plane weight
+    scale, minimum = (v.reshape(n, t // gt, dim // gc) for v in (scale, minimum))
+    if gc > unit:  # a group spans planes: one scale per run
+        scale, minimum = scale.repeat_interleave(gc // unit, -1), minimum.repeat_interleave(gc // unit, -1)
+    runs = (n, t // gt, 1, dim // unit, 1)
+    s = (scale * plane_weights(bits, dim, codes.device)[::unit]).view(runs)  # exact: powers of two
+    x.view(n, t // gt, gt, dim // unit, unit).mul_(s).add_(minimum.float().view(runs))
     if direct:
         return x
     return x.to(dtype) if out is None else out.copy_(x)
