@@ -1,6 +1,7 @@
 """`kvcompress bench` on a tiny model: every row measured, bytes exact, ratios against the same run."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -97,12 +98,18 @@ def test_pareto_plot_zooms_on_systems_near_the_best_perplexity(tmp_path):
     rows = [{"name": f"r{i}", "kind": "recipe", "kv_bytes_per_token": 5000.0 + 300 * i, "ppl": 19.0 + 0.1 * i}
             for i in range(5)]
     results = {"rows": rows, "model": "m", "fp16_kv_bytes_per_token": 20000.0}
-    (tmp_path / "near").mkdir()
-    (tmp_path / "spread").mkdir()
+    for name in ("near", "spread", "flat"):
+        (tmp_path / name).mkdir()
     (single,) = write_plots(results, tmp_path / "near")
     rows.append({"name": "far", "kind": "recipe", "kv_bytes_per_token": 9000.0, "ppl": 35.0})
     (zoomed,) = write_plots(results, tmp_path / "spread")
     assert _png_width(zoomed) == 2 * _png_width(single)  # a second panel for the five close ones
+    for row in rows[:5]:
+        row["ppl"] = 19.0  # all close ones equal: the zoom still gets a height of its own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (flat,) = write_plots(results, tmp_path / "flat")
+    assert _png_width(flat) == _png_width(zoomed)
 
 
 def test_point_labels_do_not_cover_each_other():
@@ -123,6 +130,8 @@ def test_point_labels_do_not_cover_each_other():
         label.update_positions(renderer)
         boxes.append(Text.get_window_extent(label, renderer))
     plt.close(fig)
+    marks = [ax.transData.transform(p) for p in points]
     assert len(boxes) == len(points)
     assert all(frame.contains(b.x0, b.y0) and frame.contains(b.x1, b.y1) for b in boxes)
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert not any(b.contains(x, y) for b in boxes for x, y in marks)  # no label covers a point

@@ -57,66 +57,80 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     return written
 
 
-NEAR = 1.10
-"""Systems within this factor of the best perplexity get a zoomed panel of their own."""
+_NEAR = 1.10
+"""At least three systems within this factor of the best perplexity, and others above, get a zoomed panel."""
 
 
 def _pareto_plot(results: dict, rated: list[dict], plt, path: Path) -> None:
-    """Perplexity vs KV bytes per token with the Pareto front; when some systems sit close to the best
-    perplexity and others far above, a second panel zooms in on the close ones."""
+    """Perplexity vs KV bytes per token with the Pareto front, and a panel zoomed on the systems close to
+    the best perplexity when others sit far above them."""
     points = [(r["kv_bytes_per_token"], r["ppl"]) for r in rated]
     best = min(y for _, y in points)
-    near = [i for i, (_, y) in enumerate(points) if y <= NEAR * best]
-    panels = [list(range(len(points)))]
-    if 3 <= len(near) < len(points):
-        panels.append(near)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    near = [p for p in points if p[1] <= _NEAR * best]
+    zoomed = 3 <= len(near) < len(points)
+    fig, axes = plt.subplots(1, 1 + zoomed, figsize=(6.5 * (1 + zoomed), 4.5), squeeze=False)
+    axes = list(axes[0])
     front = [points[i] for i in pareto_front(points)]
-    for n, (ax, shown) in enumerate(zip(axes[0], panels, strict=True)):
-        ax.scatter(*zip(*(points[i] for i in shown), strict=True), color="tab:blue", zorder=3)
+    for ax in axes:
+        ax.scatter(*zip(*points, strict=True), color="tab:blue", zorder=3)
         ax.plot(*zip(*front, strict=True), color="tab:orange", lw=1.5, label="Pareto front", zorder=2)
         ax.axvline(results["fp16_kv_bytes_per_token"], color="grey", ls="--", lw=1, label="fp16 KV cache")
         ax.set_xscale("log")
         ax.set_xlabel("KV bytes per token (log)")
         ax.set_ylabel(f"perplexity ({rated[0].get('ppl_tokens', '?')} tokens)")
+    in_zoom = [False] * len(points)
+    if zoomed:
+        xs, ys = zip(*near, strict=True)
+        span = max(max(ys) - min(ys), 1e-3 * best)
+        axes[1].set_xlim(min(xs) / 1.08, max(xs) * 1.08)
+        axes[1].set_ylim(min(ys) - 0.08 * span, max(ys) + 0.15 * span)
+        axes[1].set_title(f"within {_NEAR - 1:.0%} of the best perplexity", fontsize=9)
+        axes[0].axhspan(*axes[1].get_ylim(), color="grey", alpha=0.12, lw=0, label="zoomed at right")
+        (x0, x1), (y0, y1) = axes[1].get_xlim(), axes[1].get_ylim()
+        in_zoom = [x0 <= x <= x1 and y0 <= y <= y1 for x, y in points]
+    for ax in axes:
         ax.legend(fontsize=7)
-        if n:
-            xs, ys = [points[i][0] for i in shown], [points[i][1] for i in shown]
-            ax.set_xlim(min(xs) / 1.08, max(xs) * 1.08)
-            ax.set_ylim(min(ys) - 0.08 * (max(ys) - min(ys)), max(ys) + 0.15 * (max(ys) - min(ys)))
-            ax.set_title(f"within {NEAR - 1:.0%} of the best perplexity", fontsize=9)
-            axes[0][0].axhspan(*ax.get_ylim(), color="grey", alpha=0.12, lw=0, label="zoomed at right")
-            axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{Path(results['model']).name}: quality vs KV memory")
-    for n, (ax, shown) in enumerate(zip(axes[0], panels, strict=True)):
-        labelled = shown if n or len(panels) == 1 else [i for i in shown if i not in panels[1]]
-        _label_points(ax, [rated[i]["name"] for i in labelled], [points[i] for i in labelled])
+    fig.tight_layout()
+    for ax, zoom in zip(axes, (False, True), strict=False):
+        shown = [i for i in range(len(points)) if in_zoom[i] == zoom]
+        _label_points(ax, [rated[i]["name"] for i in shown], [points[i] for i in shown])
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
 _OFFSETS = [(4, 4), *((dx, dy) for dy in (15, -12, 26, -23, 37, -34, 48, -45) for dx in (14, -14))]
-"""Label offsets from a point (typographic points), tried in order until a label overlaps no other: rows
-11 points apart, above (label's bottom) and below (label's top) the point, to its right and left."""
+"""Label offsets from a point (typographic points), tried in order until a label lies inside the axes and
+covers no other label or point: rows 11 points apart, above (label's bottom) and below (label's top) the
+point, to its right and left."""
+_MARKER = 3.0  # radius of a scatter point, typographic points
 
 
 def _label_points(ax, names: list[str], points: list[tuple[float, float]]) -> None:
     """Name each point, moving a label off its point (with a leader line) where it would cover another
-    label or leave the axes; a label with no free place takes the first one."""
+    label or a point, or leave the axes; a label with no free place takes the first one.
+
+    Call it once the figure's layout is final: it draws the figure to settle the axis limits, then
+    places labels where they will be drawn.
+    """
     from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
 
     fig = ax.figure
-    fig.tight_layout()
-    fig.canvas.draw()  # settles the axis limits, so boxes are where they will be drawn
+    fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    placed = []
+    radius = _MARKER * fig.dpi / 72
+    marks = [ax.transData.transform(p) for c in ax.collections for p in c.get_offsets()]
+    placed = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius) for x, y in marks]
+    first = _OFFSETS[0]
     for i in sorted(range(len(points)), key=lambda i: points[i]):
-        tries = [*_OFFSETS, _OFFSETS[0]]
+        tries = [*_OFFSETS, first]  # the last is the fallback
         for n, (dx, dy) in enumerate(tries):
             label = ax.annotate(names[i], points[i], textcoords="offset points", xytext=(dx, dy), fontsize=7,
                                 ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top",
-                                arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "grey"} if n else None)
+                                arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "grey"} if (dx, dy) != first
+                                else None)
             label.update_positions(renderer)
             box = Text.get_window_extent(label, renderer)  # the words, not the leader line
             inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
