@@ -110,6 +110,19 @@ def test_value_up_projection_folded_or_kept_gives_the_same_model(tiny_factory, t
     torch.testing.assert_close(kept(ids).logits, folded(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_decode_copy_of_the_key_up_projection_follows_it(tiny_factory, tmp_path):
+    # without gradients, decode keeps a pair-ordered contiguous copy of U_k; changing the parameter in
+    # place (as load_state_dict does) must renew it
+    tiny = tiny_factory("llama_gqa")
+    export(open_source(tiny.path), tmp_path / "out", _recipe(0.5), dtype="float32")
+    attn = load(tmp_path / "out")[0].model.layers[0].self_attn
+    with torch.no_grad():
+        before = attn._pair_ordered_up()[0].clone()
+        attn.k_up.mul_(3)
+        after = attn._pair_ordered_up()[0]
+    torch.testing.assert_close(after, 3 * before)
+
+
 def test_full_rank_values_keep_their_up_projection(exported):
     _, _, model = exported("llama_gqa", 1.0)  # r_v = 16: folding would take 8 x 16 inputs instead of 8 x 8
     assert not any(lay["value_folded"] for lay in model.kvcompress_manifest["layers"])
