@@ -10,8 +10,8 @@ group is stored as ``minimum + code * scale`` with ``code`` in ``[0, 2**bits - 1
 dim into uint8 ``[..., T, nb]`` with ``nb = D * bits // 8`` bytes per token, in bit planes: channel ``d``
 goes to byte ``d % nb`` at bit offset ``bits * (d // nb)`` (channels ``0..nb-1`` in the low bits). One
 mask then gives ``nb`` consecutive channels; on the CPU one ``and`` unpacks every plane at once, each
-code left at its bit offset (:func:`plane_codes`). The Triton kernels and the decode-attention kernel read this layout
-directly.
+code left at its bit offset (:func:`plane_codes`). The Triton kernels and the decode-attention kernel
+read this layout directly.
 
 Rounding: the minimum is rounded *down* and the scale *up* to float16, so every value of a group lies in
 ``[minimum, minimum + (2**bits - 1) * scale]`` and the reconstruction error is at most ``scale / 2`` (plus

@@ -132,7 +132,7 @@ class QuantizedStore:
         if out is None:
             if self.packed is None:
                 return self.residual()
-            out = fp.new_empty((*fp.shape[:-2], tq + fp.shape[-2], fp.shape[-1]), dtype=self.dtype)
+            out = fp.new_empty(self.shape, dtype=self.dtype)
         if self.packed is not None:
             self._decode(self.packed, out[..., :tq, :])
         out[..., tq:, :] = fp
