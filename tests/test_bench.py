@@ -5,10 +5,12 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_one_line_error, run_cli
 
 from kvcompress.evaluate.bench import BenchSettings, bench
 from kvcompress.evaluate.plots import _label_points, pareto_front, write_plots
+from kvcompress.evaluate.speed import PeakMemory
 from kvcompress.recipe import Recipe
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "the", "dog", "ran", "to", "the", "park",
@@ -53,16 +55,33 @@ def test_bench_measures_every_row(llama_gqa, tmp_path, text):
     assert q2["ppl_ratio"] == pytest.approx(q2["ppl"] / base["ppl"]) and base["ppl_delta_pct"] == 0
     for row in (base, q2):
         assert set(row["speed"]) == {"24", "40"}
-        for s in row["speed"].values():
+        for context, s in row["speed"].items():
             assert s["decode_tokens_per_second"] > 0 and s["prefill_seconds"] > 0 and s["runs"] == 2
             assert s["kv_bytes_per_token"] > 0
-            if Path("/proc/self/clear_refs").exists():  # Linux: the RSS high-water mark above the start
-                assert isinstance(s["peak_memory_bytes"], int) and s["peak_memory_bytes"] >= 0
+            held = s["kv_bytes_per_token"] * (int(context) + settings.new_tokens - 1)  # the cache at the end
+            assert held <= s["peak_memory_bytes"] < held + 50e6
+    # the baseline's float32 cache is the larger, and its peak grows with the context by at least that much
+    grown = 16 * base["kv_bytes_per_token"]
+    assert base["speed"]["40"]["peak_memory_bytes"] - base["speed"]["24"]["peak_memory_bytes"] >= grown
     assert base["speed"]["24"]["decode_ratio"] == 1.0
     assert 0 < q2["speed"]["40"]["decode_ratio"] < 100
     written = write_plots(results, tmp_path)
     assert [p.name for p in written] == ["pareto.png", "decode_speed.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_peak_memory_counts_tensor_bytes_in_time_order():
+    keep = torch.empty(10_000)  # allocated before: not counted
+    with PeakMemory(torch.device("cpu")) as mem:
+        a = torch.empty(1_000_000)  # 4 MB
+        del a
+        b = torch.empty(250_000)  # 1 MB, reusing what the allocator kept: still counted
+        c = b + 1  # 1 MB more: 2 MB, below the first peak
+    assert mem.peak == 4_000_000
+    with PeakMemory(torch.device("cpu")) as mem:
+        parts = [torch.empty(250_000) for _ in range(3)] + [c]
+        d = torch.cat(parts)  # 3 MB held plus its 4 MB result at once
+    assert mem.peak == 7_000_000 and keep.numel() and d.numel()
 
 
 def test_bench_cli_writes_results_and_json(llama_gqa, tmp_path, text):
@@ -75,6 +94,9 @@ def test_bench_cli_writes_results_and_json(llama_gqa, tmp_path, text):
     assert json.loads((out / "results.json").read_text()) == printed
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 2 + 2 and table[3].startswith("| q4 | ")  # header, rule, baseline, q4
+    assert table[0].endswith("| peak MB @24 |")
+    peak = printed["rows"][1]["speed"]["24"]["peak_memory_bytes"]
+    assert table[3].endswith(f"| {peak / 1e6:.1f} |") and peak > 0
     assert [r["name"] for r in printed["rows"]] == ["baseline (DynamicCache)", "q4"]
 
 
@@ -93,8 +115,12 @@ def _png_width(path: Path) -> int:
     return int.from_bytes(path.read_bytes()[16:20], "big")  # IHDR: width, then height
 
 
-def test_pareto_plot_zooms_on_systems_near_the_best_perplexity(tmp_path):
+def test_pareto_plot_zooms_on_systems_near_the_best_perplexity(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep each figure for a look at its legends
     rows = [{"name": f"r{i}", "kind": "recipe", "kv_bytes_per_token": 5000.0 + 300 * i, "ppl": 19.0 + 0.1 * i}
             for i in range(5)]
     results = {"rows": rows, "model": "m", "fp16_kv_bytes_per_token": 20000.0}
@@ -110,6 +136,11 @@ def test_pareto_plot_zooms_on_systems_near_the_best_perplexity(tmp_path):
         warnings.simplefilter("error")
         (flat,) = write_plots(results, tmp_path / "flat")
     assert _png_width(flat) == _png_width(zoomed)
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figures[-1].axes]
+    assert "fp16 KV cache" in legends[0] and "fp16 KV cache" not in legends[1]  # 20,000 is off the zoom
+    results["fp16_kv_bytes_per_token"] = 5500.0
+    write_plots(results, tmp_path / "flat")
+    assert all("fp16 KV cache" in [t.get_text() for t in ax.get_legend().get_texts()] for ax in figures[-1].axes)
 
 
 def test_point_labels_do_not_cover_each_other():

@@ -25,7 +25,7 @@ import kvcompress
 from kvcompress.errors import KVCompressError
 from kvcompress.evaluate.passkey import make_prompts, passkey_accuracy
 from kvcompress.evaluate.perplexity import blocked_perplexity, text_ids
-from kvcompress.evaluate.speed import summarize, timed_generate
+from kvcompress.evaluate.speed import peak_generate, summarize, timed_generate
 from kvcompress.memory import baseline_bytes_per_token
 
 Progress = Callable[[str, int, int], None]
@@ -167,6 +167,7 @@ class _Measure:
                 base.append(pair[1])
         self.base_runs[context] += base
         result, paired = summarize(ours), summarize(base)
+        result["peak_memory_bytes"] = self._peak(system, ids)
         result["decode_ratio"] = result["decode_tokens_per_second"] / paired["decode_tokens_per_second"]
         result["prefill_ratio"] = result["prefill_seconds"] / paired["prefill_seconds"]
         return result
@@ -179,8 +180,16 @@ class _Measure:
                 runs = [timed_generate(self.baseline.model, ids, self.baseline.new_cache(), self.s.new_tokens,
                                        self.pad) for _ in range(self.s.repeats + 1)]
                 self.base_runs[c] = runs[1:]
-        return {str(c): summarize(runs) | {"decode_ratio": 1.0, "prefill_ratio": 1.0}
+        return {str(c): summarize(runs) | {"peak_memory_bytes": self._peak(self.baseline, self.speed_ids[:, :c]),
+                                           "decode_ratio": 1.0, "prefill_ratio": 1.0}
                 for c, runs in self.base_runs.items()}
+
+    def _peak(self, system: System, ids: torch.Tensor) -> int:
+        phase = f"memory {system.name} @{ids.shape[1]}"
+        self.tick(phase, 0, 1)
+        peak = peak_generate(system.model, ids, system.new_cache, self.s.new_tokens, self.pad)
+        self.tick(phase, 1, 1)
+        return peak
 
 
 def _quantized_cache_peer(model) -> System:
@@ -222,7 +231,8 @@ def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the results table (rows that failed are left out)."""
     contexts = list(results["rows"][0].get("speed", {}))
     head = ["system", "KV bytes/token", "× smaller than fp16", "perplexity", "Δppl %", "passkey",
-            *(f"decode tok/s @{c} (× baseline)" for c in contexts)]
+            *(f"decode tok/s @{c} (× baseline)" for c in contexts),
+            *([f"peak MB @{contexts[-1]}"] if contexts else [])]
     rows = []
     for row in results["rows"]:
         if "error" in row:
@@ -235,6 +245,9 @@ def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
         for c in contexts:
             sp = row.get("speed", {}).get(c)
             cells.append(f"{sp['decode_tokens_per_second']:.1f} (×{sp['decode_ratio']:.2f})" if sp else "-")
+        if contexts:
+            sp = row.get("speed", {}).get(contexts[-1])
+            cells.append(f"{sp['peak_memory_bytes'] / 1e6:.1f}" if sp else "-")
         rows.append(cells)
     return head, rows
 

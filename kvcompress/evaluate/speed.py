@@ -2,7 +2,8 @@
 
 Timing goes through ``model.generate``: a logits processor stamps the clock each time a token is chosen,
 so the first stamp ends the prefill and the gaps between later stamps are decode steps, with
-everything ``generate`` does per step included.
+everything ``generate`` does per step included. Peak memory comes from runs of its own: recording
+allocations slows the code it watches.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from kvcompress.compat import CACHE_ARG
@@ -28,11 +30,12 @@ class _Stamps(LogitsProcessor):
 
 
 class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator statistics, or the kernel's RSS high-water mark.
+    """Peak tensor memory allocated above the level at entry, in bytes (``peak``, set on exit).
 
-    On Linux the CPU peak comes from ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; no
-    sampling thread runs beside the timed code (one would compete for the GIL with Python-heavy decode
-    loops and slow them down unevenly). Elsewhere ``peak`` is None.
+    On CUDA it comes from the allocator's statistics. Elsewhere the torch profiler records every
+    allocation and free of tensor memory, and their running sum, in time order, peaks at the answer: exact
+    and repeatable, unlike the process's RSS, which memory the allocator kept from earlier work hides.
+    Recording slows the code it watches, so speed is timed in other runs (:func:`peak_generate`).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -44,33 +47,21 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self._start = _status("VmRSS") if _reset_high_water_mark() else None
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
-        elif self._start is not None:
-            self.peak = max(0, _status("VmHWM") - self._start)
-
-
-def _reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
+            return
+        self._profile.__exit__(*exc)
+        events = [e for e in self._profile.profiler.kineto_results.events() if e.name() == "[memory]"]
+        level = self.peak = 0
+        for event in sorted(events, key=lambda e: e.start_ns()):
+            level += event.nbytes()  # negative for a free
+            self.peak = max(self.peak, level)
 
 
 @dataclass
@@ -79,8 +70,16 @@ class Run:
 
     prefill_seconds: float
     decode_tokens_per_second: float
-    peak_memory_bytes: int | None
     kv_bytes_per_token: float
+
+
+def _generate(model, ids: torch.Tensor, cache, new_tokens: int, pad_token_id: int | None,
+              processors: list | None = None) -> None:
+    """Greedy-generate exactly ``new_tokens`` tokens after prompt ``ids`` ``[1, T]`` into ``cache``."""
+    ids = ids.to(next(model.parameters()).device)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_ARG: cache},
+                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   logits_processor=LogitsProcessorList(processors or []), pad_token_id=pad_token_id)
 
 
 @torch.no_grad()
@@ -102,23 +101,28 @@ def timed_generate(model, ids: torch.Tensor, cache, new_tokens: int = 32, pad_to
     """
     if new_tokens < 3:
         raise ValueError("need new_tokens >= 3")
-    device = next(model.parameters()).device
-    ids = ids.to(device)
     stamps = _Stamps()
-    with PeakMemory(device) as mem:
-        start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_ARG: cache},
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       logits_processor=LogitsProcessorList([stamps]), pad_token_id=pad_token_id)
+    start = time.perf_counter()
+    _generate(model, ids, cache, new_tokens, pad_token_id, [stamps])
     t = stamps.times
     return Run(prefill_seconds=t[0] - start, decode_tokens_per_second=(len(t) - 1) / (t[-1] - t[0]),
-               peak_memory_bytes=mem.peak, kv_bytes_per_token=cache_bytes(cache) / cache.get_seq_length())
+               kv_bytes_per_token=cache_bytes(cache) / cache.get_seq_length())
+
+
+@torch.no_grad()
+def peak_generate(model, ids: torch.Tensor, new_cache, new_tokens: int = 32, pad_token_id: int | None = None) -> int:
+    """Peak tensor memory (:class:`PeakMemory`) of one untimed run of what :func:`timed_generate` times.
+
+    ``new_cache`` makes the empty cache inside the measured span, so all of the cache counts: what it
+    holds at the end and anything it allocates on the way.
+    """
+    with PeakMemory(next(model.parameters()).device) as mem:
+        _generate(model, ids, new_cache(), new_tokens, pad_token_id)
+    return mem.peak
 
 
 def summarize(runs: list[Run]) -> dict:
-    """Medians of prefill time and decode rate, the largest peak, and the KV bytes per token."""
+    """Medians of prefill time and decode rate, and the KV bytes per token."""
     return {"prefill_seconds": statistics.median(r.prefill_seconds for r in runs),
             "decode_tokens_per_second": statistics.median(r.decode_tokens_per_second for r in runs),
-            "peak_memory_bytes": max((r.peak_memory_bytes for r in runs if r.peak_memory_bytes is not None),
-                                     default=None),
             "kv_bytes_per_token": runs[-1].kv_bytes_per_token, "runs": len(runs)}
