@@ -71,10 +71,10 @@ def _pareto_plot(results: dict, rated: list[dict], plt, path: Path) -> None:
     fig, axes = plt.subplots(1, 1 + zoomed, figsize=(6.5 * (1 + zoomed), 4.5), squeeze=False)
     axes = list(axes[0])
     front = [points[i] for i in pareto_front(points)]
+    fp16 = results["fp16_kv_bytes_per_token"]
     for ax in axes:
         ax.scatter(*zip(*points, strict=True), color="tab:blue", zorder=3)
         ax.plot(*zip(*front, strict=True), color="tab:orange", lw=1.5, label="Pareto front", zorder=2)
-        ax.axvline(results["fp16_kv_bytes_per_token"], color="grey", ls="--", lw=1, label="fp16 KV cache")
         ax.set_xscale("log")
         ax.set_xlabel("KV bytes per token (log)")
         ax.set_ylabel(f"perplexity ({rated[0].get('ppl_tokens', '?')} tokens)")
@@ -89,6 +89,8 @@ def _pareto_plot(results: dict, rated: list[dict], plt, path: Path) -> None:
         (x0, x1), (y0, y1) = axes[1].get_xlim(), axes[1].get_ylim()
         in_zoom = [x0 <= x <= x1 and y0 <= y <= y1 for x, y in points]
     for ax in axes:
+        if ax is axes[0] or ax.get_xlim()[0] <= fp16 <= ax.get_xlim()[1]:  # the zoom may leave it out
+            ax.axvline(fp16, color="grey", ls="--", lw=1, label="fp16 KV cache")
         ax.legend(fontsize=7)
     fig.suptitle(f"{Path(results['model']).name}: quality vs KV memory")
     fig.tight_layout()
