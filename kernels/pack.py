@@ -250,12 +250,11 @@ def unpack_dequantize_ref(
     x = out if direct else torch.empty((*lead, t, dim), dtype=torch.float32, device=codes.device)
     plane_codes(codes.reshape(n, t, nb), bits, out=x.view(n, t, 8 // bits, nb))  # code * 2**(bits * plane)
     unit = math.gcd(gc, nb)  # runs of channels that share one scale and one plane weight
-    scale, minimum = (v.reshape(n, t // gt, dim // gc) for v in (scale, minimum))
-    if gc > unit:  # a group spans planes: one scale per run
-        scale, minimum = scale.repeat_interleave(gc // unit, -1), minimum.repeat_interleave(gc // unit, -1)
-    runs = (n, t // gt, 1, dim // unit, 1)
-    s = (scale * plane_weights(bits, dim, codes.device)[::unit]).view(runs)  # exact: powers of two
-    x.view(n, t // gt, gt, dim // unit, unit).mul_(s).add_(minimum.float().view(runs))
+    groups, runs = dim // gc, gc // unit  # a group spans `runs` runs (more than one if it crosses planes)
+    weights = plane_weights(bits, dim, codes.device)[::unit].view(groups, runs)
+    s = scale.reshape(n, t // gt, groups, 1) * weights  # exact: powers of two
+    x.view(n, t // gt, gt, groups, runs, unit).mul_(s.view(n, t // gt, 1, groups, runs, 1)).add_(
+        minimum.reshape(n, t // gt, 1, groups, 1, 1))
     if direct:
         return x
     return x.to(dtype) if out is None else out.copy_(x)
