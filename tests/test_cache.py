@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import kvcompress
+from kvcompress import attention as attention_module
 from kvcompress.analysis.schedule import greedy
 from kvcompress.cache.lagkv import LagKVConfig, max_stored_tokens
 from kvcompress.cache.layer import KVCompressCache, KVCompressLayer, LayerStorage
 from kvcompress.cache.store import DenseStore, QuantizedStore
+from kvcompress.evaluate.speed import PeakMemory
 from kvcompress.export import export
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.recipe import LayerRecipe, Quant, Recipe
@@ -308,6 +310,30 @@ def test_post_rope_key_rotation_is_exact_and_rotates_what_is_cached(llama_gqa, t
     assert torch.allclose(stored, reference @ rot.transpose(-1, -2), atol=1e-2)
     assert not torch.allclose(stored, reference, atol=1e-1)
     assert torch.allclose(rot @ rot.transpose(-1, -2), torch.eye(rot.shape[-1]).expand_as(rot), atol=1e-6)
+
+
+def test_flushed_residual_window_is_released(llama_gqa, tmp_path, one_thread):
+    # after a flush the residual keeps only its remainder allocated, not the whole window it was cut from
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False},
+                    quant={"enabled": True, "avg_bits": 4.0, "group_size": 8, "residual_length": 16})
+    cache = kvcompress.make_cache(model)
+    ids = torch.randint(4, 300, (1, 100), generator=torch.Generator().manual_seed(5))
+    model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(100)[None], logits_to_keep=1)
+    for layer in cache.layers:
+        for store in (layer.key_store, layer.value_store):
+            assert store.quantized_length == 96 and store.fp.shape[-2] == 4
+            assert store.fp.untyped_storage().nbytes() == store.fp.numel() * store.fp.element_size()
+
+
+def test_keys_turn_per_head_without_copying_the_rotations():
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 1, 2048, 3, 64, generator=g)  # one latent group of 3 KV heads
+    rot = torch.linalg.qr(torch.randn(3, 64, 64, generator=g))[0]
+    with PeakMemory(torch.device("cpu")) as mem:
+        turned = attention_module.turn_keys(k, rot)
+    expected = torch.stack([k[:, :, :, h] @ rot[h].T for h in range(3)], dim=3)
+    torch.testing.assert_close(turned, expected)
+    assert mem.peak < 4 * k.numel() * 4  # a copy of each rotation per token would be 64x the keys
 
 
 @pytest.mark.parametrize("schedule", ["greedy", "uniform"])

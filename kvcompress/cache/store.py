@@ -104,7 +104,7 @@ class QuantizedStore:
             return
         block = self._encode(self.fp[..., :ready, :].detach().to(self.dtype))  # rounding has no gradient
         self.packed = block if self.packed is None else self._cat([self.packed, block])
-        self.fp = self.fp[..., ready:, :]
+        self.fp = self.fp[..., ready:, :].clone()  # a view would keep the whole flushed window allocated
 
     def _encode(self, x: torch.Tensor) -> Packed:
         return quantize(x, self.bits, self.group_size, self.along)
