@@ -136,11 +136,15 @@ def test_pareto_plot_zooms_on_systems_near_the_best_perplexity(tmp_path, monkeyp
         warnings.simplefilter("error")
         (flat,) = write_plots(results, tmp_path / "flat")
     assert _png_width(flat) == _png_width(zoomed)
-    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figures[-1].axes]
-    assert "fp16 KV cache" in legends[0] and "fp16 KV cache" not in legends[1]  # 20,000 is off the zoom
+    overview, zoom = (_legend(ax) for ax in figures[-1].axes)
+    assert "fp16 KV cache" in overview and "fp16 KV cache" not in zoom  # 20,000 is off the zoom
     results["fp16_kv_bytes_per_token"] = 5500.0
     write_plots(results, tmp_path / "flat")
-    assert all("fp16 KV cache" in [t.get_text() for t in ax.get_legend().get_texts()] for ax in figures[-1].axes)
+    assert all("fp16 KV cache" in _legend(ax) for ax in figures[-1].axes)
+
+
+def _legend(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 def test_point_labels_do_not_cover_each_other():
