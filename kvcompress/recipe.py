@@ -7,7 +7,9 @@ A recipe has method sections (``[lowrank]``, ``[quant]``, ``[lagkv]``, ``[calibr
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import tomli_w
@@ -26,6 +28,9 @@ RECIPE_SCHEMA_VERSION = 1
 SVD_MODES = ("whitened", "weight")
 
 BITS = (2, 4, 8)
+# what `export` writes without --recipe: the shipped recipe with the largest compression within 1% perplexity
+# on the shared SmolLM2 (README Results)
+DEFAULT_RECIPE = "kivi-4bit"
 QUANT_METHODS = ("kivi", "decoquant")
 ALLOCATIONS = ("stream", "channels")
 
@@ -36,7 +41,7 @@ class LowRank:
 
     enabled: bool = True
     svd: str = "whitened"
-    schedule: str = "progressive"
+    schedule: str = "greedy"
     target_ratio: float = 0.5
     head_group: int = 0
     rank_multiple: int = 8
@@ -218,6 +223,17 @@ class Recipe:
         are factorized then), because RoPE cannot be applied to a latent."""
         return self.lowrank.enabled and self.quant.key_rope == "pre"
 
+    @property
+    def principal_axes(self) -> bool:
+        """Whether the exported latents must lie on the projections' principal axes (an SVD per group).
+
+        Low rank truncates them, ``allocation = "channels"`` spends bits along them, and without the
+        rotation they are the basis that gets quantized. A full-width latent under the random rotation
+        is a Haar-random basis whichever basis it starts from, so it needs no SVD (and no calibration).
+        """
+        q = self.quant
+        return self.lowrank.enabled or (q.enabled and (q.allocation == "channels" or q.rotation == "none"))
+
     def head_group(self, spec: ModelSpec) -> int:
         """KV heads per latent group for ``spec`` (``0`` in the recipe = all KV heads)."""
         return self.lowrank.head_group or spec.num_kv_heads
@@ -241,14 +257,40 @@ def _check(ok: bool, message: str) -> None:
         raise KVCompressError(message)
 
 
-def _section(cls, data: dict, name: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    _check(not unknown, f"unknown setting(s) in [{name}]: {', '.join(sorted(unknown))}")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise KVCompressError(f"bad [{name}] section: {e}") from None
+def _section(cls, data: object, name: str):
+    """Build ``cls`` from one TOML table, refusing unknown, missing and mistyped settings by name."""
+    _check(isinstance(data, dict), f"{name} must be a table, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    _check(not unknown, f"unknown setting(s) in {name}: {', '.join(sorted(unknown))}")
+    missing = [k for k, f in known.items() if f.default is MISSING and f.default_factory is MISSING and k not in data]
+    _check(not missing, f"{name} is missing {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        _check(_has_type(value, hints[key]), f"{name} {key} must be {_type_name(hints[key])}, got {value!r}")
+    return cls(**data)
+
+
+def _has_type(value: object, hint: object) -> bool:
+    """Whether a TOML value fits a field's annotation (an int is a valid float; a bool is never a number)."""
+    if isinstance(hint, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: object) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
 
 
 def recipe_from_dict(data: dict) -> Recipe:
@@ -256,12 +298,17 @@ def recipe_from_dict(data: dict) -> Recipe:
     sections = {"lowrank": LowRank, "quant": Quant, "lagkv": LagKV, "calibration": Calibration}
     unknown = set(data) - set(sections) - {"name", "description", "layers", "schema_version"}
     _check(not unknown, f"unknown recipe key(s): {', '.join(sorted(unknown))}")
+    for key, kind in (("name", str), ("description", str), ("schema_version", int)):
+        _check(key not in data or _has_type(data[key], kind), f"recipe {key} must be {_type_name(kind)}, "
+               f"got {data.get(key)!r}")
+    layers = data.get("layers", [])
+    _check(isinstance(layers, list), "recipe layers must be an array of [[layers]] tables")
     recipe = Recipe(
-        name=str(data.get("name", "custom")),
-        description=str(data.get("description", "")),
-        schema_version=int(data.get("schema_version", RECIPE_SCHEMA_VERSION)),
-        layers=[_section(LayerRecipe, d, "layers") for d in data.get("layers", [])],
-        **{k: _section(cls, data.get(k, {}), k) for k, cls in sections.items()},
+        name=data.get("name", "custom"),
+        description=data.get("description", ""),
+        schema_version=data.get("schema_version", RECIPE_SCHEMA_VERSION),
+        layers=[_section(LayerRecipe, d, f"[[layers]] entry {i + 1}") for i, d in enumerate(layers)],
+        **{k: _section(cls, data.get(k, {}), f"[{k}]") for k, cls in sections.items()},
     )
     return recipe.validate()
 
@@ -272,13 +319,22 @@ def load_recipe(path: str | Path) -> Recipe:
     if not p.is_file():
         shipped = shipped_recipe_path(str(path))
         if shipped is None:
-            raise KVCompressError(f"recipe not found: {path}")
+            raise KVCompressError(f"recipe not found: {path} (not a file; shipped recipes: "
+                                  f"{', '.join(shipped_recipe_names())})")
         p = shipped
     try:
         data = tomllib.loads(p.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise KVCompressError(f"cannot read recipe {p}: {e}") from None
     return recipe_from_dict(data)
+
+
+def shipped_recipe_names() -> list[str]:
+    """Names of the recipes shipped in ``recipes/``, sorted."""
+    from importlib import resources
+
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("kvcompress.recipes").iterdir()
+                  if p.name.endswith(".toml"))
 
 
 def shipped_recipe_path(name: str) -> Path | None:

@@ -384,7 +384,16 @@ def _layers(rank_k=8, rank_v=8, bits_k=16, bits_v=16):
     ({"schema_version": 2}, r"schema_version 2 is newer.*upgrade"),
     ({"colour": "blue"}, r"unknown recipe key\(s\): colour"),
     ({"lowrank": {"ratio": 0.5}}, r"unknown setting\(s\) in \[lowrank\]: ratio"),
-    ({"layers": [{"layer": 0, "rank_k": 8, "rank_v": 8, "bits": 4}]}, r"unknown setting\(s\) in \[layers\]: bits"),
+    ({"layers": [{"layer": 0, "rank_k": 8, "rank_v": 8, "bits": 4}]},
+     r"unknown setting\(s\) in \[\[layers\]\] entry 1: bits"),
+    ({"layers": [{"rank_k": 8, "rank_v": 8}]}, r"\[\[layers\]\] entry 1 is missing layer"),
+    ({"quant": {"avg_bits": "three"}}, r"\[quant\] avg_bits must be a number, got 'three'"),
+    ({"quant": {"enabled": 1}}, r"\[quant\] enabled must be true or false, got 1"),
+    ({"lowrank": {"head_group": 1.5}}, r"\[lowrank\] head_group must be an integer, got 1.5"),
+    ({"layers": [{"layer": 0, "rank_k": 8, "rank_v": 8, "bits_k": "4"}]},
+     r"\[\[layers\]\] entry 1 bits_k must be an integer or a list of integers, got '4'"),
+    ({"quant": 4}, r"\[quant\] must be a table"),
+    ({"name": 3}, r"recipe name must be a string"),
     ({"lowrank": {"svd": "qr"}}, r"svd must be one of"),
 ])
 def test_impossible_recipes_are_refused(data, pattern):
