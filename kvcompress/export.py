@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 
 from kvcompress.analysis.analyze import analyze, layer_group_svds
 from kvcompress.analysis.calibration import attention_input_grams, calibration_ids
-from kvcompress.analysis.svd import whitening_factor
+from kvcompress.analysis.svd import split_groups, whitening_factor
 from kvcompress.cache.channels import bit_runs
 from kvcompress.errors import KVCompressError
 from kvcompress.manifest import write_manifest
@@ -33,6 +34,7 @@ class ExportResult:
     path: Path
     recipe: Recipe
     dtype: str
+    dtype_reason: str  # why this dtype: "as asked", "the source's", "the source is GGUF-quantized", ...
     shards: int
     bytes: int
 
@@ -131,9 +133,15 @@ def factorized_attention(source: Source, layer: int, recipe: Recipe, s_factor: t
     lay = recipe.layers[layer]
     g, d = recipe.head_group(spec), spec.head_dim
     p = attn_prefix(layer)
-    k_svds, v_svds = layer_group_svds(source, layer, g, s_factor)
-    k_factors = [x.factors(lay.rank_k) for x in k_svds]
-    v_factors = [x.factors(lay.rank_v) for x in v_svds]
+    if recipe.principal_axes:
+        k_svds, v_svds = layer_group_svds(source, layer, g, s_factor)
+        k_factors = [x.factors(lay.rank_k) for x in k_svds]
+        v_factors = [x.factors(lay.rank_v) for x in v_svds]
+    else:  # full width, any basis: the projection itself, exactly
+        k_factors, v_factors = (
+            [(w.double(), torch.eye(g * d, dtype=torch.float64))
+             for w in split_groups(source.tensor(f"{p}{proj}_proj.weight"), spec.num_kv_heads, d, g)]
+            for proj in ("k", "v"))
     q = recipe.quant
     out = {}
     if q.enabled and q.rotation == "orthogonal":
@@ -194,7 +202,8 @@ def export(
     recipe : Recipe
         Settings; if it has no ``[[layers]]``, ``analyze`` fills them in first.
     dtype : str, optional
-        ``float16``, ``bfloat16`` or ``float32``; default: the source's dtype (float16 if unknown).
+        ``float16``, ``bfloat16`` or ``float32``; default: float16 for a quantized GGUF, else the source's
+        dtype (float16 if unknown).
     force : bool
         Replace an existing ``out``.
     shard_bytes : int
@@ -210,9 +219,11 @@ def export(
     """
     spec = source.spec
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KVCompressError(f"{out} is a file; the output must be a folder")
     if out.exists() and not force:
         raise KVCompressError(f"{out} exists; pass --force to replace it")
-    dtype = dtype or str(source.config.get("dtype") or source.config.get("torch_dtype") or "float16")
+    dtype, dtype_reason = (dtype, "as asked") if dtype else source.default_dtype()
     if dtype not in DTYPES:
         raise KVCompressError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tick = progress or (lambda *_: None)
@@ -229,12 +240,23 @@ def export(
         _write_config(source, tmp, dtype)
         manifest = _manifest(source, recipe, dtype)
         write_manifest(tmp, manifest)
+        _readable_by_all(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in out.iterdir())
-    return ExportResult(path=out, recipe=recipe, dtype=dtype, shards=shards, bytes=size)
+    return ExportResult(path=out, recipe=recipe, dtype=dtype, dtype_reason=dtype_reason, shards=shards, bytes=size)
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Give every file the mode a new file gets (0644 under the usual umask): safetensors writes 0600 and
+    copies keep a read-only source's mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.rglob("*"):
+        if p.is_file():
+            p.chmod(0o666 & ~umask)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -256,7 +278,7 @@ def _write(source: Source, folder: Path, recipe: Recipe, dtype: torch.dtype, sha
            tick: Callable[[str, int, int], None]) -> int:
     spec = source.spec
     grams = None
-    if recipe.lowrank.svd == "whitened":
+    if recipe.lowrank.svd == "whitened" and recipe.principal_axes:
         cal = recipe.calibration
         ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
         grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))

@@ -126,6 +126,11 @@ class Source:
         """The files this source reads (for checksums in the manifest)."""
         raise NotImplementedError
 
+    def default_dtype(self) -> tuple[str, str]:
+        """``(dtype, why)``: the dtype an export writes by default, and where it comes from."""
+        dtype = self.config.get("dtype") or self.config.get("torch_dtype")
+        return (str(dtype), "the source's") if dtype else ("float16", "no dtype in the source's config")
+
     def folder(self) -> Path:
         """Folder holding config and tokenizer files."""
         return self.path if self.path.is_dir() else self.path.parent
@@ -328,6 +333,15 @@ class GGUFSource(Source):
 
     def has(self, name: str) -> bool:
         return _hf_to_gguf(name) in self._tensors
+
+    def default_dtype(self) -> tuple[str, str]:
+        """16 bits for a quantized GGUF: its weights are low-bit codes with fp16 scales, which float16 holds to
+        within its rounding (float32 would double the checkpoint for nothing)."""
+        from gguf import GGMLQuantizationType as T
+
+        if any(t.tensor_type not in (T.F32, T.F16, T.BF16) for t in self._tensors.values()):
+            return "float16", "the source is GGUF-quantized"
+        return super().default_dtype()
 
     def names(self) -> list[str]:
         return list(self._names)

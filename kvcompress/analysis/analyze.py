@@ -23,7 +23,7 @@ from kvcompress.analysis.svd import (
 )
 from kvcompress.cache.channels import segment_widths
 from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
-from kvcompress.recipe import LayerRecipe, Recipe
+from kvcompress.recipe import BITS, LayerRecipe, Recipe
 from kvcompress.skeleton import load_full
 from kvcompress.sources import Source, attn_prefix
 
@@ -217,7 +217,8 @@ def analyze(
         energy_k.append(sum(energy_kept(x, ranks_k[i]) for x in k_sig) / len(k_sig))
         energy_v.append(sum(energy_kept(x, ranks_v[i]) for x in v_sig) / len(v_sig))
 
-    if sensitivity:
+    uniform = recipe.quant.allocation == "stream" and recipe.quant.avg_bits in BITS
+    if sensitivity and not uniform:
         model = load_full(source)
         sens = layer_sensitivity(model, ids[:1], group_size=recipe.quant.group_size,
                                  key_group_size=recipe.quant.key_group,
@@ -226,7 +227,8 @@ def analyze(
         method = SENSITIVITY_METHOD
     else:
         sens = [(0.0, 0.0)] * n
-        method = "none (uniform bits)"
+        method = (f"not needed: every stream at {recipe.quant.avg_bits:g} bits" if uniform
+                  else "none (uniform bits)")
     if by_channels:
         bits_k, bits_v = channel_bits(recipe, spectra, ranks_k, ranks_v, sens)
     else:
