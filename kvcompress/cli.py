@@ -2,51 +2,121 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from kvcompress.cache.channels import describe
 from kvcompress.errors import KVCompressError
+from kvcompress.recipe import DEFAULT_RECIPE, shipped_recipe_names
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+INSPECT_CONTEXT = 2048  # tokens at which `inspect` reports bytes per token
+SHIPPED = "shipped: " + ", ".join(shipped_recipe_names())
+
+# typer raises click's exceptions (its own vendored copy in newer releases): find the base class through
+# the public BadParameter instead of importing either click
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a bad option value, a missing argument) as one line on stderr, like our own errors."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `kvcompress`: the help, as typer shows it
+                e.show()
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            command = " ".join(["kvcompress", *(ctx.command_path.split()[1:] if ctx else [])])
+            err.print(f"[bold red]error:[/] {escape(e.format_message())} (see {command} --help)", highlight=False,
+                      soft_wrap=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err.print("interrupted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make the KV cache of Hugging Face causal LMs several times smaller.")
 out = Console()
 err = Console(stderr=True)
 
 
-@app.callback(invoke_without_command=False)
-def main(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    """Make the KV cache of Hugging Face causal LMs several times smaller."""
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from kvcompress import __version__
 
-        out.print(__version__)
+        out.print(f"kvcompress {__version__}", highlight=False)
         raise typer.Exit()
 
 
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Make the KV cache of Hugging Face causal LMs several times smaller."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the process is so that cleanup runs as it does for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` while a command runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def friendly(fn):
-    """Turn user errors into one line on stderr and a non-zero exit; Ctrl-C into exit 130."""
+    """Turn user errors into one line on stderr and a non-zero exit; Ctrl-C, SIGTERM and SIGHUP into a
+    clean stop (exit 128 + signal number) after every ``finally`` and ``except`` on the way has run."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _signals_interrupt():
+                return fn(*args, **kwargs)
         except KVCompressError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            err.print(f"interrupted ({signal.Signals(signum).name})", highlight=False)
+            raise typer.Exit(128 + signum) from None
 
     return wrapper
 
@@ -78,17 +148,25 @@ def emit_json(obj: dict) -> None:
 @friendly
 def analyze(
     model: Annotated[str, typer.Argument(help="HF folder, GGUF file (or folder holding one), or hub id.")],
-    recipe: Annotated[str | None, typer.Option(help="Recipe file or shipped recipe name to fill in.")] = None,
+    recipe: Annotated[str | None, typer.Option(help=f"Recipe file or shipped recipe name to fill in "
+                                                    f"({SHIPPED}).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the filled recipe here.")] = None,
-    svd: Annotated[str | None, typer.Option(help="whitened | weight")] = None,
-    schedule: Annotated[str | None, typer.Option(help="progressive | uniform | energy | greedy")] = None,
-    target_ratio: Annotated[float | None, typer.Option(help="Mean kept K/V width, in (0, 1].")] = None,
-    energy: Annotated[float | None, typer.Option(help="Spectrum energy kept by --schedule energy.")] = None,
-    head_group: Annotated[int | None, typer.Option(help="KV heads per latent; 0 = all, 1 = per head.")] = None,
-    rank_multiple: Annotated[int | None, typer.Option(help="Round ranks to this multiple.")] = None,
-    avg_bits: Annotated[float | None, typer.Option(help="Average K/V bits for the allocation.")] = None,
-    allocation: Annotated[str | None, typer.Option(help="Bits per stream | per channel segment: stream | channels.")
-                          ] = None,
+    svd: Annotated[str | None, typer.Option(help="whitened | weight [default: the recipe's; whitened]")] = None,
+    schedule: Annotated[str | None, typer.Option(
+        help="progressive | uniform | energy | greedy [default: the recipe's; greedy]")] = None,
+    target_ratio: Annotated[float | None, typer.Option(
+        help="Mean kept K/V width, in (0, 1] [default: the recipe's; 0.5]")] = None,
+    energy: Annotated[float | None, typer.Option(
+        help="Spectrum energy kept by --schedule energy [default: the recipe's; 0.95]")] = None,
+    head_group: Annotated[int | None, typer.Option(
+        help="KV heads per latent; 0 = all, 1 = per head [default: the recipe's; 0]")] = None,
+    rank_multiple: Annotated[int | None, typer.Option(
+        help="Round ranks to this multiple [default: the recipe's; 8]")] = None,
+    avg_bits: Annotated[float | None, typer.Option(
+        help="Average K/V bits; turns quantization on [default: the recipe's; 3, off]")] = None,
+    allocation: Annotated[str | None, typer.Option(
+        help="Bits per stream | per channel segment: stream | channels; turns quantization on "
+             "[default: the recipe's; stream]")] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text file (never the eval text).")] = None,
     context: Annotated[int, typer.Option(help="Context at which KV bytes/token are reported.")] = 2048,
     sensitivity: Annotated[bool, typer.Option(help="Measure per-layer KL sensitivity for bits.")] = True,
@@ -106,9 +184,9 @@ def analyze(
         if value is not None:
             setattr(rec.lowrank, key, value)
     if avg_bits is not None:
-        rec.quant.avg_bits = avg_bits
+        rec.quant.enabled, rec.quant.avg_bits = True, avg_bits
     if allocation is not None:
-        rec.quant.allocation = allocation
+        rec.quant.enabled, rec.quant.allocation = True, allocation
     if calib is not None:
         rec.calibration.text = str(calib)
     rec.validate()
@@ -152,31 +230,38 @@ def print_analysis(result, output: Path | None) -> None:
 def export(
     model: Annotated[str, typer.Argument(help="HF folder, GGUF file (or folder holding one), or hub id.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint folder to write.")],
-    recipe: Annotated[str | None, typer.Option(help="Recipe file or shipped recipe name.")] = None,
-    target_ratio: Annotated[float | None, typer.Option(help="Override the recipe's K/V width budget.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float16 | bfloat16 | float32 (default: source's).")] = None,
+    recipe: Annotated[str, typer.Option(help=f"Recipe file or shipped recipe name ({SHIPPED}).")] = DEFAULT_RECIPE,
+    target_ratio: Annotated[float | None, typer.Option(
+        help="Override the recipe's low-rank K/V width budget (recipes with [lowrank] on).")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="float16 | bfloat16 | float32 [default: float16 for a quantized GGUF, else the source's]")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Write a compressed checkpoint: factorized K/V, config, tokenizer and kvcompress.json."""
     from kvcompress.export import export as run_export
-    from kvcompress.recipe import Recipe, load_recipe
+    from kvcompress.recipe import load_recipe
     from kvcompress.sources import open_source
 
-    rec = load_recipe(recipe) if recipe else Recipe(name="default")
+    rec = load_recipe(recipe)
     if target_ratio is not None:
+        if not rec.lowrank.enabled:
+            raise KVCompressError(f"--target-ratio sets the low-rank width, and recipe {rec.name} has [lowrank] "
+                                  "off; pick a low-rank recipe (e.g. --recipe greedy-50) or drop --target-ratio")
         rec.lowrank.target_ratio = target_ratio
         rec.layers = []  # ranks must be re-derived for the new budget
     rec.validate()
     source = open_source(model)
     with progress_bar(as_json) as bar:
         result = run_export(source, output, rec, dtype=dtype, force=force, progress=tracker(bar))
-    summary = {"path": str(result.path), "dtype": result.dtype, "shards": result.shards, "bytes": result.bytes,
+    summary = {"path": str(result.path), "recipe": rec.name, "dtype": result.dtype, "dtype_reason": result.dtype_reason,
+               "shards": result.shards, "bytes": result.bytes,
                "layers": [{"layer": x.layer, "rank_k": x.rank_k, "rank_v": x.rank_v} for x in result.recipe.layers]}
     if as_json:
         emit_json(summary)
     else:
-        out.print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {result.shards} shard(s), {result.dtype})")
+        out.print(f"wrote {result.path}: recipe {rec.name}, {result.dtype} weights ({result.dtype_reason}), "
+                  f"{result.bytes / 2**20:.1f} MiB in {result.shards} shard(s)", highlight=False)
 
 
 @app.command()
@@ -192,26 +277,33 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Run a prompt on an exported model and report the KV memory it held."""
-    from kvcompress.errors import KVCompressError
+    from kvcompress.generation import check_settings
     from kvcompress.generation import generate as run_generate
     from kvcompress.loading import load
 
     if (prompt is None) == (prompt_file is None):
         raise KVCompressError("give exactly one of --prompt or --prompt-file")
+    check_settings(max_new_tokens, temperature)
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise KVCompressError(f"prompt file not found: {prompt_file}")
         prompt = prompt_file.read_text()
     model, tokenizer = load(checkpoint)
+    if not as_json:  # the prompt, dimmed, so the streamed text continues it
+        out.print(escape(prompt), style="dim", end="\n" if chat else "", highlight=False, soft_wrap=True)
     report = run_generate(model, tokenizer, prompt, max_new_tokens, temperature, seed, chat, stream=not as_json)
     if as_json:
         emit_json(report.to_json())
         return
     r = report.to_json()
     out.print(f"\n[dim]prompt {r['prompt_tokens']} tokens, generated {r['generated_tokens']} tokens, "
-              f"{r['tokens_per_second']:.1f} tokens/s[/]")
-    out.print(f"[dim]KV cache held {r['kv_bytes']:,} bytes vs {r['kv_bytes_uncompressed']:,} uncompressed "
-              f"({r['kv_ratio']:.2f}x smaller)[/]")
+              f"{r['tokens_per_second']:.1f} tokens/s[/]", highlight=False)
+    out.print(f"[dim]KV cache held {r['kv_bytes']:,} bytes: {r['x_smaller_than_fp16']:.2f}x smaller than an fp16 "
+              f"cache of this model ({r['kv_bytes_fp16']:,} bytes)[/]", highlight=False)
+    if 2 * r["window_tokens"] > r["held_tokens"]:
+        out.print(f"[dim]{r['window_tokens']} of the {r['held_tokens']} tokens held are still in the 16-bit "
+                  "residual window, so a prompt this short shows less than the long-context ratio "
+                  "(`kvcompress inspect` gives it)[/]", highlight=False)
 
 
 @app.command()
@@ -222,19 +314,29 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Summarize a checkpoint's manifest and per-layer settings."""
-    from kvcompress.manifest import read_manifest
+    from kvcompress.manifest import read_config, read_manifest
+    from kvcompress.memory import baseline_bytes_per_token, checkpoint_bytes_per_token
+    from kvcompress.sources import ModelSpec
 
     m = read_manifest(checkpoint, verify=verify)
+    spec = ModelSpec.from_config(read_config(checkpoint))
+    held = checkpoint_bytes_per_token(m, spec, INSPECT_CONTEXT)
     summary = {key: m.get(key) for key in ("schema_version", "kvcompress_version", "format", "model_type",
                                             "dtype", "head_group", "quant", "eviction", "kernel_backend")}
     summary |= {"source": m["source"]["model"], "files": len(m.get("files", {})), "layers": m["layers"],
-                "verified": verify}
+                "verified": verify, f"kv_bytes_per_token_at_{INSPECT_CONTEXT}": round(held, 1),
+                "fp16_kv_bytes_per_token": baseline_bytes_per_token(spec),
+                "x_smaller_than_fp16": round(baseline_bytes_per_token(spec) / held, 3)}
     if as_json:
         emit_json(summary)
         return
     for key, value in summary.items():
         if key != "layers":
             out.print(f"{key}: {value}", highlight=False)
+    evicted = " before eviction" if m.get("eviction") else ""
+    out.print(f"KV cache at {INSPECT_CONTEXT} tokens: {held:,.0f} bytes/token{evicted}, "
+              f"{summary['x_smaller_than_fp16']:.2f}x smaller than an fp16 cache of this model "
+              f"({summary['fp16_kv_bytes_per_token']:,} bytes/token)", highlight=False)
     table = Table()
     for col in ("layer", "rank_k", "rank_v", "bits_k", "bits_v", "group_size", "residual_length"):
         table.add_column(col, justify="right")
@@ -264,12 +366,14 @@ def evaluate(
 ) -> None:
     """Perplexity (--text) and/or passkey retrieval (--passkey), compressed vs source model, same run."""
     from kvcompress.evaluate.passkey import check_digits, compare_passkey, depth_fractions, parse_lengths
-    from kvcompress.evaluate.perplexity import compare
+    from kvcompress.evaluate.perplexity import check_window, compare
 
     if text is None and not passkey:
         raise KVCompressError("give --text FILE (perplexity), --passkey, or both")
-    if text is not None and not text.is_file():
-        raise KVCompressError(f"text file not found: {text}")
+    if text is not None:
+        if not text.is_file():
+            raise KVCompressError(f"text file not found: {text}")
+        check_window(context, block, max_tokens)
     if passkey:  # check the cheap things before loading any model
         targets = parse_lengths(lengths)
         check_digits(digits)
@@ -291,22 +395,26 @@ def evaluate(
         for name in ("baseline", "compressed"):
             table.add_row(name, f"{ppl[name]['ppl']:.3f}", f"{ppl[name]['kv_bytes_per_token']:.0f}")
         out.print(table)
-        out.print(f"ratios: perplexity x{ppl['ratios']['ppl']:.4f}, KV bytes x{ppl['ratios']['kv_bytes']:.3f}")
+        out.print(f"perplexity x{ppl['ratios']['ppl']:.4f} of the baseline; KV cache "
+                  f"{ppl['compressed']['kv_bytes_per_token']:,.0f} bytes/token, {ppl['x_smaller_than_fp16']:.2f}x "
+                  f"smaller than an fp16 cache of this model ({ppl['fp16_kv_bytes_per_token']:,} bytes/token)",
+                  highlight=False)
     if keys is not None:
         base, comp = keys["baseline"], keys["compressed"]
         table = Table(title=f"passkey retrieval: {digits}-digit keys, {len(keys['depths'])} depths, seed {seed}")
-        for col in ("length", "tokens", "base acc", "comp acc", "KV/tok base", "KV/tok comp", "KV ratio"):
+        for col in ("length", "tokens", "base acc", "comp acc", "KV/tok base", "KV/tok comp", "x smaller than fp16"):
             table.add_column(col, justify="right")
         for key, c in comp["by_length"].items():
             b, used = base["by_length"][key], c["tokens"]
             span = str(used[0]) if min(used) == max(used) else f"{min(used)}-{max(used)}"
             table.add_row(key, span, f"{b['correct']}/{b['total']}", f"{c['correct']}/{c['total']}",
                           f"{b['kv_bytes_per_token']:.0f}", f"{c['kv_bytes_per_token']:.0f}",
-                          f"x{keys['ratios']['by_length'][key]:.3f}")
+                          f"{keys['x_smaller_than_fp16'][key]:.2f}")
         out.print(table)
         off = max(abs(p["depth_actual"] - p["depth"]) for p in keys["prompts"])
         out.print(f"accuracy: baseline {base['accuracy']:.1%}, compressed {comp['accuracy']:.1%} "
-                  f"({comp['total']} prompts); KV bytes x{keys['ratios']['kv_bytes']:.3f}", highlight=False)
+                  f"({comp['total']} prompts); an fp16 cache of this model holds "
+                  f"{keys['fp16_kv_bytes_per_token']:,} bytes/token", highlight=False)
         out.print("depths: " + ", ".join(f"{d:.0%}" for d in keys["depths"])
                   + f" of the filler (measured within {off:.1%})", highlight=False)
 

@@ -9,6 +9,7 @@ import torch
 from transformers import TextStreamer
 
 from kvcompress.compat import CACHE_ARG
+from kvcompress.errors import KVCompressError
 from kvcompress.loading import make_cache
 from kvcompress.memory import baseline_bytes_per_token
 from kvcompress.sources import ModelSpec
@@ -16,19 +17,37 @@ from kvcompress.sources import ModelSpec
 
 @dataclass
 class GenerationReport:
-    """What ``kvcompress generate`` prints."""
+    """What ``kvcompress generate`` prints. ``kv_bytes_fp16`` is what an fp16 cache of the same model would
+    hold for the same tokens; ``window_tokens`` how many of the held tokens are still in a quantized layer's
+    16-bit residual window (0 without quantization)."""
 
     text: str
     prompt_tokens: int
     generated_tokens: int
     seconds: float
     tokens_per_second: float
+    held_tokens: int
+    window_tokens: int
     kv_bytes: int
-    kv_bytes_uncompressed: int
+    kv_bytes_fp16: int
 
     def to_json(self) -> dict:
-        """Plain dict, with the compression ratio."""
-        return {**asdict(self), "kv_ratio": self.kv_bytes_uncompressed / max(self.kv_bytes, 1)}
+        """Plain dict, with ``x_smaller_than_fp16`` = ``kv_bytes_fp16 / kv_bytes``."""
+        return {**asdict(self), "x_smaller_than_fp16": self.kv_bytes_fp16 / max(self.kv_bytes, 1)}
+
+
+def check_settings(max_new_tokens: int, temperature: float) -> None:
+    """Refuse settings no generation can use (cheap: call it before loading a model).
+
+    Raises
+    ------
+    KVCompressError
+        ``max_new_tokens`` below 1 or a negative ``temperature``.
+    """
+    if max_new_tokens < 1:
+        raise KVCompressError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise KVCompressError(f"--temperature must be >= 0 (0 = greedy), got {temperature:g}")
 
 
 @torch.no_grad()
@@ -43,19 +62,32 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
     prompt : str
         The prompt (wrapped in the chat template when ``chat``).
     max_new_tokens : int
-        Tokens to generate.
+        Tokens to generate (>= 1).
     temperature : float
-        0 means greedy decoding.
+        0 means greedy decoding; must not be negative.
     seed : int
         Sampling seed.
     stream : bool
         Print tokens to stdout as they are generated.
+
+    Raises
+    ------
+    KVCompressError
+        Bad settings (see :func:`check_settings`), ``chat`` without a chat template, or a prompt that
+        with ``max_new_tokens`` does not fit in the model's positions.
     """
+    check_settings(max_new_tokens, temperature)
     if chat:
+        if not tokenizer.chat_template:
+            raise KVCompressError("this model's tokenizer has no chat template; drop --chat")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not chat).to(device)
+    positions = model.config.max_position_embeddings
+    if ids.input_ids.shape[1] + max_new_tokens > positions:
+        raise KVCompressError(f"the prompt ({ids.input_ids.shape[1]} tokens) and --max-new-tokens "
+                              f"{max_new_tokens} exceed the model's {positions} positions")
     cache = make_cache(model)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -66,7 +98,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
                          pad_token_id=pad, **sampling)
     seconds = time.perf_counter() - start
     new = out[0, ids.input_ids.shape[1]:]
-    held_tokens = cache.get_seq_length()
+    held = max(layer.stored_length for layer in cache.layers)
     spec = ModelSpec.from_config(model.config.to_dict())
     return GenerationReport(
         text=tokenizer.decode(new, skip_special_tokens=True),
@@ -74,6 +106,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
         generated_tokens=new.numel(),
         seconds=seconds,
         tokens_per_second=new.numel() / seconds,
+        held_tokens=held,
+        window_tokens=max((layer.stored_length - layer.key_store.quantized_length for layer in cache.layers
+                           if layer.storage.bits_k != 16), default=0),
         kv_bytes=cache.kv_bytes(),
-        kv_bytes_uncompressed=held_tokens * baseline_bytes_per_token(spec, model.dtype.itemsize),
+        kv_bytes_fp16=cache.get_seq_length() * baseline_bytes_per_token(spec),
     )

@@ -57,3 +57,16 @@ def compressed_bytes_per_token(
             for width, b in bit_runs(bits if quant.enabled else 16, rank, quant.segment_size(stream)):
                 total += groups * stream_bytes(width, b, along, quant, context)
     return total
+
+
+def checkpoint_bytes_per_token(manifest: dict, spec: ModelSpec, context: int) -> float:
+    """:func:`compressed_bytes_per_token` of an exported checkpoint, from its manifest's per-layer settings
+    (16-bit for layers it does not quantize; eviction's savings are not modelled)."""
+    layers = [LayerRecipe(lay["layer"], lay["rank_k"], lay["rank_v"], lay["bits_k"], lay["bits_v"])
+              for lay in manifest["layers"]]
+    first = manifest["layers"][0]
+    quant = Quant(enabled=True, method=first.get("method", "kivi"), group_size=first["group_size"],
+                  key_group_size=first.get("key_group_size", 0), residual_length=first["residual_length"],
+                  segment=first.get("key_segment", 16))
+    return compressed_bytes_per_token(spec, layers, int(manifest["head_group"]), quant, context,
+                                      manifest.get("eviction") is not None)

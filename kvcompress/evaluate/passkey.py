@@ -375,11 +375,15 @@ def compare_passkey(checkpoint: str | Path, lengths: Sequence[int] | str = (1024
     dict
         ``{"lengths", "depths", "digits", "seed", "new_tokens", "source", "prompts": [PasskeyPrompt.to_json()],
         "baseline": passkey_accuracy(...), "compressed": passkey_accuracy(...), "ratios": {"kv_bytes",
-        "by_length"}}``; ratios are compressed over baseline KV bytes per token.
+        "by_length"}, "fp16_kv_bytes_per_token", "x_smaller_than_fp16": {length: ...}}``; ratios are
+        compressed over baseline KV bytes per token (the baseline holds the run's dtype), ``x_smaller_than_fp16``
+        an fp16 cache of the same model over the compressed one.
     """
     from transformers import DynamicCache
 
     from kvcompress.loading import load, load_source, make_cache
+    from kvcompress.memory import baseline_bytes_per_token
+    from kvcompress.sources import ModelSpec
 
     tick = progress or (lambda *_: None)
     check_digits(digits)
@@ -387,11 +391,13 @@ def compare_passkey(checkpoint: str | Path, lengths: Sequence[int] | str = (1024
     max_length = getattr(model.config, "max_position_embeddings", None)
     prompts = make_prompts(tokenizer, lengths, depths, digits, seed, max_length=max_length)
     manifest = model.kvcompress_manifest
+    fp16 = baseline_bytes_per_token(ModelSpec.from_config(model.config.to_dict()))
     comp = passkey_accuracy(model, tokenizer, prompts, partial(make_cache, model),
                             lambda d, n: tick("compressed", d, n))
+    dtype = model.dtype
     del model  # free the compressed model before building the source model
     src_name = source or manifest["source"]["model"]
-    base_model = load_source(manifest, source)
+    base_model = load_source(manifest, source, dtype)
     base = passkey_accuracy(base_model, tokenizer, prompts, lambda: DynamicCache(config=base_model.config),
                             lambda d, n: tick("baseline", d, n))
 
@@ -413,4 +419,6 @@ def compare_passkey(checkpoint: str | Path, lengths: Sequence[int] | str = (1024
             "by_length": {k: ratio(v["kv_bytes_per_token"], base["by_length"][k]["kv_bytes_per_token"])
                           for k, v in comp["by_length"].items()},
         },
+        "fp16_kv_bytes_per_token": fp16,
+        "x_smaller_than_fp16": {k: ratio(fp16, v["kv_bytes_per_token"]) for k, v in comp["by_length"].items()},
     }

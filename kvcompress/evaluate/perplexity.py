@@ -31,15 +31,32 @@ class PerplexityResult:
     kv_bytes_per_token: float
 
 
-def text_ids(tokenizer, path: str | Path, max_tokens: int) -> torch.Tensor:
-    """The first ``max_tokens`` token ids of a text file, ``[1, N]``."""
+def check_window(context: int, block: int, max_tokens: int) -> None:
+    """Refuse windows that cannot measure a cache: the cache is only read once a second block comes.
+
+    Raises
+    ------
+    KVCompressError
+        ``block`` < 1, ``context`` or ``max_tokens`` not above ``block``.
+    """
+    if block < 1:
+        raise KVCompressError(f"--block must be >= 1, got {block}")
+    for name, value in (("--context", context), ("--max-tokens", max_tokens)):
+        if value <= block:
+            raise KVCompressError(f"{name} ({value}) must be larger than --block ({block}): tokens after the first "
+                                  "block are the ones that read the cache")
+
+
+def text_ids(tokenizer, path: str | Path, max_tokens: int, block: int = 1) -> torch.Tensor:
+    """The first ``max_tokens`` token ids of a text file, ``[1, N]``; it must give more than ``block``."""
     p = Path(path)
     if not p.is_file():
         raise KVCompressError(f"text file not found: {p}")
     text = p.read_text(errors="replace").replace("\r\n", "\n")
     ids = tokenizer(text[: max_tokens * 12], add_special_tokens=False, return_tensors="pt", verbose=False).input_ids
-    if ids.shape[1] < 2:
-        raise KVCompressError(f"{p} has fewer than 2 tokens")
+    if ids.shape[1] <= block:
+        raise KVCompressError(f"{p} gives {ids.shape[1]} tokens; perplexity through the cache needs more than "
+                              f"one block ({block} tokens)")
     return ids[:, :max_tokens]
 
 
@@ -125,20 +142,29 @@ def compare(checkpoint: str | Path, text: str | Path, context: int = 2048, block
     -------
     dict
         ``{"baseline": {"ppl", "kv_bytes_per_token"}, "compressed": {...}, "ratios": {"ppl", "kv_bytes"},
-        "context", "block", "tokens"}``.
+        "context", "block", "tokens", "fp16_kv_bytes_per_token", "x_smaller_than_fp16"}``; the baseline holds
+        the run's dtype, ``x_smaller_than_fp16`` compares with an fp16 cache of the same model.
     """
     from transformers import DynamicCache
 
     from kvcompress.loading import load, load_source, make_cache
+    from kvcompress.memory import baseline_bytes_per_token
+    from kvcompress.sources import ModelSpec
 
+    check_window(context, block, max_tokens)
     tick = progress or (lambda *_: None)
     model, tokenizer = load(checkpoint)
-    ids = text_ids(tokenizer, text, max_tokens)
+    positions = model.config.max_position_embeddings
+    if context > positions:
+        raise KVCompressError(f"--context {context} exceeds the model's {positions} positions")
+    ids = text_ids(tokenizer, text, max_tokens, block)
+    fp16 = baseline_bytes_per_token(ModelSpec.from_config(model.config.to_dict()))
     comp = blocked_perplexity(model, ids, partial(make_cache, model), context, block,
                               lambda d, n: tick("compressed", d, n))
     manifest = model.kvcompress_manifest
+    dtype = model.dtype
     del model  # free the compressed model before building the source model
-    base_model = load_source(manifest, source)
+    base_model = load_source(manifest, source, dtype)
     base = blocked_perplexity(base_model, ids, lambda: DynamicCache(config=base_model.config), context, block,
                               lambda d, n: tick("baseline", d, n))
     return {
@@ -148,4 +174,6 @@ def compare(checkpoint: str | Path, text: str | Path, context: int = 2048, block
         "baseline": {"ppl": base.ppl, "kv_bytes_per_token": base.kv_bytes_per_token},
         "compressed": {"ppl": comp.ppl, "kv_bytes_per_token": comp.kv_bytes_per_token},
         "ratios": {"ppl": comp.ppl / base.ppl, "kv_bytes": comp.kv_bytes_per_token / base.kv_bytes_per_token},
+        "fp16_kv_bytes_per_token": fp16,
+        "x_smaller_than_fp16": fp16 / comp.kv_bytes_per_token,
     }
