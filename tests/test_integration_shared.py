@@ -30,7 +30,7 @@ def shared_models():
 
 def _recipe(ratio: float) -> Recipe:
     rec = Recipe()
-    rec.lowrank.target_ratio = ratio
+    rec.lowrank.schedule, rec.lowrank.target_ratio = "progressive", ratio  # LoRC: ranks never grow with depth
     if TINYSTORIES.is_file():
         rec.calibration.text = str(TINYSTORIES)  # in-domain calibration text
     rec.calibration.max_tokens = 512
