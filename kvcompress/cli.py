@@ -334,6 +334,8 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Baseline vs recipes: KV bytes, perplexity, passkey, prefill and decode speed; results.json/.md, plots."""
+    from rich.markup import escape
+
     from kvcompress.evaluate.bench import BenchSettings, check_settings, markdown_table
     from kvcompress.evaluate.bench import bench as run_bench
     from kvcompress.evaluate.passkey import parse_lengths
@@ -346,6 +348,10 @@ def bench(
     names = [r.strip() for r in recipes.split(",") if r.strip()]
     with progress_bar(as_json) as bar:
         results = run_bench(model, names, settings, progress=tracker(bar))
+    for row in results["rows"]:  # on stderr: stdout holds the report, or only the JSON
+        if "error" in row:
+            err.print(f"[yellow]{escape(row['name'])} skipped:[/] {escape(row['error'])}", highlight=False,
+                      soft_wrap=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(markdown_table(results))
@@ -368,9 +374,6 @@ def print_bench(results: dict) -> None:
     """The results table: bytes, size ratio, perplexity, passkey, and decode speed ratio per context."""
     from kvcompress.evaluate.bench import summary_table
 
-    for row in results["rows"]:
-        if "error" in row:
-            out.print(f"[yellow]{row['name']} skipped:[/] {row['error']}", highlight=False)
     head, rows = summary_table(results)
     table = Table(title=f"{results['model']} on {results['device']}, {results['dtype']}")
     for col in head:

@@ -1,6 +1,7 @@
 """`kvcompress bench` on a tiny model: every row measured, bytes exact, ratios against the same run."""
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from kvcompress.evaluate.bench import BenchSettings, bench
+from kvcompress.evaluate.bench import QUANTO_MISSING, BenchSettings, bench
 from kvcompress.evaluate.plots import _label_points, pareto_front, write_plots
 from kvcompress.evaluate.speed import PeakMemory
 from kvcompress.recipe import Recipe
@@ -98,6 +99,48 @@ def test_bench_cli_writes_results_and_json(llama_gqa, tmp_path, text):
     peak = printed["rows"][1]["speed"]["24"]["peak_memory_bytes"]
     assert table[3].endswith(f"| {peak / 1e6:.1f} |") and peak > 0
     assert [r["name"] for r in printed["rows"]] == ["baseline (DynamicCache)", "q4"]
+
+
+PEER = "transformers QuantizedCache (quanto 2-bit)"
+QUICK = ("--recipes", "", "--contexts", "24", "--passkey-depths", "0", "--new-tokens", "3", "--repeats", "1")
+"""A bench of the baseline (and the peer) alone, one short context: seconds on a tiny model."""
+
+
+def _fake_optimum(root: Path, monkeypatch, quanto: bool) -> None:
+    """An importable ``optimum`` package first on ``sys.path``, with an empty ``optimum.quanto`` if asked."""
+    package = root / "optimum"
+    (package / "quanto" if quanto else package).mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    if quanto:
+        (package / "quanto" / "__init__.py").write_text("")
+    for name in [m for m in sys.modules if m == "optimum" or m.startswith("optimum.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(root))
+
+
+@pytest.mark.parametrize("setup", ["no optimum", "optimum without quanto", "quanto transformers cannot use"])
+def test_bench_without_quanto_skips_the_peer_in_one_line(llama_gqa, tmp_path, monkeypatch, setup):
+    if setup == "no optimum":
+        monkeypatch.setitem(sys.modules, "optimum", None)  # `import optimum` fails, as on a fresh install
+    else:
+        _fake_optimum(tmp_path / "site", monkeypatch, quanto=setup != "optimum without quanto")
+    if setup == "quanto transformers cannot use":  # found, but QuantizedCache refuses it (too old, broken)
+        import transformers.cache_utils
+
+        monkeypatch.setattr(transformers.cache_utils, "is_optimum_quanto_available", lambda: False)
+    out = tmp_path / "out"
+    result = run_cli("bench", llama_gqa.path, *QUICK, "--out", out, "--json")
+    assert result.exit_code == 0 and result.exception is None, result.stderr
+    printed = json.loads(result.stdout)  # the note went to stderr: stdout is only the JSON
+    assert json.loads((out / "results.json").read_text()) == printed
+    base, peer = printed["rows"]
+    assert base["speed"]["24"]["decode_tokens_per_second"] > 0
+    assert (peer["name"], peer["kind"]) == (PEER, "peer") and "speed" not in peer
+    assert result.stderr.strip().splitlines() == [f"{PEER} skipped: {peer['error']}"]
+    if setup == "quanto transformers cannot use":
+        assert "pip install optimum-quanto" in peer["error"] and "\n" not in peer["error"]
+    else:
+        assert peer["error"] == QUANTO_MISSING
 
 
 def test_bench_rejects_bad_input(llama_gqa, tmp_path):
