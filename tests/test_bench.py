@@ -1,6 +1,8 @@
 """`kvcompress bench` on a tiny model: every row measured, bytes exact, ratios against the same run."""
 
 import json
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -141,6 +143,27 @@ def test_bench_without_quanto_skips_the_peer_in_one_line(llama_gqa, tmp_path, mo
         assert "pip install optimum-quanto" in peer["error"] and "\n" not in peer["error"]
     else:
         assert peer["error"] == QUANTO_MISSING
+
+
+def _run_piped(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c CODE ARGS`` in a fresh process, stdout and stderr piped, kineto and rich left to their
+    defaults (no log level or terminal forced from outside)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KINETO_LOG_LEVEL", "FORCE_TERMINAL", "TTY_COMPATIBLE")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_peak_memory_on_the_cpu_keeps_stderr_and_the_environment_clean():
+    code = ("import os, torch; from kvcompress.evaluate.speed import PeakMemory\n"
+            "for n in (1000, 2000):\n"
+            "    with PeakMemory(torch.device('cpu')) as mem:\n"
+            "        x = torch.empty(n)\n"
+            "    print(mem.peak, os.environ.get('KINETO_LOG_LEVEL'))")
+    proc = _run_piped(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.splitlines() == ["4000 None", "8000 None"]
 
 
 def test_bench_rejects_bad_input(llama_gqa, tmp_path):
