@@ -209,6 +209,35 @@ def test_pareto_plot_zooms_on_systems_near_the_best_perplexity(tmp_path, monkeyp
     assert all("fp16 KV cache" in _legend(ax) for ax in figures[-1].axes)
 
 
+@pytest.mark.parametrize("contexts", [[256], [256, 1024, 4096]])
+def test_decode_speed_plot_bars_for_one_context_lines_for_more(tmp_path, monkeypatch, contexts):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    names = ["baseline (DynamicCache)", "q2", "q4"]
+    rate = {(name, c): 1000.0 / (1 + i) - c / 100 for i, name in enumerate(names) for c in contexts}
+    rows = [{"name": name, "kind": "baseline" if i == 0 else "recipe",
+             "speed": {str(c): {"decode_tokens_per_second": rate[name, c]} for c in contexts}}
+            for i, name in enumerate(names)]
+    rows.append({"name": "failed peer", "kind": "peer", "error": "not installed"})  # no speed: not drawn
+    (path,) = write_plots({"rows": rows, "device": "CPU", "dtype": "float32"}, tmp_path)
+    assert path.name == "decode_speed.png" and path.read_bytes()[:4] == b"\x89PNG"
+    (ax,) = figures[-1].axes
+    if len(contexts) == 1:  # a bar per system, named on the x axis, its rate written on it
+        assert not ax.lines and ax.get_legend() is None
+        assert [bar.get_height() for bar in ax.patches] == [rate[n, 256] for n in names]
+        assert [t.get_text() for t in ax.get_xticklabels()] == names
+        assert [t.get_text() for t in ax.texts] == [f"{rate[n, 256]:.0f}" for n in names]
+        assert "256 tokens" in ax.get_title()
+    else:  # a line per system over the contexts, on a log axis
+        assert not ax.patches and ax.get_xscale() == "log"
+        assert [list(line.get_xdata()) for line in ax.lines] == [contexts] * len(names)
+        assert [list(line.get_ydata()) for line in ax.lines] == [[rate[n, c] for c in contexts] for n in names]
+        assert _legend(ax) == names
+
+
 def _legend(ax) -> list[str]:
     return [t.get_text() for t in ax.get_legend().get_texts()]
 
