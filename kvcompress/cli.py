@@ -18,7 +18,7 @@ from kvcompress.errors import KVCompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make the KV cache of Hugging Face causal LMs several times smaller.")
-out = Console()
+out = Console(width=None if Console().is_terminal else 1000)  # piped: full-width tables, not cut at 80 columns
 err = Console(stderr=True)
 
 

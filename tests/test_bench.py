@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from kvcompress.evaluate.bench import QUANTO_MISSING, BenchSettings, bench
+from kvcompress.evaluate.bench import QUANTO_MISSING, BenchSettings, bench, summary_table
 from kvcompress.evaluate.plots import _label_points, pareto_front, write_plots
 from kvcompress.evaluate.speed import PeakMemory
 from kvcompress.recipe import Recipe
@@ -152,6 +152,23 @@ def _run_piped(code: str, *args: str) -> subprocess.CompletedProcess:
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
                           env=env)
+
+
+def test_bench_on_a_fresh_install_prints_only_its_own_lines_and_full_tables(llama_gqa, tmp_path):
+    out = tmp_path / "out"
+    hide = "import sys; sys.modules['optimum'] = None; from kvcompress.cli import app; app()"
+    proc = _run_piped(hide, "bench", str(llama_gqa.path), *QUICK, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    # one line of ours, nothing from the profiler (kineto's profiler_start, gpuGetDeviceCount failed)
+    assert proc.stderr.strip().splitlines() == [f"{PEER} skipped: {QUANTO_MISSING}"], proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").is_file() and (out / "decode_speed.png").is_file()
+    head, rows = summary_table(results)
+    lines = proc.stdout.splitlines()
+    assert "…" not in proc.stdout and max(map(len, lines)) > 80  # the table is wider than 80 columns
+    for cell in [*head, *rows[0]]:  # each header and cell whole, on one line
+        assert any(cell in line for line in lines), cell
+    assert f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'decode_speed.png'}" in lines
 
 
 def test_peak_memory_on_the_cpu_keeps_stderr_and_the_environment_clean():
