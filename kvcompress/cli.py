@@ -55,7 +55,7 @@ class _OneLineErrors(TyperGroup):
 
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make the KV cache of Hugging Face causal LMs several times smaller.")
-out = Console()
+out = Console(width=None if Console().is_terminal else 1000)  # piped: full-width tables, not cut at 80 columns
 err = Console(stderr=True)
 
 
@@ -442,6 +442,8 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Baseline vs recipes: KV bytes, perplexity, passkey, prefill and decode speed; results.json/.md, plots."""
+    from rich.markup import escape
+
     from kvcompress.evaluate.bench import BenchSettings, check_settings, markdown_table
     from kvcompress.evaluate.bench import bench as run_bench
     from kvcompress.evaluate.passkey import parse_lengths
@@ -454,6 +456,10 @@ def bench(
     names = [r.strip() for r in recipes.split(",") if r.strip()]
     with progress_bar(as_json) as bar:
         results = run_bench(model, names, settings, progress=tracker(bar))
+    for row in results["rows"]:  # on stderr: stdout holds the report, or only the JSON
+        if "error" in row:
+            err.print(f"[yellow]{escape(row['name'])} skipped:[/] {escape(row['error'])}", highlight=False,
+                      soft_wrap=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(markdown_table(results))
@@ -476,9 +482,6 @@ def print_bench(results: dict) -> None:
     """The results table: bytes, size ratio, perplexity, passkey, and decode speed ratio per context."""
     from kvcompress.evaluate.bench import summary_table
 
-    for row in results["rows"]:
-        if "error" in row:
-            out.print(f"[yellow]{row['name']} skipped:[/] {row['error']}", highlight=False)
     head, rows = summary_table(results)
     table = Table(title=f"{results['model']} on {results['device']}, {results['dtype']}")
     for col in head:

@@ -1,6 +1,9 @@
 """`kvcompress bench` on a tiny model: every row measured, bytes exact, ratios against the same run."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -8,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from kvcompress.evaluate.bench import BenchSettings, bench
+from kvcompress.evaluate.bench import QUANTO_MISSING, BenchSettings, bench, summary_table
 from kvcompress.evaluate.plots import _label_points, pareto_front, write_plots
 from kvcompress.evaluate.speed import PeakMemory
 from kvcompress.recipe import Recipe
@@ -100,6 +103,86 @@ def test_bench_cli_writes_results_and_json(llama_gqa, tmp_path, text):
     assert [r["name"] for r in printed["rows"]] == ["baseline (DynamicCache)", "q4"]
 
 
+PEER = "transformers QuantizedCache (quanto 2-bit)"
+QUICK = ("--recipes", "", "--contexts", "24", "--passkey-depths", "0", "--new-tokens", "3", "--repeats", "1")
+"""A bench of the baseline (and the peer) alone, one short context: seconds on a tiny model."""
+
+
+def _fake_optimum(root: Path, monkeypatch, quanto: bool) -> None:
+    """An importable ``optimum`` package first on ``sys.path``, with an empty ``optimum.quanto`` if asked."""
+    package = root / "optimum"
+    (package / "quanto" if quanto else package).mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    if quanto:
+        (package / "quanto" / "__init__.py").write_text("")
+    for name in [m for m in sys.modules if m == "optimum" or m.startswith("optimum.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(root))
+
+
+@pytest.mark.parametrize("setup", ["no optimum", "optimum without quanto", "quanto transformers cannot use"])
+def test_bench_without_quanto_skips_the_peer_in_one_line(llama_gqa, tmp_path, monkeypatch, setup):
+    if setup == "no optimum":
+        monkeypatch.setitem(sys.modules, "optimum", None)  # `import optimum` fails, as on a fresh install
+    else:
+        _fake_optimum(tmp_path / "site", monkeypatch, quanto=setup != "optimum without quanto")
+    if setup == "quanto transformers cannot use":  # found, but QuantizedCache refuses it (too old, broken)
+        import transformers.cache_utils
+
+        monkeypatch.setattr(transformers.cache_utils, "is_optimum_quanto_available", lambda: False)
+    out = tmp_path / "out"
+    result = run_cli("bench", llama_gqa.path, *QUICK, "--out", out, "--json")
+    assert result.exit_code == 0 and result.exception is None, result.stderr
+    printed = json.loads(result.stdout)  # the note went to stderr: stdout is only the JSON
+    assert json.loads((out / "results.json").read_text()) == printed
+    base, peer = printed["rows"]
+    assert base["speed"]["24"]["decode_tokens_per_second"] > 0
+    assert (peer["name"], peer["kind"]) == (PEER, "peer") and "speed" not in peer
+    assert result.stderr.strip().splitlines() == [f"{PEER} skipped: {peer['error']}"]
+    if setup == "quanto transformers cannot use":
+        assert "pip install optimum-quanto" in peer["error"] and "\n" not in peer["error"]
+    else:
+        assert peer["error"] == QUANTO_MISSING
+
+
+def _run_piped(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c CODE ARGS`` in a fresh process, stdout and stderr piped, kineto and rich left to their
+    defaults (no log level or terminal forced from outside)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KINETO_LOG_LEVEL", "FORCE_TERMINAL", "TTY_COMPATIBLE")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_bench_on_a_fresh_install_prints_only_its_own_lines_and_full_tables(llama_gqa, tmp_path):
+    out = tmp_path / "out"
+    hide = "import sys; sys.modules['optimum'] = None; from kvcompress.cli import app; app()"
+    proc = _run_piped(hide, "bench", str(llama_gqa.path), *QUICK, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    # one line of ours, nothing from the profiler (kineto's profiler_start, gpuGetDeviceCount failed)
+    assert proc.stderr.strip().splitlines() == [f"{PEER} skipped: {QUANTO_MISSING}"], proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").is_file() and (out / "decode_speed.png").is_file()
+    head, rows = summary_table(results)
+    lines = proc.stdout.splitlines()
+    assert "…" not in proc.stdout and max(map(len, lines)) > 80  # the table is wider than 80 columns
+    for cell in [*head, *rows[0]]:  # each header and cell whole, on one line
+        assert any(cell in line for line in lines), cell
+    assert f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'decode_speed.png'}" in lines
+
+
+def test_peak_memory_on_the_cpu_keeps_stderr_and_the_environment_clean():
+    code = ("import os, torch; from kvcompress.evaluate.speed import PeakMemory\n"
+            "for n in (1000, 2000):\n"
+            "    with PeakMemory(torch.device('cpu')) as mem:\n"
+            "        x = torch.empty(n)\n"
+            "    print(mem.peak, os.environ.get('KINETO_LOG_LEVEL'))")
+    proc = _run_piped(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.splitlines() == ["4000 None", "8000 None"]
+
+
 def test_bench_rejects_bad_input(llama_gqa, tmp_path):
     assert_one_line_error(run_cli("bench", llama_gqa.path, "--contexts", "8"), "contexts")
     assert_one_line_error(run_cli("bench", llama_gqa.path, "--text", tmp_path / "missing.txt"), "not found")
@@ -141,6 +224,35 @@ def test_pareto_plot_zooms_on_systems_near_the_best_perplexity(tmp_path, monkeyp
     results["fp16_kv_bytes_per_token"] = 5500.0
     write_plots(results, tmp_path / "flat")
     assert all("fp16 KV cache" in _legend(ax) for ax in figures[-1].axes)
+
+
+@pytest.mark.parametrize("contexts", [[256], [256, 1024, 4096]])
+def test_decode_speed_plot_bars_for_one_context_lines_for_more(tmp_path, monkeypatch, contexts):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    names = ["baseline (DynamicCache)", "q2", "q4"]
+    rate = {(name, c): 1000.0 / (1 + i) - c / 100 for i, name in enumerate(names) for c in contexts}
+    rows = [{"name": name, "kind": "baseline" if i == 0 else "recipe",
+             "speed": {str(c): {"decode_tokens_per_second": rate[name, c]} for c in contexts}}
+            for i, name in enumerate(names)]
+    rows.append({"name": "failed peer", "kind": "peer", "error": "not installed"})  # no speed: not drawn
+    (path,) = write_plots({"rows": rows, "device": "CPU", "dtype": "float32"}, tmp_path)
+    assert path.name == "decode_speed.png" and path.read_bytes()[:4] == b"\x89PNG"
+    (ax,) = figures[-1].axes
+    if len(contexts) == 1:  # a bar per system, named on the x axis, its rate written on it
+        assert not ax.lines and ax.get_legend() is None
+        assert [bar.get_height() for bar in ax.patches] == [rate[n, 256] for n in names]
+        assert [t.get_text() for t in ax.get_xticklabels()] == names
+        assert [t.get_text() for t in ax.texts] == [f"{rate[n, 256]:.0f}" for n in names]
+        assert "256 tokens" in ax.get_title()
+    else:  # a line per system over the contexts, on a log axis
+        assert not ax.patches and ax.get_xscale() == "log"
+        assert [list(line.get_xdata()) for line in ax.lines] == [contexts] * len(names)
+        assert [list(line.get_ydata()) for line in ax.lines] == [[rate[n, c] for c in contexts] for n in names]
+        assert _legend(ax) == names
 
 
 def _legend(ax) -> list[str]:

@@ -92,12 +92,8 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings,
                       lambda: DynamicCache(config=base_model.config))
     measure = _Measure(settings, tokenizer, baseline, settings.passkey_lengths or settings.contexts, tick)
     rows = [measure.quality(baseline)]
-    if settings.peer and importlib.util.find_spec("optimum.quanto") is not None:
-        peer = _quantized_cache_peer(base_model)
-        try:
-            rows.append(measure.everything(peer))
-        except (ValueError, RuntimeError) as e:  # quanto rejects some shapes; say so instead of failing the run
-            rows.append({"name": peer.name, "kind": peer.kind, **peer.meta, "error": str(e).splitlines()[0]})
+    if settings.peer:
+        rows.append(_peer_row(measure, _quantized_cache_peer(base_model)))
     root = Path(tempfile.mkdtemp(prefix="kvcompress-bench-"))  # recipe checkpoints, one at a time
     try:
         for spec, recipe in zip(recipes, parsed, strict=True):
@@ -190,6 +186,28 @@ class _Measure:
         peak = peak_generate(system.model, ids, system.new_cache, self.s.new_tokens, self.pad)
         self.tick(phase, 1, 1)
         return peak
+
+
+QUANTO_MISSING = "optimum-quanto is not installed (pip install optimum-quanto)"
+
+
+def _quanto_installed() -> bool:
+    """Whether ``optimum.quanto`` can be found; False, not an error, when ``optimum`` itself is absent."""
+    try:
+        return importlib.util.find_spec("optimum.quanto") is not None
+    except ImportError:  # find_spec imports the parent package, and there is no `optimum`
+        return False
+
+
+def _peer_row(measure: _Measure, peer: System) -> dict:
+    """The peer measured, or its row with a one-line ``error`` saying why it could not run."""
+    reason = QUANTO_MISSING
+    if _quanto_installed():
+        try:
+            return measure.everything(peer)
+        except (ImportError, ValueError, RuntimeError) as e:  # quanto too old, or rejects some shapes
+            reason = str(e).partition("\n")[0] or type(e).__name__
+    return {"name": peer.name, "kind": peer.kind, **peer.meta, "error": reason}
 
 
 def _quantized_cache_peer(model) -> System:

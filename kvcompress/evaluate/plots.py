@@ -19,7 +19,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def write_plots(results: dict, out: Path) -> list[Path]:
-    """Write ``pareto.png`` (perplexity vs KV bytes per token) and ``decode_speed.png`` (tokens/s vs context).
+    """Write ``pareto.png`` (perplexity vs KV bytes per token) and ``decode_speed.png`` (tokens/s vs context,
+    or one bar per system when a single context was timed).
 
     Returns
     -------
@@ -45,16 +46,30 @@ def write_plots(results: dict, out: Path) -> list[Path]:
         written.append(out / "pareto.png")
     timed = [r for r in rows if "speed" in r]
     if timed:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in timed:
-            contexts = sorted(int(c) for c in r["speed"])
-            ax.plot(contexts, [r["speed"][str(c)]["decode_tokens_per_second"] for c in contexts], marker="o",
-                    label=r["name"], lw=2.5 if r["kind"] == "baseline" else 1.2)
-        ax.set_xscale("log", base=2)
-        _finish(fig, ax, "context (tokens)", "decode tokens/s",
-                f"decode speed on {results['device']}, {results['dtype']}", out / "decode_speed.png")
+        _speed_plot(results, timed, plt, out / "decode_speed.png")
         written.append(out / "decode_speed.png")
     return written
+
+
+def _speed_plot(results: dict, timed: list[dict], plt, path: Path) -> None:
+    """Decode tokens/s: a line per system over the contexts, or a bar per system when there is one context
+    (a line through a single point would be a lone dot per system)."""
+    contexts = sorted({int(c) for r in timed for c in r["speed"]})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    where = f"on {results['device']}, {results['dtype']}"
+    if len(contexts) == 1:
+        rates = [r["speed"][str(contexts[0])]["decode_tokens_per_second"] for r in timed]
+        bars = ax.bar(range(len(timed)), rates, color=[f"C{i}" for i in range(len(timed))])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks(range(len(timed)), [r["name"] for r in timed], rotation=20, ha="right", fontsize=7)
+        _finish(fig, ax, "", "decode tokens/s", f"decode speed at {contexts[0]} tokens {where}", path)
+        return
+    for r in timed:
+        mine = sorted(int(c) for c in r["speed"])
+        ax.plot(mine, [r["speed"][str(c)]["decode_tokens_per_second"] for c in mine], marker="o",
+                label=r["name"], lw=2.5 if r["kind"] == "baseline" else 1.2)
+    ax.set_xscale("log", base=2)
+    _finish(fig, ax, "context (tokens)", "decode tokens/s", f"decode speed {where}", path)
 
 
 _NEAR = 1.10
@@ -149,7 +164,8 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[1]:  # bars are named on their axis instead
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -8,8 +8,11 @@ allocations slows the code it watches.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,13 +32,36 @@ class _Stamps(LogitsProcessor):
         return scores
 
 
+_KINETO_SILENT = "1000"
+"""A ``KINETO_LOG_LEVEL`` above all of kineto's severities (their count has grown across releases), so it logs none."""
+
+
+@contextmanager
+def _kineto_quiet() -> Iterator[None]:
+    """Keep kineto, the torch profiler's engine, from writing its own lines to stderr (``profiler_start``,
+    ``gpuGetDeviceCount failed`` on a machine without CUDA) while a profiler starts.
+
+    Kineto reads ``KINETO_LOG_LEVEL`` once, when the process starts its first profiler, so the variable is
+    set only around that start and the environment is left as it was; a level the user set is kept.
+    """
+    if "KINETO_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["KINETO_LOG_LEVEL"] = _KINETO_SILENT
+    try:
+        yield
+    finally:
+        del os.environ["KINETO_LOG_LEVEL"]
+
+
 class PeakMemory:
     """Peak tensor memory allocated above the level at entry, in bytes (``peak``, set on exit).
 
     On CUDA it comes from the allocator's statistics. Elsewhere the torch profiler records every
     allocation and free of tensor memory, and their running sum, in time order, peaks at the answer: exact
     and repeatable, unlike the process's RSS, which memory the allocator kept from earlier work hides.
-    Recording slows the code it watches, so speed is timed in other runs (:func:`peak_generate`).
+    Recording slows the code it watches, so speed is timed in other runs (:func:`peak_generate`). The
+    profiler's own log lines stay off stderr (:func:`_kineto_quiet`).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -48,7 +74,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profile.__enter__()
+            with _kineto_quiet():
+                self._profile.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
