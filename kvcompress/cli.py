@@ -122,9 +122,9 @@ def friendly(fn):
 
 
 def progress_bar(quiet: bool) -> Progress:
-    """A rich progress bar on stderr (hidden when ``quiet``)."""
+    """A rich progress bar on stderr (hidden when ``quiet`` or when stderr is not a terminal)."""
     return Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=err, disable=quiet, transient=True)
+                    TimeElapsedColumn(), console=err, disable=quiet or not err.is_terminal, transient=True)
 
 
 def tracker(bar: Progress):
