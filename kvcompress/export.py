@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from kvcompress.analysis.analyze import analyze, layer_group_svds
 from kvcompress.analysis.calibration import attention_input_grams, calibration_ids
-from kvcompress.analysis.svd import split_groups, whitening_factor
+from kvcompress.analysis.svd import whitening_factor
 from kvcompress.cache.channels import bit_runs
 from kvcompress.errors import KVCompressError
 from kvcompress.manifest import write_manifest
@@ -133,15 +133,9 @@ def factorized_attention(source: Source, layer: int, recipe: Recipe, s_factor: t
     lay = recipe.layers[layer]
     g, d = recipe.head_group(spec), spec.head_dim
     p = attn_prefix(layer)
-    if recipe.principal_axes:
-        k_svds, v_svds = layer_group_svds(source, layer, g, s_factor)
-        k_factors = [x.factors(lay.rank_k) for x in k_svds]
-        v_factors = [x.factors(lay.rank_v) for x in v_svds]
-    else:  # full width, any basis: the projection itself, exactly
-        k_factors, v_factors = (
-            [(w.double(), torch.eye(g * d, dtype=torch.float64))
-             for w in split_groups(source.tensor(f"{p}{proj}_proj.weight"), spec.num_kv_heads, d, g)]
-            for proj in ("k", "v"))
+    k_svds, v_svds = layer_group_svds(source, layer, g, s_factor)
+    k_factors = [x.factors(lay.rank_k) for x in k_svds]
+    v_factors = [x.factors(lay.rank_v) for x in v_svds]
     q = recipe.quant
     out = {}
     if q.enabled and q.rotation == "orthogonal":
@@ -278,7 +272,7 @@ def _write(source: Source, folder: Path, recipe: Recipe, dtype: torch.dtype, sha
            tick: Callable[[str, int, int], None]) -> int:
     spec = source.spec
     grams = None
-    if recipe.lowrank.svd == "whitened" and recipe.principal_axes:
+    if recipe.lowrank.svd == "whitened":
         cal = recipe.calibration
         ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
         grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))

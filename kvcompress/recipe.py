@@ -223,17 +223,6 @@ class Recipe:
         are factorized then), because RoPE cannot be applied to a latent."""
         return self.lowrank.enabled and self.quant.key_rope == "pre"
 
-    @property
-    def principal_axes(self) -> bool:
-        """Whether the exported latents must lie on the projections' principal axes (an SVD per group).
-
-        Low rank truncates them, ``allocation = "channels"`` spends bits along them, and without the
-        rotation they are the basis that gets quantized. A full-width latent under the random rotation
-        is a Haar-random basis whichever basis it starts from, so it needs no SVD (and no calibration).
-        """
-        q = self.quant
-        return self.lowrank.enabled or (q.enabled and (q.allocation == "channels" or q.rotation == "none"))
-
     def head_group(self, spec: ModelSpec) -> int:
         """KV heads per latent group for ``spec`` (``0`` in the recipe = all KV heads)."""
         return self.lowrank.head_group or spec.num_kv_heads
