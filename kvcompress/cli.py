@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -315,36 +316,39 @@ def inspect(
 ) -> None:
     """Summarize a checkpoint's manifest and per-layer settings."""
     from kvcompress.manifest import read_config, read_manifest
-    from kvcompress.memory import baseline_bytes_per_token, checkpoint_bytes_per_token
+    from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
+    from kvcompress.plan import Plan
     from kvcompress.sources import ModelSpec
 
     m = read_manifest(checkpoint, verify=verify)
+    plan = Plan.from_manifest(m)
     spec = ModelSpec.from_config(read_config(checkpoint))
-    held = checkpoint_bytes_per_token(m, spec, INSPECT_CONTEXT)
-    summary = {key: m.get(key) for key in ("schema_version", "kvcompress_version", "format", "model_type",
-                                            "dtype", "head_group", "quant", "eviction", "kernel_backend")}
-    summary |= {"source": m["source"]["model"], "files": len(m.get("files", {})), "layers": m["layers"],
-                "verified": verify, f"kv_bytes_per_token_at_{INSPECT_CONTEXT}": round(held, 1),
-                "fp16_kv_bytes_per_token": baseline_bytes_per_token(spec),
-                "x_smaller_than_fp16": round(baseline_bytes_per_token(spec) / held, 3)}
+    held, fp16 = compressed_bytes_per_token(spec, plan, INSPECT_CONTEXT), baseline_bytes_per_token(spec)
+    summary = {"schema_version": m["schema_version"], "kvcompress_version": m.get("kvcompress_version"),
+               "recipe": plan.recipe, "model_type": plan.model_type, "dtype": plan.dtype,
+               "head_group": plan.head_group, "key_rope": plan.key_rope, "key_rotation": plan.key_rotation,
+               "method": sorted({lay.method for lay in plan.layers if lay.keys.quantized or lay.values.quantized}),
+               "eviction": None if plan.eviction is None else asdict(plan.eviction),
+               "source": m["source"]["model"], "files": len(m.get("files", {})), "verified": verify,
+               f"kv_bytes_per_token_at_{INSPECT_CONTEXT}": round(held, 1), "fp16_kv_bytes_per_token": fp16,
+               "x_smaller_than_fp16": round(fp16 / held, 3), "layers": [asdict(lay) for lay in plan.layers]}
     if as_json:
         emit_json(summary)
         return
     for key, value in summary.items():
         if key != "layers":
             out.print(f"{key}: {value}", highlight=False)
-    evicted = " before eviction" if m.get("eviction") else ""
+    evicted = " before eviction" if plan.eviction else ""
     out.print(f"KV cache at {INSPECT_CONTEXT} tokens: {held:,.0f} bytes/token{evicted}, "
               f"{summary['x_smaller_than_fp16']:.2f}x smaller than an fp16 cache of this model "
-              f"({summary['fp16_kv_bytes_per_token']:,} bytes/token)", highlight=False)
+              f"({fp16:,} bytes/token)", highlight=False)
     table = Table()
-    for col in ("layer", "rank_k", "rank_v", "bits_k", "bits_v", "group_size", "residual_length"):
+    for col in ("layer", "rank_k", "rank_v", "bits_k", "bits_v", "key group", "value group", "residual_length"):
         table.add_column(col, justify="right")
-    for lay in m["layers"]:
-        segments = {"k": lay.get("key_segment", 16), "v": lay["group_size"]}
-        bits = [describe(lay[f"bits_{s}"], lay[f"rank_{s}"], segments[s]) for s in ("k", "v")]
-        table.add_row(str(lay["layer"]), str(lay["rank_k"]), str(lay["rank_v"]), *bits, str(lay["group_size"]),
-                      str(lay["residual_length"]))
+    for lay in plan.layers:
+        bits = [describe(s.bits, s.rank, s.segment) for s in (lay.keys, lay.values)]
+        table.add_row(str(lay.layer), str(lay.keys.rank), str(lay.values.rank), *bits, str(lay.keys.group),
+                      str(lay.values.group), str(lay.residual_length))
     out.print(table)
 
 

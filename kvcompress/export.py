@@ -15,14 +15,14 @@ from safetensors.torch import save_file
 
 from kvcompress.analysis.analyze import analyze, layer_group_svds
 from kvcompress.analysis.calibration import attention_input_grams, calibration_ids
-from kvcompress.analysis.svd import whitening_factor
+from kvcompress.analysis.svd import GroupSVD, whitening_factor
 from kvcompress.cache.channels import bit_runs
 from kvcompress.errors import KVCompressError
 from kvcompress.manifest import write_manifest
+from kvcompress.plan import Plan, StreamPlan, build_plan
 from kvcompress.recipe import Recipe
 from kvcompress.sources import Source, attn_prefix, sha256_file
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SHARD_BYTES = 2 << 30
 _REPLACED = ("k_proj", "v_proj", "o_proj")
 
@@ -104,49 +104,38 @@ def rotate_latent(down: torch.Tensor, up: torch.Tensor, seed: int, blocks: list[
     return q @ down, up @ q.T
 
 
-def _run_widths(bits: int | list[int], rank: int, segment: int) -> list[int]:
+def _run_widths(stream: StreamPlan) -> list[int]:
     """Channels of each run of equal bits (one block for a single width)."""
-    return [w for w, _ in bit_runs(bits, rank, segment)]
+    return [w for w, _ in bit_runs(stream.bits, stream.rank, stream.segment)]
 
 
-def value_folded(spec, head_group: int, rank_v: int) -> bool:
-    """Whether folding ``U_v`` into ``o_proj`` makes fewer weights than keeping it apart.
-
-    Folded: ``hidden × heads·r_v``. Apart: ``U_v`` (``kv_heads·d × r_v``) plus the original ``hidden ×
-    heads·d``. Every weight is read at each decode step, so fewer weights is also faster decoding.
-    """
-    folded = spec.hidden_size * spec.num_heads * rank_v
-    return folded <= spec.num_kv_heads * spec.head_dim * rank_v + spec.hidden_size * spec.num_heads * spec.head_dim
-
-
-def factorized_attention(source: Source, layer: int, recipe: Recipe, s_factor: torch.Tensor | None
-                         ) -> dict[str, torch.Tensor]:
-    """One layer's replacement tensors: ``k_down``, ``k_up``, ``k_bias``, ``v_down``, ``o_proj`` (with ``U_v``
-    folded in, or ``v_up`` beside it; see :func:`value_folded`), and ``k_rot`` (one orthogonal ``d × d``
-    per KV head) when post-RoPE keys are rotated.
+def factorized_attention(source: Source, layer: int, recipe: Recipe, plan: Plan,
+                         svds: tuple[list[GroupSVD], list[GroupSVD]]) -> dict[str, torch.Tensor]:
+    """One layer's replacement tensors from its K and V SVDs (one per head group): ``k_down``, ``k_up``,
+    ``k_bias``, ``v_down``, ``o_proj`` (with ``U_v`` folded in, or ``v_up`` beside it; see
+    :func:`kvcompress.plan.value_folded`), and ``k_rot`` (one orthogonal ``d × d`` per KV head) when
+    post-RoPE keys are rotated.
 
     ``o_proj`` folding: query head h reads KV head j = h // n_rep, member jj of group G; its value is
     ``U_v[G][jj] c_v + b_v[j]``, so ``W_o'[:, h] = W_o[:, h] @ U_v[G][jj]`` and the value bias becomes
     ``b_o' = b_o + Σ_h W_o[:, h] b_v[j]`` (attention weights sum to one).
     """
     spec = source.spec
-    lay = recipe.layers[layer]
-    g, d = recipe.head_group(spec), spec.head_dim
+    lay = plan.layers[layer]
+    g, d = plan.head_group, spec.head_dim
     p = attn_prefix(layer)
-    k_svds, v_svds = layer_group_svds(source, layer, g, s_factor)
-    k_factors = [x.factors(lay.rank_k) for x in k_svds]
-    v_factors = [x.factors(lay.rank_v) for x in v_svds]
-    q = recipe.quant
+    k_factors = [x.factors(lay.keys.rank) for x in svds[0]]
+    v_factors = [x.factors(lay.values.rank) for x in svds[1]]
     out = {}
-    if q.enabled and q.rotation == "orthogonal":
-        if q.key_rope == "post":  # RoPE sits between k_up and the cache: rotate q and k after RoPE at run time
+    if recipe.quant.enabled and recipe.quant.rotation == "orthogonal":
+        if plan.key_rotation:  # RoPE sits between k_up and the cache: rotate q and k after RoPE at run time
             out[f"{p}k_rot"] = torch.stack([random_orthogonal(d, 2 * (layer * spec.num_kv_heads + h))
                                             for h in range(spec.num_kv_heads)])
         else:
-            blocks = _run_widths(lay.bits_k, lay.rank_k, q.segment_size("k"))
+            blocks = _run_widths(lay.keys)
             k_factors = [rotate_latent(down, up, 2 * (layer * len(k_factors) + group), blocks)
                          for group, (down, up) in enumerate(k_factors)]
-        blocks = _run_widths(lay.bits_v, lay.rank_v, q.segment_size("v"))
+        blocks = _run_widths(lay.values)
         v_factors = [rotate_latent(down, up, 2 * (layer * len(v_factors) + group) + 1, blocks)
                      for group, (down, up) in enumerate(v_factors)]
     out[f"{p}k_down.weight"] = torch.cat([down for down, _ in k_factors])
@@ -154,7 +143,7 @@ def factorized_attention(source: Source, layer: int, recipe: Recipe, s_factor: t
     out[f"{p}v_down.weight"] = torch.cat([down for down, _ in v_factors])
     w_o = source.tensor(f"{p}o_proj.weight").double()
     n_rep = spec.num_heads // spec.num_kv_heads
-    if value_folded(spec, g, lay.rank_v):
+    if lay.value_folded:
         blocks = []
         for h in range(spec.num_heads):
             j = h // n_rep
@@ -218,22 +207,21 @@ def export(
     if out.exists() and not force:
         raise KVCompressError(f"{out} exists; pass --force to replace it")
     dtype, dtype_reason = (dtype, "as asked") if dtype else source.default_dtype()
-    if dtype not in DTYPES:
-        raise KVCompressError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tick = progress or (lambda *_: None)
     tokenizer = source.tokenizer()
-    if not recipe.layers:
-        analyze(source, tokenizer, recipe, sensitivity=recipe.quant.enabled, progress=progress)
-    recipe.validate(spec)
+    svds = None
+    if not recipe.layers:  # its calibration and SVDs serve the factorization below
+        svds = analyze(source, tokenizer, recipe, sensitivity=recipe.quant.enabled, progress=progress).svds
+    plan = build_plan(recipe, spec, dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        shards = _write(source, tmp, recipe, DTYPES[dtype], shard_bytes, tokenizer, tick)
+        shards = _write(source, tmp, recipe, plan, shard_bytes, tokenizer, tick, svds)
         _write_config(source, tmp, dtype)
-        manifest = _manifest(source, recipe, dtype)
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, {"format": "kvcompress-latent", "source": {
+            "model": source.origin, "files": {p.name: sha256_file(p) for p in source.files()}}, **plan.to_manifest()})
         _readable_by_all(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
@@ -268,11 +256,13 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(trash)
 
 
-def _write(source: Source, folder: Path, recipe: Recipe, dtype: torch.dtype, shard_bytes: int, tokenizer,
-           tick: Callable[[str, int, int], None]) -> int:
-    spec = source.spec
+def _write(source: Source, folder: Path, recipe: Recipe, plan: Plan, shard_bytes: int, tokenizer,
+           tick: Callable[[str, int, int], None], svds: list | None = None) -> int:
+    """Stream every tensor into shards: the untouched ones as they are, each layer's attention factorized
+    from ``svds`` (analyze's, per layer) or from SVDs computed here, one layer at a time."""
+    spec, dtype = source.spec, getattr(torch, plan.dtype)
     grams = None
-    if recipe.lowrank.svd == "whitened":
+    if svds is None and recipe.lowrank.svd == "whitened":
         cal = recipe.calibration
         ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
         grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))
@@ -283,9 +273,15 @@ def _write(source: Source, folder: Path, recipe: Recipe, dtype: torch.dtype, sha
         if name not in replaced:
             writer.add(name, source.tensor(name).to(dtype))
     for i in range(spec.num_layers):
-        s = whitening_factor(grams[i]) if grams is not None else None
-        for name, tensor in factorized_attention(source, i, recipe, s).items():
+        if svds is not None:
+            layer_svds = svds[i]
+        else:
+            s = whitening_factor(grams[i]) if grams is not None else None
+            layer_svds = layer_group_svds(source, i, plan.head_group, s)
+        for name, tensor in factorized_attention(source, i, recipe, plan, layer_svds).items():
             writer.add(name, tensor.to(dtype))
+        if svds is not None:
+            svds[i] = None  # release each layer's SVDs once written
         tick("export", i + 1, spec.num_layers)
     n = writer.close()
     tokenizer.save_pretrained(str(folder))
@@ -299,31 +295,3 @@ def _write_config(source: Source, folder: Path, dtype: str) -> None:
     gen = source.folder() / "generation_config.json"
     if gen.is_file():
         shutil.copy(gen, folder / gen.name)
-
-
-def _manifest(source: Source, recipe: Recipe, dtype: str) -> dict:
-    spec = source.spec
-    q, lag = recipe.quant, recipe.lagkv
-    return {
-        "format": "kvcompress-latent",
-        "source": {"model": source.origin, "files": {p.name: sha256_file(p) for p in source.files()}},
-        "model_type": spec.model_type,
-        "dtype": dtype,
-        "head_group": recipe.head_group(spec),
-        "layers": [
-            {"layer": lay.layer, "rank_k": lay.rank_k, "rank_v": lay.rank_v,
-             "value_folded": value_folded(spec, recipe.head_group(spec), lay.rank_v),
-             "bits_k": lay.bits_k if q.enabled else 16, "bits_v": lay.bits_v if q.enabled else 16,
-             "group_size": q.group_size, "key_group_size": q.key_group, "key_segment": q.segment,
-             "residual_length": q.residual_length,
-             "method": q.method}
-            for lay in recipe.layers
-        ],
-        "quant": {"enabled": q.enabled, "method": q.method},
-        "key_rope": q.key_rope,
-        "key_rotation": q.enabled and q.rotation == "orthogonal" and q.key_rope == "post",
-        "eviction": ({"method": "lagkv", "sink_size": lag.sink_size, "lag_size": lag.lag_size,
-                      "keep_ratio": lag.keep_ratio, "value_weight": lag.value_weight} if lag.enabled else None),
-        "kernel_backend": "auto",
-        "recipe": recipe.to_dict(),
-    }

@@ -12,12 +12,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvcompress.attention import LatentAttention
-from kvcompress.cache.lagkv import LagKVConfig
-from kvcompress.cache.layer import KVCompressCache, LayerStorage
+from kvcompress.cache.layer import KVCompressCache
 from kvcompress.compat import CACHE_ARG, pop_cache
 from kvcompress.errors import KVCompressError
-from kvcompress.export import DTYPES
 from kvcompress.manifest import read_config, read_manifest
+from kvcompress.plan import DTYPES, Plan
 from kvcompress.skeleton import hf_config, rotary, skeleton
 from kvcompress.sources import ModelSpec
 
@@ -51,22 +50,10 @@ def make_cache(model) -> KVCompressCache:
     Returns
     -------
     KVCompressCache
-        One layer object per decoder layer, configured from the checkpoint's manifest.
+        One layer object per decoder layer, configured from the checkpoint's plan.
     """
-    manifest = model.kvcompress_manifest
-    storage = [LayerStorage(_bits(lay["bits_k"]), _bits(lay["bits_v"]), lay["group_size"], lay["residual_length"],
-                            lay.get("key_group_size", lay["group_size"]), lay.get("method", "kivi"),
-                            lay.get("key_segment", 16))
-               for lay in manifest["layers"]]  # manifests before DecoQuant have no "method": KIVI
-    eviction = manifest.get("eviction")
-    lagkv = None
-    if eviction is not None:
-        lagkv = LagKVConfig(**{k: v for k, v in eviction.items() if k != "method"})
-    return KVCompressCache(storage, lagkv)
-
-
-def _bits(bits: int | list[int]) -> int | tuple[int, ...]:
-    return bits if isinstance(bits, int) else tuple(bits)
+    plan: Plan = model.kvcompress_plan
+    return KVCompressCache(list(plan.layers), plan.eviction)
 
 
 def compute_dtype(stored: str, device: str | torch.device | None = None) -> torch.dtype:
@@ -74,7 +61,7 @@ def compute_dtype(stored: str, device: str | torch.device | None = None) -> torc
     CPU, which runs as float32 (CPUs have no fast float16 arithmetic: a 128-token block of SmolLM2 took
     1155 ms in float16 against 294 ms in float32 on a 2-core x86 machine)."""
     on_cpu = device is None or torch.device(device).type == "cpu"
-    return torch.float32 if stored == "float16" and on_cpu else DTYPES[stored]
+    return torch.float32 if stored == "float16" and on_cpu else getattr(torch, stored)
 
 
 def load_source(manifest: dict, source: str | None = None, dtype: torch.dtype | None = None):
@@ -115,9 +102,9 @@ def _compressed_class(base: type) -> type:
     def generate(self, *args, **kwargs):
         cache = pop_cache(kwargs)
         kwargs[CACHE_ARG] = cache if cache is not None else make_cache(self)
-        eviction = self.kvcompress_manifest.get("eviction")
+        eviction = self.kvcompress_plan.eviction
         if eviction is not None and "prefill_chunk_size" not in kwargs:
-            kwargs["prefill_chunk_size"] = eviction["lag_size"]  # evict while reading a long prompt
+            kwargs["prefill_chunk_size"] = eviction.lag_size  # evict while reading a long prompt
         return base.generate(self, *args, **kwargs)
 
     return type(f"KVCompressed{base.__name__}", (base,), {"forward": forward, "generate": generate})
@@ -153,6 +140,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     """
     folder = Path(path)
     manifest = read_manifest(folder, verify=verify)
+    plan = Plan.from_manifest(manifest)
     shards = sorted(folder.glob("*.safetensors"))  # read_manifest refused a folder without any
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise KVCompressError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -160,16 +148,14 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     config = hf_config(raw_config)
     model = skeleton(config)
     model.model.rotary_emb = rotary(model)
-    group = int(manifest["head_group"])
     spec = ModelSpec.from_config(raw_config)
-    for entry, layer in zip(manifest["layers"], model.model.layers, strict=True):
+    for entry, layer in zip(plan.layers, model.model.layers, strict=True):
         old = layer.self_attn
         with torch.device("meta"):
             layer.self_attn = LatentAttention(
-                config, old.layer_idx, entry["rank_k"], entry["rank_v"], group, model.model.rotary_emb,
+                config, old.layer_idx, entry.keys.rank, entry.values.rank, plan.head_group, model.model.rotary_emb,
                 bias=spec.attention_bias, q_norm=getattr(old, "q_norm", None), k_norm=getattr(old, "k_norm", None),
-                key_rope=manifest.get("key_rope", "pre"), key_rotation=manifest.get("key_rotation", False),
-                value_folded=entry.get("value_folded", True),
+                key_rope=plan.key_rope, key_rotation=plan.key_rotation, value_folded=entry.value_folded,
             )
     expected = set(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):
@@ -187,8 +173,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         raise KVCompressError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[0]}")
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
-    target = DTYPES[dtype] if isinstance(dtype, str) else dtype or compute_dtype(
-        manifest["dtype"], "cuda" if device_map is not None else device)
+    target = getattr(torch, dtype) if isinstance(dtype, str) else dtype or compute_dtype(
+        plan.dtype, "cuda" if device_map is not None else device)
     model.to(target)
     model.model.rotary_emb.inv_freq = rotary(model).inv_freq  # RoPE frequencies stay float32
     if device_map is not None:
@@ -200,7 +186,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         model.to(device)
     model.config._attn_implementation = ATTN_IMPL
     model.__class__ = _compressed_class(type(model))
-    model.kvcompress_manifest = manifest
+    model.kvcompress_manifest, model.kvcompress_plan = manifest, plan
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kvcompress import __version__
 from kvcompress.errors import KVCompressError
+from kvcompress.plan import Plan
 from kvcompress.sources import ModelSpec, attn_prefix, sha256_file
 
 MANIFEST_NAME = "kvcompress.json"
@@ -120,35 +121,32 @@ def check_against_weights(folder: Path, manifest: dict) -> None:
     """
     spec = ModelSpec.from_config(read_config(folder))
     shapes = weight_shapes(folder)
-    try:
-        layers, group = manifest["layers"], int(manifest["head_group"])
-        indices = [int(lay["layer"]) for lay in layers]
-    except (KeyError, TypeError, ValueError) as e:
-        raise KVCompressError(f"corrupt manifest {folder / MANIFEST_NAME}: bad field {e}") from None
+    plan = Plan.from_manifest(manifest)
+    indices = [lay.layer for lay in plan.layers]
     if indices != list(range(spec.num_layers)):
         raise KVCompressError(f"the manifest lists {len(indices)} layers ({_listed(indices)}); the model has "
                               f"{spec.num_layers} (0-{spec.num_layers - 1})")
-    if group < 1 or spec.num_kv_heads % group:
-        raise KVCompressError(f"the manifest's head_group {group} does not divide the {spec.num_kv_heads} KV heads")
-    groups, width = spec.num_kv_heads // group, group * spec.head_dim
-    for lay in layers:
-        p, i = attn_prefix(lay["layer"]), lay["layer"]
-        folded = lay.get("value_folded", True)
+    if plan.head_group < 1 or spec.num_kv_heads % plan.head_group:
+        raise KVCompressError(f"the manifest's head_group {plan.head_group} does not divide the "
+                              f"{spec.num_kv_heads} KV heads")
+    groups, width = plan.groups(spec), plan.head_group * spec.head_dim
+    for lay in plan.layers:
+        p, rank_k, rank_v = attn_prefix(lay.layer), lay.keys.rank, lay.values.rank
         expected = {
-            f"{p}k_down.weight": (groups * lay["rank_k"], spec.hidden_size),
-            f"{p}k_up": (groups, width, lay["rank_k"]),
-            f"{p}v_down.weight": (groups * lay["rank_v"], spec.hidden_size),
-            f"{p}o_proj.weight": (spec.hidden_size, spec.num_heads * (lay["rank_v"] if folded else spec.head_dim)),
+            f"{p}k_down.weight": (groups * rank_k, spec.hidden_size),
+            f"{p}k_up": (groups, width, rank_k),
+            f"{p}v_down.weight": (groups * rank_v, spec.hidden_size),
+            f"{p}o_proj.weight": (spec.hidden_size, spec.num_heads * (rank_v if lay.value_folded else spec.head_dim)),
         }
-        if not folded:
-            expected[f"{p}v_up"] = (groups, width, lay["rank_v"])
+        if not lay.value_folded:
+            expected[f"{p}v_up"] = (groups, width, rank_v)
         for name, shape in expected.items():
             if name not in shapes:
-                raise KVCompressError(f"layer {i}: the weights have no {name}")
+                raise KVCompressError(f"layer {lay.layer}: the weights have no {name}")
             if shapes[name] != shape:
-                raise KVCompressError(f"layer {i}: {name} is {list(shapes[name])} in the weights, but the manifest's "
-                                      f"rank_k {lay['rank_k']} / rank_v {lay['rank_v']} / value_folded {folded} "
-                                      f"mean {list(shape)}")
+                raise KVCompressError(f"layer {lay.layer}: {name} is {list(shapes[name])} in the weights, but the "
+                                      f"manifest's rank_k {rank_k} / rank_v {rank_v} / value_folded "
+                                      f"{lay.value_folded} mean {list(shape)}")
 
 
 def _listed(indices: list[int]) -> str:

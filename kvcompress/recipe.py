@@ -14,7 +14,6 @@ from pathlib import Path
 
 import tomli_w
 
-from kvcompress.analysis.schedule import SCHEDULES
 from kvcompress.cache.channels import bit_runs
 from kvcompress.errors import KVCompressError
 from kvcompress.sources import ModelSpec
@@ -26,6 +25,7 @@ else:  # pragma: no cover
 
 RECIPE_SCHEMA_VERSION = 1
 SVD_MODES = ("whitened", "weight")
+SCHEDULES = ("progressive", "uniform", "energy", "greedy")  # kvcompress.analysis.schedule implements each
 
 BITS = (2, 4, 8)
 # what `export` writes without --recipe: the shipped recipe with the largest compression within 1% perplexity
@@ -89,13 +89,45 @@ class Quant:
 
 @dataclass
 class LagKV:
-    """LagKV eviction. ``keep_ratio`` is the fraction of each chunk's tokens that is KEPT."""
+    """LagKV eviction (arXiv 2504.04704), the recipe's ``[lagkv]`` and the cache's settings alike.
+
+    Parameters
+    ----------
+    enabled : bool
+        Whether the recipe evicts (a cache given these settings always does).
+    sink_size : int
+        Leading tokens that are never evicted (attention sink). Zero disables the sink.
+    lag_size : int
+        Tokens per chunk; each chunk is scored against the next chunk of this size.
+    keep_ratio : float
+        Fraction of each scored chunk that is KEPT, in (0, 1]. Note the conventions differ elsewhere:
+        the LagKV paper/code's ``ratio`` is also the kept fraction, whereas kvpress's
+        ``compression_ratio`` is the fraction REMOVED (``keep_ratio = 1 - compression_ratio``).
+    value_weight : float
+        Weight of the value score relative to the key score (``score_v_ratio`` in the paper's code).
+    """
 
     enabled: bool = False
     sink_size: int = 16
     lag_size: int = 128
     keep_ratio: float = 0.5
     value_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`KVCompressError` naming the first impossible setting."""
+        _check(self.sink_size >= 0, f"LagKV sink_size must be >= 0, got {self.sink_size}")
+        _check(self.lag_size >= 1, f"LagKV lag_size must be >= 1, got {self.lag_size}")
+        _check(0.0 < self.keep_ratio <= 1.0,
+               f"LagKV keep_ratio (fraction kept) must be in (0, 1], got {self.keep_ratio}")
+        _check(self.value_weight >= 0.0, f"LagKV value_weight must be >= 0, got {self.value_weight}")
+
+    @property
+    def keep_per_chunk(self) -> int:
+        """Tokens kept per scored chunk: ``round(keep_ratio * lag_size)`` (half to even), at least 1."""
+        return max(1, round(self.keep_ratio * self.lag_size))
 
 
 @dataclass
@@ -159,8 +191,7 @@ class Recipe:
             _check(q.residual_length % size == 0,
                    f"residual_length ({q.residual_length}) must be a multiple of {name} ({size})")
         _check(q.residual_length >= 0, "residual_length must be >= 0")
-        _check(0.0 < lag.keep_ratio <= 1.0, f"lagkv keep_ratio must be in (0, 1], got {lag.keep_ratio}")
-        _check(lag.sink_size >= 0 and lag.lag_size >= 1, "lagkv sink_size must be >= 0 and lag_size >= 1")
+        lag.check()
         _check(self.calibration.max_tokens >= 1 and self.calibration.seq_len >= 1,
                "calibration max_tokens and seq_len must be >= 1")
         _check(q.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}, got {q.allocation!r}")
@@ -206,16 +237,6 @@ class Recipe:
             _check(self.lowrank_keys or lay.rank_k == width,
                    f"layer {lay.layer}: key_rope = 'post' caches full-width keys; rank_k must be {width}, "
                    f"got {lay.rank_k}")
-        if self.quant.enabled and self.quant.method == "decoquant":
-            from kvcompress.cache.decoquant import CORE, MIN_CORE, core_width
-
-            q = self.quant
-            for lay in self.layers:
-                for name, r, bits, block in (("rank_k", lay.rank_k, lay.bits_k, q.residual_length or q.key_group),
-                                             ("rank_v", lay.rank_v, lay.bits_v, q.residual_length or q.group_size)):
-                    _check(bits >= 16 or core_width(r, block) >= MIN_CORE,
-                           f"layer {lay.layer}: decoquant needs a {name} with a divisor in [{MIN_CORE}, {CORE}] "
-                           f"(the small core's width), got {r}; use a rank_multiple of 8 or method = \"kivi\"")
 
     @property
     def lowrank_keys(self) -> bool:

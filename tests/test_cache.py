@@ -8,13 +8,14 @@ import torch
 import kvcompress
 from kvcompress import attention as attention_module
 from kvcompress.analysis.schedule import greedy
-from kvcompress.cache.lagkv import LagKVConfig, max_stored_tokens
-from kvcompress.cache.layer import KVCompressCache, KVCompressLayer, LayerStorage
+from kvcompress.cache.lagkv import max_stored_tokens
+from kvcompress.cache.layer import KVCompressCache, KVCompressLayer
 from kvcompress.cache.store import DenseStore, QuantizedStore
 from kvcompress.evaluate.speed import PeakMemory
 from kvcompress.export import export
 from kvcompress.memory import compressed_bytes_per_token
-from kvcompress.recipe import LayerRecipe, Quant, Recipe
+from kvcompress.plan import Plan, layer_plan
+from kvcompress.recipe import LagKV, LayerRecipe, Quant, Recipe
 from kvcompress.sources import open_source
 
 
@@ -36,7 +37,7 @@ def _feed(layer: KVCompressLayer, total: int, block: int, d_k: int = 16, d_v: in
 
 
 def test_quantized_store_packs_only_settled_whole_blocks():
-    store = QuantizedStore(bits=2, group_size=8, along="tokens", residual_length=16)
+    store = QuantizedStore(bits=2, group_size=8, along="tokens", block=16)
     x = torch.randn(1, 2, 40, 16)
     store.append(x)
     store.flush(settled=30)  # one whole 16-token block lies within the settled 30
@@ -49,7 +50,7 @@ def test_quantized_store_packs_only_settled_whole_blocks():
 
 
 def test_quantized_store_bytes_are_codes_scales_and_residual():
-    store = QuantizedStore(bits=4, group_size=8, along="channels", residual_length=16)
+    store = QuantizedStore(bits=4, group_size=8, along="channels", block=16)
     x = torch.randn(2, 3, 37, 16, dtype=torch.float16)
     store.append(x)
     store.flush(settled=37)
@@ -75,16 +76,13 @@ def test_dense_and_quantized_8bit_read_back_close():
 @pytest.mark.parametrize("method", ["kivi", "decoquant"])
 @pytest.mark.parametrize("key_group", [0, 4])
 def test_live_bytes_match_the_memory_formula(key_group, method):
-    storage = LayerStorage(bits_k=2, bits_v=4, group_size=8, residual_length=16, key_group_size=key_group,
-                           method=method)
-    layer = KVCompressLayer(storage)
+    quant = Quant(enabled=True, method=method, group_size=8, key_group_size=key_group, residual_length=16)
+    plan = layer_plan(LayerRecipe(0, 16, 8, 2, 4), quant)
+    layer = KVCompressLayer(plan)
     _feed(layer, total=100, block=7, d_k=16, d_v=8, heads=1)  # float32 in: the residual is still 16-bit
     packed = layer.key_store.packed if method == "kivi" else layer.key_store.packed.large
     assert packed.scale.shape[-2] == 96 // (key_group or 8)
-    quant = Quant(enabled=True, method=method, group_size=8, key_group_size=key_group, residual_length=16)
-    formula = compressed_bytes_per_token(
-        spec=_spec(kv_heads=1, head_dim=16), layers=[LayerRecipe(0, 16, 8, 2, 4)], head_group=1, quant=quant,
-        context=100)
+    formula = compressed_bytes_per_token(_spec(kv_heads=1, head_dim=16), _plan(plan), context=100)
     assert layer.kv_bytes() == pytest.approx(100 * formula)  # formula counts the int32 positions too
 
 
@@ -112,13 +110,11 @@ def test_segmented_store_quantizes_each_run_on_its_own():
 
 
 def test_segmented_layer_bytes_match_the_memory_formula():
-    storage = LayerStorage(bits_k=(8, 2, 2, 4), bits_v=(4, 2), group_size=4, residual_length=16, key_segment=4)
-    layer = KVCompressLayer(storage)
-    _feed(layer, total=90, block=9, d_k=16, d_v=8, heads=1)
     quant = Quant(enabled=True, group_size=4, residual_length=16, allocation="channels", segment=4)
-    formula = compressed_bytes_per_token(
-        spec=_spec(kv_heads=1, head_dim=16), layers=[LayerRecipe(0, 16, 8, [8, 2, 2, 4], [4, 2])], head_group=1,
-        quant=quant, context=90)
+    plan = layer_plan(LayerRecipe(0, 16, 8, [8, 2, 2, 4], [4, 2]), quant)
+    layer = KVCompressLayer(plan)
+    _feed(layer, total=90, block=9, d_k=16, d_v=8, heads=1)
+    formula = compressed_bytes_per_token(_spec(kv_heads=1, head_dim=16), _plan(plan), context=90)
     assert layer.kv_bytes() == pytest.approx(90 * formula)
 
 
@@ -137,6 +133,11 @@ def test_channel_allocation_export_rotates_within_runs_and_stays_exact(llama_gqa
     assert torch.allclose(logits, llama_gqa.model(ids).logits, atol=1e-2)  # every token in the 16-bit window
 
 
+def _plan(*layers) -> Plan:
+    """A one-group plan of these layer plans (what the memory formula reads)."""
+    return Plan("llama", "float32", head_group=1, key_rope="pre", key_rotation=False, layers=layers, eviction=None)
+
+
 def _spec(kv_heads: int, head_dim: int):
     from kvcompress.sources import ModelSpec
 
@@ -145,7 +146,7 @@ def _spec(kv_heads: int, head_dim: int):
 
 @pytest.mark.parametrize("block", [1, 5, 64])
 def test_lagkv_layer_memory_is_bounded_and_positions_stay_true(block):
-    cfg = LagKVConfig(sink_size=4, lag_size=16, keep_ratio=0.25)
+    cfg = LagKV(sink_size=4, lag_size=16, keep_ratio=0.25)
     layer = KVCompressLayer(eviction=cfg)
     keys, _ = _feed(layer, total=150, block=block)
     assert layer.stored_length == max_stored_tokens(150, cfg)
@@ -161,9 +162,9 @@ def test_lagkv_layer_memory_is_bounded_and_positions_stay_true(block):
 
 
 def test_eviction_happens_before_quantization():
-    cfg = LagKVConfig(sink_size=4, lag_size=16, keep_ratio=0.5)
-    storage = LayerStorage(bits_k=2, bits_v=2, group_size=8, residual_length=8)
-    layer = KVCompressLayer(storage, cfg)
+    cfg = LagKV(sink_size=4, lag_size=16, keep_ratio=0.5)
+    layer = KVCompressLayer(layer_plan(LayerRecipe(0, 16, 16, 2, 2), Quant(enabled=True, group_size=8,
+                                                                           residual_length=8)), cfg)
     _, values = _feed(layer, total=200, block=3, d_k=16, d_v=16)
     assert layer.stored_length == max_stored_tokens(200, cfg)
     assert 0 < layer.key_store.quantized_length <= layer.settled
@@ -177,7 +178,7 @@ def test_eviction_happens_before_quantization():
 
 
 def test_lagkv_padding_tokens_are_evicted_first():
-    cfg = LagKVConfig(sink_size=0, lag_size=8, keep_ratio=0.5)
+    cfg = LagKV(sink_size=0, lag_size=8, keep_ratio=0.5)
     layer = KVCompressLayer(eviction=cfg)
     g = torch.Generator().manual_seed(1)
     k, v = torch.randn(2, 1, 16, 4, generator=g), torch.randn(2, 1, 16, 4, generator=g)
@@ -245,8 +246,8 @@ def test_cache_with_eviction_and_quantization_builds_from_manifest(llama_gqa, tm
                     lagkv={"enabled": True, "sink_size": 2, "lag_size": 8, "keep_ratio": 0.25})
     cache = kvcompress.make_cache(model)
     assert isinstance(cache, KVCompressCache)
-    assert cache.layers[0].eviction == LagKVConfig(2, 8, 0.25, 1.0)
-    assert cache.layers[0].storage.bits_k == 2
+    assert cache.layers[0].eviction == LagKV(True, 2, 8, 0.25, 1.0)
+    assert cache.layers[0].plan.keys.bits == 2
     out = model.generate(torch.randint(4, 300, (1, 30)), past_key_values=cache, max_new_tokens=20, do_sample=False)
     assert out.shape[1] == 50
     assert cache.layers[0].stored_length == max_stored_tokens(49, cache.layers[0].eviction)

@@ -12,6 +12,7 @@ from kvcompress.cache.store import DecoQuantStore, QuantizedStore, make_store
 from kvcompress.errors import KVCompressError
 from kvcompress.export import export
 from kvcompress.memory import compressed_bytes_per_token
+from kvcompress.plan import Plan, build_plan
 from kvcompress.recipe import LayerRecipe, Quant, Recipe, recipe_from_dict
 from kvcompress.sources import ModelSpec, open_source
 
@@ -108,7 +109,7 @@ def test_make_store_picks_the_method():
 
 
 def test_store_flushes_whole_blocks_and_counts_bytes():
-    store = DecoQuantStore(bits=2, group_size=8, along="tokens", residual_length=16)
+    store = DecoQuantStore(bits=2, group_size=8, along="tokens", block=16)
     x = _kv(2, 2, 40, 16)
     store.append(x)
     store.flush(settled=30)
@@ -135,11 +136,12 @@ def test_8bit_store_reads_back_close():
 def test_memory_formula_adds_one_fp16_core_per_block_and_stream():
     # the live cache is checked against the formula in test_cache.test_live_bytes_match_the_memory_formula
     spec = ModelSpec("llama", 1, 64, 1, 1, 16, 1e4, False, False)
-    layers = [LayerRecipe(0, 16, 8, 2, 4)]
 
     def per_token(method: str) -> float:
         quant = Quant(enabled=True, method=method, group_size=8, key_group_size=4, residual_length=16)
-        return compressed_bytes_per_token(spec, layers, 1, quant, 100)
+        rec = Recipe(quant=quant, layers=[LayerRecipe(0, 16, 8, 2, 4)])
+        rec.lowrank.head_group = 1
+        return compressed_bytes_per_token(spec, build_plan(rec, spec), 100)
 
     # 6 flushed blocks of 16 tokens, each with a 16x16 (keys) and an 8x8 (values) fp16 core
     assert 100 * (per_token("decoquant") - per_token("kivi")) == pytest.approx(6 * 2 * (16 * 16 + 8 * 8))
@@ -152,10 +154,11 @@ def test_recipe_refuses_widths_without_a_usable_core():
     spec = ModelSpec("llama", 1, 64, 2, 2, 34, 1e4, False, False)
     layers = [{"layer": 0, "rank_k": 32, "rank_v": 17, "bits_k": 2, "bits_v": 2}]
     rec = recipe_from_dict({"quant": {"enabled": True, "method": "decoquant"}, "layers": layers})
-    with pytest.raises(KVCompressError, match=r"layer 0: decoquant needs a rank_v with a divisor in \[4, 16\].*17"):
-        rec.validate(spec)
+    with pytest.raises(KVCompressError, match=r"layer 0: rank_v: decoquant needs a width with a divisor in "
+                                              r"\[4, 16\].*got 17"):
+        build_plan(rec, spec)
     layers[0]["bits_v"] = 16  # an unquantized stream needs no core
-    recipe_from_dict({"quant": {"enabled": True, "method": "decoquant"}, "layers": layers}).validate(spec)
+    build_plan(recipe_from_dict({"quant": {"enabled": True, "method": "decoquant"}, "layers": layers}), spec)
 
 
 def test_shipped_recipe_loads():
@@ -219,5 +222,6 @@ def test_old_manifests_without_a_method_get_kivi(llama_gqa, tmp_path, one_thread
     model = _export(llama_gqa, tmp_path / "deco", "decoquant", 2.0)
     for lay in model.kvcompress_manifest["layers"]:
         del lay["method"]
+    model.kvcompress_plan = Plan.from_manifest(model.kvcompress_manifest)  # as load() reads it
     cache = kvcompress.make_cache(model)
     assert all(type(layer.key_store) is QuantizedStore for layer in cache.layers)

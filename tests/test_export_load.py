@@ -14,6 +14,7 @@ from transformers import DynamicCache, Qwen2Config
 
 import kvcompress
 import kvcompress.export as export_mod
+import kvcompress.plan as plan_mod
 from kvcompress.cache.layer import KVCompressCache
 from kvcompress.errors import KVCompressError
 from kvcompress.export import export
@@ -98,7 +99,7 @@ def test_value_up_projection_folded_or_kept_gives_the_same_model(tiny_factory, t
     # forcing it to keep v_up must give the same logits (attention weights sum to one, both are exact)
     tiny = tiny_factory(name)
     export(open_source(tiny.path), tmp_path / "folded", _recipe(0.5), dtype="float32")
-    monkeypatch.setattr(export_mod, "value_folded", lambda *_: False)
+    monkeypatch.setattr(plan_mod, "value_folded", lambda *_: False)
     export(open_source(tiny.path), tmp_path / "kept", _recipe(0.5), dtype="float32")
     folded, kept = load(tmp_path / "folded")[0], load(tmp_path / "kept")[0]
     assert all(lay["value_folded"] for lay in folded.kvcompress_manifest["layers"])
@@ -329,11 +330,11 @@ def _interrupt_factorization(monkeypatch, at_layer: int = 1):
     real = export_mod.factorized_attention
     calls = []
 
-    def boom(source, layer, recipe, s_factor):
+    def boom(source, layer, *args):
         calls.append(layer)
         if layer == at_layer:
             raise KeyboardInterrupt
-        return real(source, layer, recipe, s_factor)
+        return real(source, layer, *args)
 
     monkeypatch.setattr(export_mod, "factorized_attention", boom)
     return calls

@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 
 from kvcompress.cache.lagkv import (
     RANGE_EPS,
-    LagKVConfig,
     chunk_scores,
     compress_step,
     max_stored_tokens,
 )
 from kvcompress.errors import KVCompressError
+from kvcompress.recipe import LagKV
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:
@@ -102,7 +102,7 @@ def test_chunk_scores_broadcast_mask_matches_full_mask():
 
 
 def test_keep_index_counts_order_and_untouched_sink_and_tail():
-    cfg = LagKVConfig(sink_size=4, lag_size=8, keep_ratio=0.5)
+    cfg = LagKV(sink_size=4, lag_size=8, keep_ratio=0.5)
     keys, values = _randn(2, 3, 47, 6, seed=0), _randn(2, 3, 47, 5, seed=1)
     keep_index, settled = compress_step(keys, values, 0, cfg)
 
@@ -169,7 +169,7 @@ def _stream(keys, values, blocks, cfg, valid=None):
     return positions
 
 
-STREAM_CFG = LagKVConfig(sink_size=3, lag_size=4, keep_ratio=0.5)
+STREAM_CFG = LagKV(sink_size=3, lag_size=4, keep_ratio=0.5)
 STREAM_N = 51
 
 
@@ -206,7 +206,7 @@ def test_any_block_split_gives_the_token_wise_kept_set(cuts):
 
 
 def test_max_stored_tokens_hand_computed():
-    cfg = LagKVConfig(sink_size=4, lag_size=8, keep_ratio=0.5)
+    cfg = LagKV(sink_size=4, lag_size=8, keep_ratio=0.5)
     expected = {0: 0, 3: 3, 4: 4, 19: 19, 20: 16, 27: 23, 28: 20, 47: 31, 1004: 4 + 124 * 4 + 8}
     assert {n: max_stored_tokens(n, cfg) for n in expected} == expected
     with pytest.raises(ValueError):
@@ -214,7 +214,7 @@ def test_max_stored_tokens_hand_computed():
 
 
 def test_constant_keys_and_values_are_finite_and_keep_earliest_on_ties():
-    cfg = LagKVConfig(sink_size=2, lag_size=64, keep_ratio=0.5)
+    cfg = LagKV(sink_size=2, lag_size=64, keep_ratio=0.5)
     total = 2 + 64 * 4 + 5
     keys, values = torch.full((1, 2, total, 4), 3.0), torch.full((1, 2, total, 5), -1.0)
     chunk_k, next_k = keys[..., 2:66, :].unsqueeze(2), keys[..., 66:130, :].unsqueeze(2)
@@ -240,7 +240,7 @@ def test_constant_reference_with_varying_chunk_is_finite():
 
 @pytest.mark.parametrize(("total", "settled"), [(0, 0), (1, 0), (16, 0), (16 + 2 * 8 - 1, 0), (40, 25)])
 def test_too_short_to_score_returns_none(total, settled):
-    cfg = LagKVConfig(sink_size=16, lag_size=8)
+    cfg = LagKV(sink_size=16, lag_size=8)
     keys, values = _randn(1, 2, total, 4, seed=0), _randn(1, 2, total, 4, seed=1)
     keep_index, new_settled = compress_step(keys, values, settled, cfg)
     assert keep_index is None
@@ -248,13 +248,13 @@ def test_too_short_to_score_returns_none(total, settled):
 
 
 def test_keep_everything_settles_without_evicting():
-    cfg = LagKVConfig(sink_size=2, lag_size=4, keep_ratio=1.0)
+    cfg = LagKV(sink_size=2, lag_size=4, keep_ratio=1.0)
     keys = _randn(1, 1, 2 + 4 * 4 + 1, 4, seed=0)
     assert compress_step(keys, keys, 0, cfg) == (None, 2 + 3 * 4)
 
 
 def test_padding_is_evicted_first_and_does_not_leak_across_sequences():
-    cfg = LagKVConfig(sink_size=2, lag_size=6, keep_ratio=0.5)
+    cfg = LagKV(sink_size=2, lag_size=6, keep_ratio=0.5)
     total, keep = 2 + 6 * 5 + 2, cfg.keep_per_chunk
     keys, values = _randn(3, 2, total, 4, seed=11), _randn(3, 2, total, 5, seed=12)
     valid = torch.ones(3, total, dtype=torch.bool)
@@ -284,7 +284,7 @@ def test_padding_is_evicted_first_and_does_not_leak_across_sequences():
 
 
 def test_sequences_and_heads_select_independently():
-    cfg = LagKVConfig(sink_size=2, lag_size=6, keep_ratio=0.5)
+    cfg = LagKV(sink_size=2, lag_size=6, keep_ratio=0.5)
     keys, values = _randn(2, 3, 2 + 6 * 4 + 3, 4, seed=21), _randn(2, 3, 2 + 6 * 4 + 3, 5, seed=22)
     keep_index, _ = compress_step(keys, values, 0, cfg)
     assert keep_index is not None
@@ -309,7 +309,7 @@ def test_sequences_and_heads_select_independently():
 )
 def test_config_rejects_bad_values(bad):
     with pytest.raises(KVCompressError):
-        LagKVConfig(**bad)
+        LagKV(**bad)
 
 
 @pytest.mark.parametrize(
@@ -317,4 +317,4 @@ def test_config_rejects_bad_values(bad):
     [(0.5, 128, 64), (0.3, 10, 3), (0.66, 10, 7), (0.001, 8, 1), (1.0, 7, 7)],
 )
 def test_keep_per_chunk(keep_ratio, lag_size, keep):
-    assert LagKVConfig(lag_size=lag_size, keep_ratio=keep_ratio).keep_per_chunk == keep
+    assert LagKV(lag_size=lag_size, keep_ratio=keep_ratio).keep_per_chunk == keep

@@ -23,6 +23,7 @@ from kvcompress.analysis.svd import (
 )
 from kvcompress.cache.channels import segment_widths
 from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
+from kvcompress.plan import build_plan
 from kvcompress.recipe import BITS, LayerRecipe, Recipe
 from kvcompress.skeleton import load_full
 from kvcompress.sources import Source, attn_prefix
@@ -66,6 +67,7 @@ class Analysis:
     sensitivity_method: str
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    svds: list[tuple[list[GroupSVD], list[GroupSVD]]] = field(default_factory=list, repr=False)  # for export
 
     def to_json(self) -> dict:
         """The ``--json`` object."""
@@ -182,17 +184,17 @@ def analyze(
 
     grams = None
     by_channels = recipe.quant.enabled and recipe.quant.allocation == "channels"
-    if lr.svd == "whitened" and (lr.enabled or by_channels):  # the latents' principal axes, as exported
+    if lr.svd == "whitened":  # the latents' principal axes, as exported
         grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))
 
     kappas, energy_k, energy_v = [], [], []
-    spectra = []  # per layer: (K sigmas, V sigmas), one per head group
+    svds = []  # per layer: (K SVDs, V SVDs), one per head group; export factorizes these
     for i in range(spec.num_layers):
         kappas.append(_log_kappa(source, i, g))
         s = whitening_factor(grams[i]) if grams is not None else None
-        k_svds, v_svds = layer_group_svds(source, i, g, s)
-        spectra.append(([x.sigma for x in k_svds], [x.sigma for x in v_svds]))
+        svds.append(layer_group_svds(source, i, g, s))
         tick("svd", i + 1, spec.num_layers)
+    spectra = [([x.sigma for x in k], [x.sigma for x in v]) for k, v in svds]  # per layer, per head group
 
     n = spec.num_layers
     if not lr.enabled:
@@ -242,10 +244,10 @@ def analyze(
         for i in range(n)
     ]
     base = baseline_bytes_per_token(spec)
-    comp = compressed_bytes_per_token(spec, recipe.layers, g, recipe.quant, context, recipe.lagkv.enabled)
+    comp = compressed_bytes_per_token(spec, build_plan(recipe, spec), context)
     return Analysis(
         model=source.origin, recipe=recipe, num_layers=n, num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, head_group=g, group_width=width, layers=reports,
         kv_bytes_per_token={"baseline": base, "compressed": comp}, compression_ratio=base / comp,
-        context=context, sensitivity_method=method, seconds=time.perf_counter() - start,
+        context=context, sensitivity_method=method, seconds=time.perf_counter() - start, svds=svds,
     )

@@ -28,8 +28,6 @@ from collections.abc import Sequence
 
 import torch
 
-SCHEDULES = ("progressive", "uniform", "energy", "greedy")
-
 
 def round_rank(rank: float, width: int, multiple: int) -> int:
     """Round to the nearest multiple of ``multiple`` inside ``[multiple, width]`` (``width`` always allowed)."""

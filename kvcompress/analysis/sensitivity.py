@@ -47,7 +47,7 @@ def layer_sensitivity(
     ids: torch.Tensor,
     bits: int = 2,
     group_size: int = 32,
-    key_group_size: int | None = None,
+    key_group_size: int = 32,
     on_layer: Callable[[int], None] | None = None,
 ) -> list[tuple[float, float]]:
     """Mean next-token KL divergence caused by quantizing each layer's K, then its V, alone.
@@ -62,8 +62,8 @@ def layer_sensitivity(
         ``[1, seq_len]`` calibration token ids.
     bits, group_size : int
         Fake-quantization settings (``group_size`` for values).
-    key_group_size : int, optional
-        Tokens per key group (default ``group_size``).
+    key_group_size : int
+        Tokens per key group (``Quant.key_group``).
     on_layer : callable, optional
         Called with the layer index after each layer is measured (progress).
     """
@@ -84,7 +84,7 @@ def layer_sensitivity(
     exact = run(hidden, 0, layer_inputs)
     scores = []
     for i, layer in enumerate(inner.layers):
-        layer.self_attn.kvc_fake_quant = (bits, key_group_size or group_size, group_size)
+        layer.self_attn.kvc_fake_quant = (bits, key_group_size, group_size)
         approx = run(layer_inputs[i].expand(2, -1, -1), i)  # [K quantized, V quantized]
         del layer.self_attn.kvc_fake_quant
         kl = F.kl_div(approx, exact.expand(2, -1, -1), log_target=True, reduction="none").sum(-1).mean(-1)

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress.cache.quant import Packed, cat, dequantize, effective_group, quantize
+from kvcompress.errors import KVCompressError
 
 CORE = 16  # requested width k of the small fp16 core
 MIN_CORE = 4  # narrower cores are refused (recipe validation): they cannot hold outliers
@@ -67,6 +68,19 @@ def core_width(dim: int, tokens: int, core: int = CORE) -> int:
     ``core`` and leaves ``M_g`` at least as tall as wide (``k * k <= tokens * dim``, so the bond is ``k``)."""
     limit = min(core, math.isqrt(tokens * dim))
     return effective_group(dim, max(limit, 1))
+
+
+def check_core(name: str, dim: int, tokens: int) -> None:
+    """Refuse a stream whose blocks have no usable small core (:func:`core_width` below ``MIN_CORE``).
+
+    Raises
+    ------
+    KVCompressError
+        Naming the stream (e.g. ``"layer 3: rank_v"``) and its width.
+    """
+    if core_width(dim, tokens) < MIN_CORE:
+        raise KVCompressError(f"{name}: decoquant needs a width with a divisor in [{MIN_CORE}, {CORE}] (the small "
+                              f'core\'s width), got {dim}; use a rank_multiple of 8 or method = "kivi"')
 
 
 def decompose(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

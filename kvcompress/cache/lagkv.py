@@ -19,12 +19,10 @@ The cache wiring lives elsewhere; this module only computes scores and the indic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from kvcompress.errors import KVCompressError
+from kvcompress.recipe import LagKV
 
 RANGE_EPS = 1e-6
 """Smallest per-channel reference range (max - min) used as a divisor.
@@ -34,47 +32,6 @@ every normalized value finite (scores are computed in float32, where ``|x - min|
 overflow for any realistic activation). Tokens that equal the constant map to 0 exactly, so fully
 constant keys/values give uniform scores rather than NaN.
 """
-
-
-@dataclass(frozen=True)
-class LagKVConfig:
-    """Hyper-parameters of LagKV eviction.
-
-    Parameters
-    ----------
-    sink_size : int
-        Leading tokens that are never evicted (attention sink). Zero disables the sink.
-    lag_size : int
-        Tokens per chunk; each chunk is scored against the next chunk of this size.
-    keep_ratio : float
-        Fraction of each scored chunk that is KEPT, in (0, 1]. Note the conventions differ elsewhere:
-        the LagKV paper/code's ``ratio`` is also the kept fraction, whereas kvpress's
-        ``compression_ratio`` is the fraction REMOVED (``keep_ratio = 1 - compression_ratio``).
-    value_weight : float
-        Weight of the value score relative to the key score (``score_v_ratio`` in the paper's code).
-    """
-
-    sink_size: int = 16
-    lag_size: int = 128
-    keep_ratio: float = 0.5
-    value_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.sink_size < 0:
-            raise KVCompressError(f"LagKV sink_size must be >= 0, got {self.sink_size}")
-        if self.lag_size < 1:
-            raise KVCompressError(f"LagKV lag_size must be >= 1, got {self.lag_size}")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise KVCompressError(
-                f"LagKV keep_ratio (fraction kept) must be in (0, 1], got {self.keep_ratio}"
-            )
-        if self.value_weight < 0.0:
-            raise KVCompressError(f"LagKV value_weight must be >= 0, got {self.value_weight}")
-
-    @property
-    def keep_per_chunk(self) -> int:
-        """Tokens kept per scored chunk: ``round(keep_ratio * lag_size)`` (half to even), at least 1."""
-        return max(1, round(self.keep_ratio * self.lag_size))
 
 
 def _normalized_std(x: Tensor, ref: Tensor, ref_valid: Tensor | None) -> Tensor:
@@ -155,7 +112,7 @@ def chunk_scores(
     return scores
 
 
-def scored_chunks(total: int, settled: int, cfg: LagKVConfig) -> tuple[int, int]:
+def scored_chunks(total: int, settled: int, cfg: LagKV) -> tuple[int, int]:
     """Where scoring starts and how many chunks can be scored among ``total`` stored tokens.
 
     Paper §3 (recursive compression): every full chunk after the settled region but the last gets the
@@ -169,7 +126,7 @@ def compress_step(
     keys: Tensor,
     values: Tensor,
     settled: int,
-    cfg: LagKVConfig,
+    cfg: LagKV,
     valid: Tensor | None = None,
 ) -> tuple[Tensor | None, int]:
     """Compress every pending chunk that has a full reference chunk after it, in one vectorized pass.
@@ -181,7 +138,7 @@ def compress_step(
     settled : int
         Leading stored tokens that are final (sink plus settled region), as returned by the previous call;
         start with 0. The first ``cfg.sink_size`` tokens are always treated as settled.
-    cfg : LagKVConfig
+    cfg : LagKV
         Eviction hyper-parameters.
     valid : Tensor, optional
         Bool ``[B, T]`` (per sequence) or ``[B, H, T]`` mask, False for padding. Padding in a scored chunk
@@ -243,7 +200,7 @@ def compress_step(
     return keep_index, new_settled
 
 
-def max_stored_tokens(n: int, cfg: LagKVConfig) -> int:
+def max_stored_tokens(n: int, cfg: LagKV) -> int:
     """Stored tokens after ``n`` tokens have been fed through :func:`compress_step`.
 
     ``sink + c * keep_per_chunk + pending`` with ``c = max(0, (n - sink) // lag - 1)`` compressed chunks
@@ -254,7 +211,7 @@ def max_stored_tokens(n: int, cfg: LagKVConfig) -> int:
     ----------
     n : int
         Tokens fed so far.
-    cfg : LagKVConfig
+    cfg : LagKV
         Eviction hyper-parameters.
 
     Returns

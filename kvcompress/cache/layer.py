@@ -11,29 +11,16 @@ policy drop is really gone for later tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcompress.cache.lagkv import LagKVConfig, compress_step, scored_chunks
+from kvcompress.cache.lagkv import compress_step, scored_chunks
 from kvcompress.cache.store import make_store
 from kvcompress.cache.workspace import Workspace
-
-
-@dataclass(frozen=True)
-class LayerStorage:
-    """How one layer stores K and V: bits (16 = not quantized; a tuple gives one width per channel segment,
-    see ``kvcompress.cache.channels``), quantization groups, residual window, and the quantization method
-    (``"kivi"``: plain grouping; ``"decoquant"``: MPO cores, see ``kvcompress.cache.decoquant``)."""
-
-    bits_k: int | tuple[int, ...] = 16  # a tuple: one width per segment of principal axes
-    bits_v: int | tuple[int, ...] = 16
-    group_size: int = 32
-    residual_length: int = 128
-    key_group_size: int = 0  # 0: the same as group_size
-    method: str = "kivi"
-    key_segment: int = 16  # channels per key segment (value segments are group_size wide)
+from kvcompress.plan import LayerPlan, layer_plan
+from kvcompress.recipe import LagKV, LayerRecipe, Quant
 
 
 class KVCompressLayer(CacheLayerMixin):
@@ -44,9 +31,9 @@ class KVCompressLayer(CacheLayerMixin):
 
     Parameters
     ----------
-    storage : LayerStorage, optional
-        Bits and quantization settings (default: dense, not quantized).
-    eviction : LagKVConfig, optional
+    plan : LayerPlan, optional
+        Bits and quantization settings of both streams (default: dense, not quantized).
+    eviction : LagKV, optional
         LagKV settings; eviction runs in :meth:`evict`, which attention calls *after* reading the cache,
         so a block's own queries still see every token of the block. Selection is per sequence and per
         latent head; each kept token keeps its original RoPE position, and keys are rotated at those
@@ -58,18 +45,16 @@ class KVCompressLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, storage: LayerStorage | None = None, eviction: LagKVConfig | None = None,
+    def __init__(self, plan: LayerPlan | None = None, eviction: LagKV | None = None,
                  workspace: Workspace | None = None) -> None:
         super().__init__()
-        self.storage = storage or LayerStorage()
+        self.plan = plan or layer_plan(LayerRecipe(0, 1, 1), Quant(enabled=False))
         self.eviction = eviction
         self.workspace = workspace or Workspace()
         self.settled = 0
-        st = self.storage
-        self.key_store = make_store(st.bits_k, st.key_group_size or st.group_size, "tokens", st.residual_length,
-                                    st.method, st.key_segment)
-        self.value_store = make_store(st.bits_v, st.group_size, "channels", st.residual_length, st.method,
-                                      st.group_size)
+        keys, values, method = self.plan.keys, self.plan.values, self.plan.method
+        self.key_store = make_store(keys.bits, keys.group, "tokens", keys.block, method, keys.segment)
+        self.value_store = make_store(values.bits, values.group, "channels", values.block, method, values.segment)
         self.positions: torch.Tensor | None = None  # [B, 1 or H, T] int32 RoPE positions of stored tokens
         self.valid: torch.Tensor | None = None  # [B, 1 or H, T] bool, only once padding was seen
         self.seen = 0
@@ -171,7 +156,7 @@ class KVCompressLayer(CacheLayerMixin):
         return self.key_store.nbytes() + self.value_store.nbytes() + meta
 
     def reset(self) -> None:
-        self.__init__(self.storage, self.eviction, self.workspace)
+        self.__init__(self.plan, self.eviction, self.workspace)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for store in (self.key_store, self.value_store):
@@ -193,9 +178,9 @@ def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 class KVCompressCache(Cache):
     """A ``Cache`` of :class:`KVCompressLayer` objects, one per decoder layer, sharing one decode workspace."""
 
-    def __init__(self, storage: list[LayerStorage], eviction: LagKVConfig | None = None) -> None:
+    def __init__(self, plans: list[LayerPlan], eviction: LagKV | None = None) -> None:
         workspace = Workspace()
-        super().__init__(layers=[KVCompressLayer(st, eviction, workspace) for st in storage])
+        super().__init__(layers=[KVCompressLayer(p, eviction, workspace) for p in plans])
 
     def kv_bytes(self) -> int:
         """Bytes held by every layer together (what is really stored)."""

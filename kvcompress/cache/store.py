@@ -65,14 +65,13 @@ class QuantizedStore:
 
     Keys use ``along="tokens"`` (per-channel scales over ``group_size`` tokens), values
     ``along="channels"`` (per-token scales over ``group_size`` channels). Once the residual holds a full
-    block of ``residual_length`` tokens that are *settled* (no eviction policy will touch them again),
-    the block is quantized. With ``residual_length == 0`` settled tokens are quantized in whole groups
-    as soon as possible.
+    ``block`` of tokens that are *settled* (no eviction policy will touch them again), the block is
+    quantized. ``block`` is the residual window, or one group without a window (resolved by the plan,
+    :class:`kvcompress.plan.StreamPlan`).
     """
 
-    def __init__(self, bits: int, group_size: int, along: str, residual_length: int) -> None:
-        self.bits, self.group_size, self.along = bits, group_size, along
-        self.block = residual_length or group_size
+    def __init__(self, bits: int, group_size: int, along: str, block: int) -> None:
+        self.bits, self.group_size, self.along, self.block = bits, group_size, along, block
         self.packed: Packed | None = None
         self.fp: torch.Tensor | None = None
         self.dtype = torch.float16
@@ -164,7 +163,7 @@ class QuantizedStore:
 class DecoQuantStore(QuantizedStore):
     """A :class:`QuantizedStore` whose settled blocks are stored in DecoQuant form (arXiv:2405.12591).
 
-    Each flushed block of ``residual_length`` tokens is split by a two-core MPO into a large core,
+    Each flushed ``block`` of tokens is split by a two-core MPO into a large core,
     quantized exactly like KIVI would quantize the block (same ``bits``, ``group_size``, ``along``), and a
     small float16 ``k x k`` core per block and head (``kvcompress.cache.decoquant``). Same interface and
     residual window as the parent; ``nbytes`` adds the small cores.
@@ -193,9 +192,9 @@ class SegmentedStore:
     """
 
     def __init__(self, bits: tuple[int, ...], segment: int, group_size: int, along: str,
-                 residual_length: int) -> None:
+                 block: int) -> None:
         self.bits, self.segment = bits, segment
-        self.layout = (group_size, along, residual_length)
+        self.layout = (group_size, along, block)
         self.runs: list[tuple[int, QuantizedStore]] = []  # (channels, store), built on the first append
 
     @property
@@ -262,19 +261,19 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def make_store(bits: int | tuple[int, ...], group_size: int, along: str, residual_length: int,
+def make_store(bits: int | tuple[int, ...], group_size: int, along: str, block: int,
                method: str = "kivi", segment: int = 0) -> DenseStore | QuantizedStore | SegmentedStore:
     """A dense store for 16 bits, otherwise a quantized one: KIVI grouping, or DecoQuant (``method``).
     A tuple of bits (one per ``segment`` channels) makes a :class:`SegmentedStore`."""
     if not isinstance(bits, int):
         if len(set(bits)) == 1:
-            return make_store(bits[0], group_size, along, residual_length, method)
-        return SegmentedStore(tuple(bits), segment, group_size, along, residual_length)
+            return make_store(bits[0], group_size, along, block, method)
+        return SegmentedStore(tuple(bits), segment, group_size, along, block)
     if bits >= 16:
         return DenseStore()
     if method not in STORES:
         raise ValueError(f"unknown quant method {method!r}; expected one of {tuple(STORES)}")
-    return STORES[method](bits, group_size, along, residual_length)
+    return STORES[method](bits, group_size, along, block)
 
 
 STORES = {"kivi": QuantizedStore, "decoquant": DecoQuantStore}

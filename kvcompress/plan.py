@@ -1,0 +1,198 @@
+"""The plan of a compressed checkpoint: every setting resolved once, in typed objects.
+
+:func:`build_plan` turns a recipe (what the user asks) and the model's spec (what the model is) into a
+:class:`Plan`. Export writes it into the manifest (:meth:`Plan.to_manifest`); loading, ``inspect``,
+memory accounting and the cache read it back (:meth:`Plan.from_manifest`) and never look at a raw
+dict. Every default is resolved here and nowhere else:
+
+- the key group: ``key_group_size``, or ``group_size`` when it is 0;
+- a quantized store's flush block: ``residual_length``, or the stream's group without a window;
+- 16 bits (not quantized) for every stream when ``[quant]`` is off;
+- the head group: ``head_group``, or all KV heads of a layer when it is 0;
+- whether a layer's ``U_v`` is folded into ``o_proj`` (:func:`value_folded`);
+- the key layout: pre-RoPE latents, or post-RoPE keys turned after RoPE when the rotation is on.
+
+Manifests of schema 1 (kvcompress 0.1.0) hold the same per-layer fields, some missing, and read with
+the defaults of their time (``method`` KIVI, ``value_folded`` true, ``key_segment`` 16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kvcompress.cache.decoquant import check_core
+from kvcompress.errors import KVCompressError
+from kvcompress.recipe import LagKV, LayerRecipe, Quant, Recipe
+from kvcompress.sources import ModelSpec
+
+DTYPES = ("float16", "bfloat16", "float32")
+DENSE = 16  # bits of a stream that is not quantized
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """One layer's keys or values as the cache stores them (per latent group).
+
+    Attributes
+    ----------
+    rank
+        Latent channels.
+    bits
+        Code width; 16 = not quantized; a tuple gives one width per ``segment`` channels.
+    group
+        Quantization group: tokens for keys (per-channel scales), channels for values (per-token scales).
+    segment
+        Channels per bit segment when ``bits`` is a tuple.
+    block
+        Tokens quantized at once: the residual window, or ``group`` without one.
+    """
+
+    rank: int
+    bits: int | tuple[int, ...]
+    group: int
+    segment: int
+    block: int
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the stream holds low-bit codes."""
+        return self.bits != DENSE
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One decoder layer: its key and value streams, the quantizer, and the value layout."""
+
+    layer: int
+    keys: StreamPlan
+    values: StreamPlan
+    residual_length: int
+    method: str  # "kivi" (min-max groups) or "decoquant" (two MPO cores per block)
+    value_folded: bool  # U_v folded into o_proj, or kept apart as v_up
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole checkpoint's settings; see the module docstring for what is resolved where."""
+
+    model_type: str
+    dtype: str
+    head_group: int
+    key_rope: str  # "pre": key latents before RoPE; "post": full-width keys after RoPE
+    key_rotation: bool  # post-RoPE keys and queries turned by one orthogonal matrix per KV head (k_rot)
+    layers: tuple[LayerPlan, ...]
+    eviction: LagKV | None
+    recipe: str = ""
+
+    def groups(self, spec: ModelSpec) -> int:
+        """Latent groups per layer."""
+        return spec.num_kv_heads // self.head_group
+
+    def to_manifest(self) -> dict:
+        """The manifest fields of this plan (JSON types; see :meth:`from_manifest`)."""
+        return {
+            "model_type": self.model_type,
+            "dtype": self.dtype,
+            "head_group": self.head_group,
+            "key_rope": self.key_rope,
+            "key_rotation": self.key_rotation,
+            "recipe": self.recipe,
+            "eviction": None if self.eviction is None else {"method": "lagkv", **{
+                k: v for k, v in asdict(self.eviction).items() if k != "enabled"}},
+            "layers": [
+                {"layer": lay.layer, "rank_k": lay.keys.rank, "rank_v": lay.values.rank,
+                 "bits_k": _json_bits(lay.keys.bits), "bits_v": _json_bits(lay.values.bits),
+                 "group_size": lay.values.group, "key_group_size": lay.keys.group,
+                 "key_segment": lay.keys.segment, "residual_length": lay.residual_length,
+                 "method": lay.method, "value_folded": lay.value_folded}
+                for lay in self.layers
+            ],
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> Plan:
+        """Read a manifest of schema 1 or 2.
+
+        Raises
+        ------
+        KVCompressError
+            A missing or mistyped field, named.
+        """
+        try:
+            eviction = manifest.get("eviction")
+            return cls(
+                model_type=str(manifest["model_type"]),
+                dtype=str(manifest["dtype"]),
+                head_group=int(manifest["head_group"]),
+                key_rope=str(manifest.get("key_rope", "pre")),
+                key_rotation=bool(manifest.get("key_rotation", False)),
+                layers=tuple(_layer_from_manifest(lay) for lay in manifest["layers"]),
+                eviction=None if eviction is None else LagKV(
+                    enabled=True, **{k: v for k, v in eviction.items() if k != "method"}),
+                recipe=str(manifest.get("recipe") if isinstance(manifest.get("recipe"), str)
+                           else (manifest.get("recipe") or {}).get("name", "")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise KVCompressError(f"corrupt manifest: bad or missing field {e}") from None
+
+
+def _json_bits(bits: int | tuple[int, ...]) -> int | list[int]:
+    return bits if isinstance(bits, int) else list(bits)
+
+
+def _layer_from_manifest(lay: dict) -> LayerPlan:
+    quant = Quant(enabled=True, method=str(lay.get("method", "kivi")),  # manifests before DecoQuant: KIVI
+                  group_size=int(lay["group_size"]), key_group_size=int(lay.get("key_group_size") or 0),
+                  residual_length=int(lay["residual_length"]), segment=int(lay.get("key_segment", 16)))
+    recipe = LayerRecipe(int(lay["layer"]), int(lay["rank_k"]), int(lay["rank_v"]), lay["bits_k"], lay["bits_v"])
+    return layer_plan(recipe, quant, bool(lay.get("value_folded", True)))  # manifests before v_up: folded
+
+
+def layer_plan(lay: LayerRecipe, quant: Quant, folded: bool = True) -> LayerPlan:
+    """One layer's plan from its recipe entry and ``[quant]``: the one place where stream defaults resolve
+    (key group, flush block, 16 bits when quantization is off)."""
+
+    def stream(rank: int, bits: int | list[int], group: int, segment: int) -> StreamPlan:
+        width = (bits if isinstance(bits, int) else tuple(int(b) for b in bits)) if quant.enabled else DENSE
+        return StreamPlan(rank, width, group, segment, quant.residual_length or group)
+
+    return LayerPlan(
+        layer=lay.layer,
+        keys=stream(lay.rank_k, lay.bits_k, quant.key_group, quant.segment_size("k")),
+        values=stream(lay.rank_v, lay.bits_v, quant.group_size, quant.segment_size("v")),
+        residual_length=quant.residual_length,
+        method=quant.method,
+        value_folded=folded,
+    )
+
+
+def value_folded(spec: ModelSpec, rank_v: int) -> bool:
+    """Whether folding ``U_v`` into ``o_proj`` makes fewer weights than keeping it apart (LoRC §3's folding).
+
+    Folded: ``hidden × heads·r_v``. Apart: ``U_v`` (``kv_heads·d × r_v``) plus the original ``hidden ×
+    heads·d``. Every weight is read at each decode step, so fewer weights is also faster decoding.
+    """
+    folded = spec.hidden_size * spec.num_heads * rank_v
+    return folded <= spec.num_kv_heads * spec.head_dim * rank_v + spec.hidden_size * spec.num_heads * spec.head_dim
+
+
+def build_plan(recipe: Recipe, spec: ModelSpec, dtype: str = "float16") -> Plan:
+    """The plan of ``recipe`` (with its ``[[layers]]`` filled in) for a model of ``spec``.
+
+    Raises
+    ------
+    KVCompressError
+        An impossible setting for this model (see :func:`kvcompress.recipe.Recipe.validate`).
+    """
+    if dtype not in DTYPES:
+        raise KVCompressError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    recipe.validate(spec)
+    layers = tuple(layer_plan(lay, recipe.quant, value_folded(spec, lay.rank_v)) for lay in recipe.layers)
+    for lay in layers:
+        for name, stream in (("rank_k", lay.keys), ("rank_v", lay.values)):
+            if lay.method == "decoquant" and stream.quantized:
+                check_core(f"layer {lay.layer}: {name}", stream.rank, stream.block)
+    q = recipe.quant
+    return Plan(model_type=spec.model_type, dtype=dtype, head_group=recipe.head_group(spec),
+                key_rope=q.key_rope, key_rotation=q.enabled and q.rotation == "orthogonal" and q.key_rope == "post",
+                layers=layers, eviction=recipe.lagkv if recipe.lagkv.enabled else None, recipe=recipe.name)

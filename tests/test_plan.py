@@ -1,0 +1,91 @@
+"""The typed plan: built once from a recipe, written into the manifest and read back unchanged; a manifest
+written by kvcompress 0.1.0 (checked in) still loads, into the same plan and the same model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny
+
+import kvcompress
+from kvcompress.export import export
+from kvcompress.manifest import MANIFEST_NAME
+from kvcompress.plan import Plan, build_plan
+from kvcompress.recipe import LayerRecipe, load_recipe, recipe_from_dict
+from kvcompress.sources import ModelSpec, open_source
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OLD_MANIFEST = Path(__file__).parent / "data" / "manifest-0.1.0-full-stack.json"
+SPEC = ModelSpec("llama", 2, 64, 8, 2, 16, 1e4, False, False)
+
+
+def _small(name: str):
+    """A shipped recipe shrunk to a tiny model, exactly as the checked-in 0.1.0 manifest was exported."""
+    rec = load_recipe(name)
+    rec.quant.group_size, rec.quant.residual_length = 8, 16
+    if rec.quant.key_group_size:
+        rec.quant.key_group_size = 4
+    rec.lagkv.lag_size, rec.lagkv.sink_size = 8, 2
+    rec.calibration.max_tokens, rec.calibration.seq_len = 128, 64
+    return rec
+
+
+@pytest.mark.parametrize("quant", [
+    {"enabled": True, "key_rope": "post", "avg_bits": 4.0},
+    {"enabled": True, "allocation": "channels", "segment": 8, "group_size": 16, "residual_length": 32},
+    {"enabled": True, "method": "decoquant", "key_group_size": 8},
+    {"enabled": False},
+])
+def test_plan_survives_the_manifest(quant):
+    layers = [{"layer": 0, "rank_k": 32, "rank_v": 16, "bits_k": [4, 2, 2, 2] if "segment" in quant else 2,
+               "bits_v": 4}, {"layer": 1, "rank_k": 32, "rank_v": 32, "bits_k": 8, "bits_v": 2}]
+    rec = recipe_from_dict({"name": "mine", "lowrank": {"enabled": quant.get("key_rope") != "post"}, "quant": quant,
+                            "lagkv": {"enabled": True, "keep_ratio": 0.25}, "layers": layers})
+    plan = build_plan(rec, SPEC, "bfloat16")
+    assert Plan.from_manifest(plan.to_manifest()) == plan
+    keys = plan.layers[0].keys
+    assert keys.group == rec.quant.key_group and keys.block == (rec.quant.residual_length or keys.group)
+    assert keys.quantized == rec.quant.enabled and plan.eviction.keep_ratio == 0.25
+
+
+def test_plan_resolves_the_flush_block_without_a_window():
+    rec = recipe_from_dict({"quant": {"enabled": True, "group_size": 8, "key_group_size": 4, "residual_length": 0},
+                            "layers": [{"layer": i, "rank_k": 16, "rank_v": 16, "bits_k": 2, "bits_v": 2}
+                                       for i in range(2)]})
+    lay = build_plan(rec, SPEC).layers[0]
+    assert (lay.keys.group, lay.keys.block, lay.values.group, lay.values.block) == (4, 4, 8, 8)
+
+
+def test_manifest_of_0_1_0_loads_into_the_same_plan_and_model(tmp_path):
+    tiny = build_tiny("llama_gqa", tmp_path / "src", seed=5)  # the model the checked-in manifest describes
+    new = tmp_path / "new"
+    export(open_source(tiny.path), new, _small("full-stack"), dtype="float32")
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    shutil.copy(OLD_MANIFEST, old / MANIFEST_NAME)  # its checksums cover the same weight and tokenizer bytes
+    model_old, _ = kvcompress.load(old)  # verify=True: files checked against the 0.1.0 manifest
+    model_new, _ = kvcompress.load(new)
+    assert model_old.kvcompress_manifest["schema_version"] == 1 and model_new.kvcompress_manifest["schema_version"] == 2
+    assert model_old.kvcompress_plan == model_new.kvcompress_plan
+    assert model_new.kvcompress_plan.eviction is not None and model_new.kvcompress_plan.layers[0].keys.quantized
+    ids = torch.randint(4, 500, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model_old(ids).logits, model_new(ids).logits)
+
+
+def test_old_manifest_fields_read_with_the_defaults_of_their_time():
+    import json
+
+    manifest = json.loads(OLD_MANIFEST.read_text())
+    for lay in manifest["layers"]:
+        for key in ("method", "value_folded", "key_segment"):
+            lay.pop(key, None)
+    plan = Plan.from_manifest(manifest)
+    assert all(lay.method == "kivi" and lay.value_folded and lay.keys.segment == 16 for lay in plan.layers)
+    assert plan.recipe == "full-stack"
+    assert [LayerRecipe(lay.layer, lay.keys.rank, lay.values.rank) for lay in plan.layers] == [
+        LayerRecipe(e["layer"], e["rank_k"], e["rank_v"]) for e in manifest["layers"]]
