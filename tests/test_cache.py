@@ -474,6 +474,83 @@ def test_workspace_decode_matches_the_generic_path(request, tmp_path, one_thread
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+PINNED_CASES = {
+    "post-RoPE keys, 2 bits, LagKV": {
+        "lowrank": {"enabled": False, "head_group": 1},
+        "quant": {"enabled": True, "key_rope": "post", "avg_bits": 2.0, "group_size": 8, "residual_length": 8},
+        "lagkv": {"enabled": True, "sink_size": 2, "lag_size": 8, "keep_ratio": 0.5}},
+    "latent keys, 2/4 bits, LagKV": WORKSPACE_CASES["latent keys, 2/4 bits, LagKV"][1],
+}
+# Measured once with the code before attention read the cache through KVCompressLayer.step (issue 15):
+# per path, the bytes held after the prefill and after each decode step, and a checksum of each step's
+# last logits per sequence (the sum of their absolute values, to 4 decimals).
+PINNED = {
+    "post-RoPE keys, 2 bits, LagKV": {
+        "generic": (
+            [6912, 7344, 7776, 8208, 8640, 9072, 5856, 6288, 6720, 7152, 7584, 8016, 8448],
+            [[309.4987, 327.0008], [306.984, 310.6715], [315.1004, 323.8296], [320.4073, 316.7847],
+             [312.325, 320.9972], [299.1036, 322.354], [310.5233, 334.8519], [310.7939, 297.4538],
+             [307.9753, 332.0213], [306.1925, 306.6667], [327.5087, 304.1179], [317.6103, 296.4732],
+             [311.612, 301.8545]]),
+        "workspace": (
+            [6912, 7344, 7776, 8208, 8640, 9072, 5856, 6288, 6720, 7152, 7584, 8016, 8448],
+            [[309.4987, 327.0008], [306.984, 310.6715], [315.1004, 323.8296], [320.4073, 316.7847],
+             [312.325, 320.9972], [299.1036, 322.354], [310.5233, 334.8519], [310.7939, 297.4538],
+             [307.9753, 332.0213], [306.1925, 306.6667], [327.5087, 304.1179], [317.6103, 296.4732],
+             [311.612, 301.8545]]),
+        "fused": (
+            [6912, 7344, 7776, 8208, 8640, 9072, 5856, 6288, 6720, 7152, 7584, 8016, 8448],
+            [[309.4987, 327.0008], [306.984, 310.6714], [315.1004, 323.8297], [320.4074, 316.7847],
+             [312.325, 320.9972], [299.1037, 322.354], [310.5233, 334.8519], [310.794, 297.4539], [307.9753, 332.0214],
+             [306.1926, 306.6667], [327.5087, 304.1179], [317.6102, 296.4731], [311.612, 301.8543]]),
+    },
+    "latent keys, 2/4 bits, LagKV": {
+        "generic": (
+            [3968, 4216, 4464, 4712, 4960, 5208, 3728, 3976, 4224, 4472, 4720, 4968, 5216],
+            [[319.9252, 322.6584], [308.9794, 320.2127], [329.7211, 324.8302], [331.9688, 330.4743],
+             [315.429, 325.1989], [323.3205, 324.4868], [327.4768, 322.368], [311.2164, 335.15], [305.0268, 328.3104],
+             [303.7509, 331.0582], [326.3451, 322.1017], [314.4803, 336.9025], [326.3575, 304.6552]]),
+        "workspace": (
+            [3968, 4216, 4464, 4712, 4960, 5208, 3728, 3976, 4224, 4472, 4720, 4968, 5216],
+            [[319.9252, 322.6584], [308.9794, 320.2127], [329.7211, 324.8302], [331.9688, 330.4743],
+             [315.429, 325.1989], [323.3205, 324.4868], [327.4768, 322.368], [311.2164, 335.15], [305.0268, 328.3104],
+             [303.7509, 331.0582], [326.3451, 322.1017], [314.4803, 336.9025], [326.3575, 304.6552]]),
+    },
+}
+
+
+def _pinned_run(model, monkeypatch, path: str) -> tuple[list[int], list[list[float]]]:
+    """Prefill 20 tokens of two sequences, then decode 12 more on ``path``; bytes held and logit checksums."""
+    from kvcompress import attention
+    from kvcompress.kernels.decode_attention import decode_attention_triton
+
+    if path == "fused":
+        monkeypatch.setattr(attention, "FUSED_DEVICES", ("cpu",))
+        monkeypatch.setattr(attention, "decode_attention", decode_attention_triton)
+    ids = torch.randint(4, 300, (2, 32), generator=torch.Generator().manual_seed(11))
+    cache = kvcompress.make_cache(model)
+    held, sums = [], []
+    with torch.set_grad_enabled(path == "generic"):
+        for start, stop in [(0, 20), *((i, i + 1) for i in range(20, 32))]:
+            logits = model(input_ids=ids[:, start:stop], past_key_values=cache,
+                           position_ids=torch.arange(start, stop)[None]).logits
+            held.append(cache.kv_bytes())
+            sums.append(logits[:, -1].abs().sum(-1).tolist())
+    monkeypatch.undo()
+    return held, sums
+
+
+@pytest.mark.parametrize("case", list(PINNED_CASES))
+def test_lagkv_quantized_decode_is_pinned(llama_gqa, tmp_path, one_thread, monkeypatch, case):
+    # every decode path gives the logits and the bytes held that it gave before the cache layer took over
+    # its own eviction step: a block's queries see all of its tokens, and kv_bytes counts after eviction
+    model = _export(llama_gqa, tmp_path, **PINNED_CASES[case])
+    for path, (held, sums) in PINNED[case].items():
+        got_held, got_sums = _pinned_run(model, monkeypatch, path)
+        assert got_held == held, path
+        torch.testing.assert_close(torch.tensor(got_sums), torch.tensor(sums), rtol=1e-6, atol=1e-4, msg=path)
+
+
 def test_workspace_reuses_one_buffer_and_grows_by_doubling():
     from kvcompress.cache.workspace import Workspace
 
