@@ -20,7 +20,8 @@ from kvcompress.sources import open_source
 
 def _feed(layer: KVCompressLayer, total: int, block: int, d_k: int = 16, d_v: int = 8, heads: int = 2,
           batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream random K/V through ``layer`` the way attention does (update, then evict); return the inputs."""
+    """Stream random K/V through ``layer`` the way attention does (each update evicts after its read); return
+    the inputs."""
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(batch, heads, total, d_k, generator=g).to(dtype)
     values = torch.randn(batch, heads, total, d_v, generator=g).to(dtype)
@@ -28,7 +29,6 @@ def _feed(layer: KVCompressLayer, total: int, block: int, d_k: int = 16, d_v: in
         stop = min(total, start + block)
         layer.update(keys[:, :, start:stop], values[:, :, start:stop],
                      {"positions": torch.arange(start, stop).expand(batch, -1)})
-        layer.evict()
     return keys, values
 
 
@@ -176,6 +176,56 @@ def test_eviction_happens_before_quantization():
     assert torch.equal(layer.value_store.residual(), expected.half().float())
 
 
+def test_a_step_reads_every_new_token_and_evicts_after():
+    cfg = LagKVConfig(sink_size=2, lag_size=8, keep_ratio=0.5)
+    storage = LayerStorage(bits_k=2, bits_v=2, group_size=8, residual_length=8)
+    layer = KVCompressLayer(storage, cfg)
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 60, 16, generator=g), torch.randn(1, 2, 60, 16, generator=g)
+    keys, values, positions, valid = layer.update(k, v, {"positions": torch.arange(60)[None]})
+    assert keys.shape[-2] == values.shape[-2] == positions.shape[-1] == 60  # the block's queries see it all
+    assert valid is None
+    torch.testing.assert_close(keys, k, atol=0, rtol=2**-10)  # nothing was packed before: the 16-bit window
+    assert layer.stored_length == max_stored_tokens(60, cfg) < 60  # what it holds counts after eviction
+    assert layer.key_store.quantized_length == 24  # the settled 2 + 6 * 4 tokens, in whole blocks of 8
+    k2, v2 = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g)
+    packed = layer.step(k2, v2, torch.tensor([[60]]), layout="packed")
+    assert packed.keys.num_tokens == packed.values.num_tokens == 24
+    assert packed.keys.num_tokens + packed.key_residual.shape[-2] == max_stored_tokens(60, cfg) + 1
+    assert torch.equal(packed.key_residual[..., -1:, :], k2.half().float())
+
+
+def test_layers_offer_the_packed_layout_only_for_plain_kivi_stores_without_padding():
+    kivi = LayerStorage(bits_k=2, bits_v=4, group_size=8, residual_length=8)
+    assert KVCompressLayer(kivi).can_read("packed")
+    assert not KVCompressLayer().can_read("packed")  # dense stores
+    assert not KVCompressLayer(LayerStorage(bits_k=2, bits_v=2, method="decoquant")).can_read("packed")
+    assert not KVCompressLayer(LayerStorage(bits_k=(2, 4), bits_v=2, key_segment=8)).can_read("packed")
+    for layout in ("dense", "workspace"):
+        assert KVCompressLayer().can_read(layout) and KVCompressLayer(kivi).can_read(layout)
+    padded = KVCompressLayer(kivi)
+    padded.step(torch.randn(2, 1, 4, 8), torch.randn(2, 1, 4, 8), valid=torch.tensor([[0, 1, 1, 1], [1] * 4]).bool())
+    assert not padded.can_read("packed")
+    with pytest.raises(ValueError, match="KIVI"):
+        padded.step(torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8), layout="packed")
+
+
+def test_workspace_layout_reads_into_the_shared_buffers():
+    kivi = LayerStorage(bits_k=4, bits_v=4, group_size=4, residual_length=4)
+    cache = KVCompressCache([kivi, LayerStorage()])
+    k, v = torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    quantized = cache.layers[0].step(k, v, layout="workspace")
+    dense = cache.layers[1].step(k, v, layout="workspace")
+    assert quantized.workspace is dense.workspace is not None
+    assert quantized.keys.data_ptr() == quantized.workspace.take("keys", (1,), k.dtype, k.device).data_ptr()
+    assert dense.keys is k  # a dense store of the compute dtype is read as it is
+    assert torch.equal(quantized.keys, k.half().float())  # read before the step's flush: the 16-bit window
+    stored = cache.layers[0].key_store.read().clone()  # now 8 tokens packed, 2 in the window
+    again = cache.layers[0].step(k[..., :1, :], v[..., :1, :], layout="workspace")
+    assert torch.equal(again.keys[..., :10, :], stored)
+    assert cache.layers[0].step(k, v).workspace is None
+
+
 def test_lagkv_padding_tokens_are_evicted_first():
     cfg = LagKVConfig(sink_size=0, lag_size=8, keep_ratio=0.5)
     layer = KVCompressLayer(eviction=cfg)
@@ -184,7 +234,6 @@ def test_lagkv_padding_tokens_are_evicted_first():
     valid = torch.ones(2, 16, dtype=torch.bool)
     valid[1, :4] = False  # sequence 1 is left-padded by 4 tokens
     layer.update(k, v, {"positions": torch.arange(16).expand(2, -1), "valid": valid})
-    layer.evict()
     assert layer.stored_length == 12
     kept_first_chunk = layer.positions[1, 0, :4]
     assert torch.all(kept_first_chunk >= 4)  # the 4 padding tokens were the ones dropped
@@ -417,6 +466,32 @@ def test_packed_decode_kernel_matches_the_torch_path(llama_gqa, tmp_path, one_th
     assert len(calls) == 10 * model.config.num_hidden_layers
     for a, b in zip(torch_path, kernel_path, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_one_table_picks_the_decode_path(llama_gqa, tmp_path, one_thread, monkeypatch):
+    from kvcompress import attention
+
+    assert [path.name for path in attention.DECODE_PATHS] == ["fused", "workspace", "generic"]
+    assert attention.DECODE_PATHS[-1] is attention.GENERIC and all(path.when for path in attention.DECODE_PATHS)
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False, "head_group": 1},
+                    quant={"enabled": True, "key_rope": "post", "avg_bits": 2.0, "group_size": 8,
+                           "residual_length": 8})
+    attn, cache = model.model.layers[0].self_attn, kvcompress.make_cache(model)
+    layer, one, block = cache.layers[0], torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 3, 16)
+
+    def picked(q: torch.Tensor, valid: torch.Tensor | None = None, layer=layer) -> str:
+        return attn.decode_path(layer, q, valid).name
+
+    assert picked(block) == picked(one, layer=None) == picked(one, torch.ones(1, 1).bool()) == "generic"
+    with torch.no_grad():
+        assert picked(one) == "workspace"
+        assert picked(one.double()) == "generic"
+        monkeypatch.setattr(attention, "FUSED_DEVICES", ("cpu",))
+        assert picked(one) == "fused"
+        assert picked(one, layer=KVCompressLayer()) == "workspace"  # dense stores: nothing packed to read
+    assert picked(one) == "fused"  # gradients bar only the in-place workspace path
+    monkeypatch.undo()
+    assert picked(one) == "generic"
 
 
 WORKSPACE_CASES = {
