@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcompress.cache.quant import Packed, dequantize
-
-from .pack import load_dequant, plane_channels
+from .dispatch import Dispatch
+from .pack import Packed, dequantize, load_dequant, plane_channels
 
 _TARGET_PROGRAMS = 512  # enough chunk programs to fill a large GPU several times over
 _REGISTER_TILE = 4096  # elements of the [heads, tokens, dim] product held by one program
@@ -261,17 +260,5 @@ def decode_attention_triton(
     return out, lse
 
 
-def decode_attention(
-    q: torch.Tensor,
-    k: Packed | None,
-    v: Packed | None,
-    k_res: torch.Tensor,
-    v_res: torch.Tensor,
-    sm_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention over quantized and residual tokens: Triton on CUDA, torch otherwise.
-
-    See :func:`decode_attention_ref` for the arguments and outputs.
-    """
-    fn = decode_attention_triton if q.is_cuda else decode_attention_ref
-    return fn(q, k, v, k_res, v_res, sm_scale)
+decode_attention = Dispatch(decode_attention_triton, decode_attention_ref,
+                            "Decode attention over quantized and residual tokens.")

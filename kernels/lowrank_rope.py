@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import Dispatch
+
 _REGISTER_TILE = 4096  # elements of the [rows, rank, tokens] product held by one broadcast-sum program
 _DOT_MIN = 16  # smallest tl.dot block dim
 
@@ -241,11 +243,4 @@ def lowrank_rope_triton(latents: torch.Tensor, up: torch.Tensor, bias: torch.Ten
     return out
 
 
-def lowrank_rope(latents: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None,
-                 cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Rotated keys from latent keys: Triton on CUDA tensors, vectorized torch otherwise.
-
-    See :func:`lowrank_rope_ref` for the arguments and output.
-    """
-    fn = lowrank_rope_triton if latents.is_cuda else lowrank_rope_ref
-    return fn(latents, up, bias, cos, sin, head_dim)
+lowrank_rope = Dispatch(lowrank_rope_triton, lowrank_rope_ref, "Rotated keys from latent keys.")

@@ -11,7 +11,8 @@ dim into uint8 ``[..., T, nb]`` with ``nb = D * bits // 8`` bytes per token, in 
 goes to byte ``d % nb`` at bit offset ``bits * (d // nb)`` (channels ``0..nb-1`` in the low bits). One
 mask then gives ``nb`` consecutive channels; on the CPU one ``and`` unpacks every plane at once, each
 code left at its bit offset (:func:`plane_codes`). The Triton kernels and the decode-attention kernel
-read this layout directly.
+read this layout directly; :class:`Packed` holds one such tensor with its layout, :func:`dequantize`
+reads it back.
 
 Rounding: the minimum is rounded *down* and the scale *up* to float16, so every value of a group lies in
 ``[minimum, minimum + (2**bits - 1) * scale]`` and the reconstruction error is at most ``scale / 2`` (plus
@@ -22,11 +23,14 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
+
+from .dispatch import Dispatch
 
 Along = Literal["tokens", "channels"]
 
@@ -34,6 +38,46 @@ _BITS = (2, 4, 8)
 _REL = 2.0**-10  # one float16 ulp relative to the value (normal range)
 _TINY = 2.0**-24  # the smallest float16 subnormal
 _TILE = 4096  # elements per program in the quantize/dequantize kernels
+
+
+@dataclass
+class Packed:
+    """A quantized ``[..., T, D]`` tensor in this module's layout.
+
+    Attributes
+    ----------
+    codes
+        uint8 ``[..., T, nb]``, ``nb = D * bits // 8``: codes bit-packed along the last dim in bit planes
+        (channel ``d`` in byte ``d % nb`` at bit offset ``bits * (d // nb)``).
+    scale, minimum
+        float16 ``[..., T // group_size, D]`` for ``along="tokens"``, ``[..., T, D // group_size]`` for
+        ``along="channels"``.
+    bits
+        Code width: 2, 4 or 8.
+    group_size
+        Group extent along ``along``, exactly as used (it divides ``T`` or ``D``, see :func:`group_shape`).
+    along
+        ``"tokens"`` (keys, per-channel groups) or ``"channels"`` (values, per-token groups).
+    dim
+        ``D``, the unpacked last-dim size.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    bits: int
+    group_size: int
+    along: Along
+    dim: int
+
+    @property
+    def num_tokens(self) -> int:
+        """``T``, the number of tokens stored."""
+        return self.codes.shape[-2]
+
+    def nbytes(self) -> int:
+        """Exact storage in bytes of codes, scale and minimum."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
 
 
 def group_shape(
@@ -417,31 +461,26 @@ def unpack_dequantize_triton(
     return result if out is None or result is out else out.copy_(result)
 
 
-def quantize_pack(
-    x: torch.Tensor, bits: int, group_size: int, along: Along
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize and pack ``x``: Triton on CUDA tensors, vectorized torch otherwise.
+quantize_pack = Dispatch(quantize_pack_triton, quantize_pack_ref, "Quantize and pack ``x``.")
+unpack_dequantize = Dispatch(unpack_dequantize_triton, unpack_dequantize_ref, "Unpack and dequantize.")
 
-    See :func:`quantize_pack_ref` for the arguments and outputs.
+
+def dequantize(p: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reconstruct ``[..., T, D]`` as ``minimum + code * scale`` in ``dtype`` (:func:`unpack_dequantize`).
+
+    Parameters
+    ----------
+    p
+        A quantized tensor.
+    dtype
+        Output dtype.
+    out
+        Optional ``[..., T, D]`` tensor to write into, e.g. the front of a buffer that also takes the
+        residual window.
+
+    Returns
+    -------
+    torch.Tensor
+        The dequantized tensor.
     """
-    fn = quantize_pack_triton if x.is_cuda else quantize_pack_ref
-    return fn(x, bits, group_size, along)
-
-
-def unpack_dequantize(
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    minimum: torch.Tensor,
-    bits: int,
-    group_size: int,
-    along: Along,
-    dim: int,
-    dtype: torch.dtype,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Unpack and dequantize: Triton on CUDA tensors, vectorized torch otherwise.
-
-    See :func:`unpack_dequantize_ref` for the arguments and output.
-    """
-    fn = unpack_dequantize_triton if codes.is_cuda else unpack_dequantize_ref
-    return fn(codes, scale, minimum, bits, group_size, along, dim, dtype, out)
+    return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype, out)

@@ -15,19 +15,24 @@ Per head group of ``g`` KV heads (``G`` groups per layer):
   themselves, grouped per latent head. An orthogonal ``k_rot`` per KV head (QuaRot) may then turn both
   ``q`` and ``k`` after RoPE: ``(R q)ᵀ (R k) = qᵀ k``, and the cached ``R k`` has no outlier channels.
 
-Decode (one new token) on the CPU runs in the cache's reused workspace, one GEMM per stage
-(``kvcompress.latent_decode``). On CUDA, when the Triton decode-attention kernel covers the layout
-(post-RoPE keys, one latent per KV head, KIVI-packed K and V), it attends over the packed codes
-directly; everything else reads the cache in torch (de-quantize, reconstruct, attend).
+Each step hands the new latents to the cache layer (``kvcompress.cache.layer.KVCompressLayer.step``) and
+attends over what the layer gives back, in the layout the step's path asks for; the layer evicts on its
+own afterwards. :data:`DECODE_PATHS` is the one table of paths, consulted once per step: on CUDA the
+Triton decode-attention kernel attends over KIVI-packed codes directly where it covers the layout, on the
+CPU decode runs in the cache's reused workspace, one GEMM per stage (``kvcompress.latent_decode``), and
+everything else (prefill too) reads the cache dense in torch (de-quantize, reconstruct, attend).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from kvcompress import latent_decode
-from kvcompress.cache.store import QuantizedStore
+from kvcompress.cache.layer import DenseKV, KVCompressLayer, Layout, PackedKV
 from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
 from kvcompress.kernels.lowrank_rope import lowrank_rope, pair_order, pair_ordered_up, reconstruct, rope_pairs
@@ -152,25 +157,12 @@ class LatentAttention(nn.Module):
                 q = (q.reshape(b, self.num_kv_heads, -1, self.head_dim) @ rot.transpose(-1, -2)).view(q.shape)
             ck = ck.reshape(b, self.groups, t, -1)
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
-        decode = self._decode_path(layer, q) if layer is not None and t == 1 and valid is None else None
-        if decode is not None:
-            layer.update(ck, cv, {"positions": positions, "read": False})
-            out = decode(q, layer)
-            layer.evict()
-            return self._output(out.unsqueeze(2)), None
+        path = self.decode_path(layer, q, valid)
         if layer is not None:
-            ck, cv, stored_pos, stored_valid = layer.update(ck, cv, {"positions": positions, "valid": valid})
+            held = layer.step(ck, cv, positions, valid, path.reads)
         else:
-            stored_pos = positions.unsqueeze(1)
-            stored_valid = valid.unsqueeze(1) if valid is not None else None
-        if self.key_rope == "post":
-            kt = ck.view(b, self.groups, -1, self.head_group, self.head_dim).permute(0, 1, 3, 4, 2)
-        else:
-            kt, q = self.keys(ck, stored_pos), pair_order(q, self.head_dim)
-        out = latent_attention(q, kt, cv, stored_valid, self.scaling)
-        if layer is not None:
-            layer.evict()  # after attention: this block's queries have seen all of its tokens
-        return self._output(out), None
+            held = DenseKV(ck, cv, positions.unsqueeze(1), valid.unsqueeze(1) if valid is not None else None)
+        return self._output(path.attend(self, q, held)), None
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         """``o_proj`` of the attention-weighted value latents ``[B, Hq, T, r_v]``, through ``v_up`` if kept."""
@@ -182,39 +174,38 @@ class LatentAttention(nn.Module):
             out = (rows @ up).view(kv, b, -1, self.head_dim).transpose(0, 1)  # one GEMM per KV head
         return self.o_proj(out.reshape(b, self.num_heads, t, -1).transpose(1, 2).reshape(b, t, -1))
 
-    def _decode_path(self, layer, q: torch.Tensor):
-        """The one-token decode that reads this step's stores itself, or None for the generic path."""
-        if self._packed_decode_fits(layer, q):
-            return self._packed_decode
-        if self._latent_decode_fits(q):
-            return self._latent_decode
-        return None
+    def decode_path(self, layer: KVCompressLayer | None, q: torch.Tensor, valid: torch.Tensor | None
+                    ) -> DecodePath:
+        """The first entry of :data:`DECODE_PATHS` that fits this step; :data:`GENERIC` unless the step
+        decodes (a cache, one new token per sequence, no padding mask)."""
+        if layer is None or q.shape[2] != 1 or valid is not None:
+            return GENERIC
+        return next(path for path in DECODE_PATHS if path.fits(self, layer, q))
 
-    def _packed_decode_fits(self, layer, q: torch.Tensor) -> bool:
-        """Whether the fused decode kernel covers this step: CUDA, rotated full-width keys with one latent
-        per KV head (``key_rope = "post"``, ``head_group = 1``), both streams packed by KIVI grouping, and
-        no padding. Pre-RoPE latent keys need their reconstruction and RoPE fused in as well, which no
-        kernel does yet; they take the torch path."""
+    def _fused_fits(self, layer: KVCompressLayer, q: torch.Tensor) -> bool:
         return (q.device.type in FUSED_DEVICES and self.key_rope == "post" and self.head_group == 1
-                and layer.valid is None and type(layer.key_store) is QuantizedStore
-                and type(layer.value_store) is QuantizedStore)
+                and layer.can_read("packed"))
 
-    def _latent_decode_fits(self, q: torch.Tensor) -> bool:
-        """Whether the workspace decode path (``kvcompress.latent_decode``) takes this step: float32 on the
-        CPU, no gradients (it works in place), and no Qwen3 key norm between ``U_k`` and RoPE."""
+    def _workspace_fits(self, layer: KVCompressLayer, q: torch.Tensor) -> bool:
         return (q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
                 and self.k_norm is None)
 
-    def _latent_decode(self, q: torch.Tensor, layer) -> torch.Tensor:
-        """One query token against the layer's stores, through :func:`latent_decode`: ``[B, Hq, r_v]``."""
+    def _fused_decode(self, q: torch.Tensor, held: PackedKV) -> torch.Tensor:
+        """One query token against packed codes plus the 16-bit residual: ``[B, Hq, 1, r_v]``."""
+        out, _ = decode_attention(q[:, :, 0], held.keys, held.values, held.key_residual, held.value_residual,
+                                  self.scaling)
+        return out.to(q.dtype).unsqueeze(2)
+
+    def _workspace_decode(self, q: torch.Tensor, held: DenseKV) -> torch.Tensor:
+        """One query token against the layer's tokens in the workspace, through :func:`latent_decode`:
+        ``[B, Hq, 1, r_v]``."""
         q = q[:, :, 0]
         up_t = bias = phases = None
         if self.key_rope == "pre":
             q = pair_order(q, self.head_dim)
             up_t, bias = self._pair_ordered_up()
-            phases = rope_phases(self._rotary[0], layer.positions)
-        return latent_decode.latent_decode(q, layer.key_store, layer.value_store, layer.workspace,
-                                           self.scaling, self.head_group, up_t, bias, phases, layer.valid)
+            phases = rope_phases(self._rotary[0], held.positions)
+        return latent_decode.latent_decode(q, held, self.scaling, self.head_group, up_t, bias, phases).unsqueeze(2)
 
     def _pair_ordered_up(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:func:`pair_ordered_up` of ``U_k`` and the key bias, computed once and kept until the
@@ -226,12 +217,65 @@ class LatentAttention(nn.Module):
             self._up_cache = (key, up_t.contiguous(), bias)
         return self._up_cache[1], self._up_cache[2]
 
-    def _packed_decode(self, q: torch.Tensor, layer) -> torch.Tensor:
-        """One query token against packed codes plus the 16-bit residual: ``[B, Hq, r_v]``."""
-        keys, values = layer.key_store, layer.value_store
-        out, _ = decode_attention(q[:, :, 0], keys.packed, values.packed, keys.residual(), values.residual(),
-                                  self.scaling)
-        return out.to(q.dtype)
+    def _generic(self, q: torch.Tensor, held: DenseKV) -> torch.Tensor:
+        """The new tokens' queries against everything held, read dense: ``[B, Hq, T, r_v]``."""
+        b = q.shape[0]
+        if self.key_rope == "post":
+            kt = held.keys.view(b, self.groups, -1, self.head_group, self.head_dim).permute(0, 1, 3, 4, 2)
+        else:
+            kt, q = self.keys(held.keys, held.positions), pair_order(q, self.head_dim)
+        return latent_attention(q, kt, held.values, held.valid, self.scaling)
+
+
+@dataclass(frozen=True)
+class DecodePath:
+    """One way for :class:`LatentAttention` to attend in a step.
+
+    Attributes
+    ----------
+    name
+        Its name (tests check which path a step takes).
+    reads
+        The layout it asks the cache layer for (``kvcompress.cache.layer.Layout``).
+    when
+        The condition under which it is taken, and why.
+    fits
+        ``fits(attention, layer, q)``: whether the condition holds for this step.
+    attend
+        ``attend(attention, q, held)``: attention-weighted value latents ``[B, Hq, T, r_v]``.
+    """
+
+    name: str
+    reads: Layout
+    when: str
+    fits: Callable[[LatentAttention, KVCompressLayer, torch.Tensor], bool]
+    attend: Callable[[LatentAttention, torch.Tensor, DenseKV | PackedKV], torch.Tensor]
+
+
+GENERIC = DecodePath(
+    "generic", "dense",
+    "Everything else, and every step that is not a decode step (prefill, no cache, a padding mask): the "
+    "layer de-quantizes all it holds into fresh tensors, keys are reconstructed and rotated, then attended.",
+    lambda attention, layer, q: True, LatentAttention._generic)
+
+DECODE_PATHS: tuple[DecodePath, ...] = (
+    DecodePath(
+        "fused", "packed",
+        "On a device in FUSED_DEVICES (CUDA), with rotated full-width keys and one latent per KV head "
+        "(key_rope = 'post', head_group = 1), and a layer that holds both streams KIVI-packed with no padding: "
+        "the Triton kernel attends over the packed codes and the residual window without de-quantizing them "
+        "to memory. Pre-RoPE latent keys would need their reconstruction and RoPE fused in as well, which no "
+        "kernel does yet.",
+        LatentAttention._fused_fits, LatentAttention._fused_decode),
+    DecodePath(
+        "workspace", "workspace",
+        "float32 on the CPU, no gradients (it works in place), and no Qwen3 key norm between U_k and RoPE: "
+        "the layer de-quantizes into the cache's reused buffers and kvcompress.latent_decode runs one GEMM per "
+        "stage, with no buffer the size of the cache allocated per step.",
+        LatentAttention._workspace_fits, LatentAttention._workspace_decode),
+    GENERIC,
+)
+"""The decode paths, tried in order; the last (generic) always fits."""
 
 
 def rope_phases(rotary: nn.Module, positions: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Per layer and step, with ``S`` stored tokens and ``G`` latent groups of ``g`` KV heads (``rep`` query heads
 each):
 
-1. the key and value stores de-quantize into workspace buffers, ``[B, G, S, r_k]`` and ``[B, G, S, r_v]``;
+1. the cache layer de-quantizes its key and value stores into workspace buffers, ``[B, G, S, r_k]`` and
+   ``[B, G, S, r_v]`` (layout ``"workspace"`` of ``kvcompress.cache.layer.KVCompressLayer.step``);
 2. pre-RoPE latent keys become keys by one GEMM, ``K = c_k U_kᵀ (+ b_k)``, with ``U_k``'s rows in RoPE
    pair order, and turn in place by one complex multiply with ``e^{i n θ}`` at each stored position ``n``
    (``kvcompress.kernels.lowrank_rope`` has the math). Post-RoPE keys are read as stored;
@@ -23,17 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.cache.store import DenseStore
-from kvcompress.cache.workspace import Workspace
+from kvcompress.cache.layer import DenseKV
 from kvcompress.kernels.lowrank_rope import reconstruct
-
-
-def read_into(store, workspace: Workspace, name: str, like: torch.Tensor) -> torch.Tensor:
-    """Everything ``store`` holds, ``[B, H, S, D]`` in ``like``'s dtype: de-quantized into workspace
-    ``name`` (a dense store of that dtype is returned as it is)."""
-    if isinstance(store, DenseStore) and store.read().dtype == like.dtype:
-        return store.read()
-    return store.read(workspace.take(name, store.shape, like.dtype, like.device))
 
 
 def block_queries(q: torch.Tensor, groups: int, heads: int, scaling: float) -> torch.Tensor:
@@ -47,20 +39,19 @@ def block_queries(q: torch.Tensor, groups: int, heads: int, scaling: float) -> t
     return blocks.view(b, groups, heads * rep, heads * d)
 
 
-def latent_decode(q: torch.Tensor, keys, values, workspace: Workspace, scaling: float, heads: int,
+def latent_decode(q: torch.Tensor, held: DenseKV, scaling: float, heads: int,
                   up_t: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                  phases: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of one new token per sequence over a layer's stores (the new token already stored).
+                  phases: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one new token per sequence over everything a layer holds (the new token included).
 
     Parameters
     ----------
     q
         Rotated queries ``[B, Hq, d]``, float32; in RoPE pair order when keys are latents (``up_t``).
-    keys, values
-        The layer's key and value stores (``kvcompress.cache.store``): latents ``[B, G, S, r_k]`` (or
-        rotated keys ``[B, G, S, g·d]``) and value latents ``[B, G, S, r_v]``.
-    workspace
-        Scratch buffers shared by the cache's layers.
+    held
+        The layer's tokens read in layout ``"workspace"``: latents ``[B, G, S, r_k]`` (or rotated keys
+        ``[B, G, S, g·d]``), value latents ``[B, G, S, r_v]``, padding flags, and the workspace that takes
+        the rotated keys.
     scaling
         Multiplier of ``q · k``.
     heads
@@ -72,8 +63,6 @@ def latent_decode(q: torch.Tensor, keys, values, workspace: Workspace, scaling: 
         Key bias ``[G, 1, g·d]`` in pair order, or None.
     phases
         ``e^{i n θ}`` of each stored token, complex ``[B, 1 or G, S, d/2]`` (with ``up_t``).
-    valid
-        ``[B, 1 or G, S]`` bool padding flags of the stored tokens, or None.
 
     Returns
     -------
@@ -81,9 +70,9 @@ def latent_decode(q: torch.Tensor, keys, values, workspace: Workspace, scaling: 
         ``[B, Hq, r_v]`` attention-weighted value latents.
     """
     b, hq, d = q.shape
-    k = read_into(keys, workspace, "keys", q)
+    k, valid = held.keys, held.valid
     if up_t is not None:
-        out = workspace.take("rotated keys", (*k.shape[:-1], up_t.shape[-1]), q.dtype, q.device)
+        out = held.workspace.take("rotated keys", (*k.shape[:-1], up_t.shape[-1]), q.dtype, q.device)
         pairs = reconstruct(k, up_t, bias, d, out=out).view(*out.shape[:-1], heads, d // 2, 2)
         torch.view_as_complex(pairs).mul_(phases.unsqueeze(-2))
         k = out
@@ -92,5 +81,4 @@ def latent_decode(q: torch.Tensor, keys, values, workspace: Workspace, scaling: 
     if valid is not None:
         scores.masked_fill_(~valid.unsqueeze(-2), float("-inf"))
     probs = scores.softmax(dim=-1)
-    v = read_into(values, workspace, "values", q)
-    return (probs @ v).view(b, hq, v.shape[-1])
+    return (probs @ held.values).view(b, hq, held.values.shape[-1])

@@ -21,7 +21,8 @@ from kvcompress.sources import open_source
 
 def _feed(layer: KVCompressLayer, total: int, block: int, d_k: int = 16, d_v: int = 8, heads: int = 2,
           batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream random K/V through ``layer`` the way attention does (update, then evict); return the inputs."""
+    """Stream random K/V through ``layer`` the way attention does (each update evicts after its read); return
+    the inputs."""
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(batch, heads, total, d_k, generator=g).to(dtype)
     values = torch.randn(batch, heads, total, d_v, generator=g).to(dtype)
@@ -29,7 +30,6 @@ def _feed(layer: KVCompressLayer, total: int, block: int, d_k: int = 16, d_v: in
         stop = min(total, start + block)
         layer.update(keys[:, :, start:stop], values[:, :, start:stop],
                      {"positions": torch.arange(start, stop).expand(batch, -1)})
-        layer.evict()
     return keys, values
 
 
@@ -133,6 +133,14 @@ def test_channel_allocation_export_rotates_within_runs_and_stays_exact(llama_gqa
     assert torch.allclose(logits, llama_gqa.model(ids).logits, atol=1e-2)  # every token in the 16-bit window
 
 
+def _storage(bits_k=16, bits_v=16, group_size=32, residual_length=128, key_group_size=0, method="kivi",
+             key_segment=16):
+    """One layer's plan from the settings a layer stores by (the ranks play no part in a layer alone)."""
+    quant = Quant(enabled=True, method=method, group_size=group_size, key_group_size=key_group_size,
+                  residual_length=residual_length, segment=key_segment)
+    return layer_plan(LayerRecipe(0, 1, 1, bits_k if isinstance(bits_k, int) else list(bits_k), bits_v), quant)
+
+
 def _plan(*layers) -> Plan:
     """A one-group plan of these layer plans (what the memory formula reads)."""
     return Plan("llama", "float32", head_group=1, key_rope="pre", key_rotation=False, layers=layers, eviction=None)
@@ -177,6 +185,56 @@ def test_eviction_happens_before_quantization():
     assert torch.equal(layer.value_store.residual(), expected.half().float())
 
 
+def test_a_step_reads_every_new_token_and_evicts_after():
+    cfg = LagKV(sink_size=2, lag_size=8, keep_ratio=0.5)
+    storage = _storage(bits_k=2, bits_v=2, group_size=8, residual_length=8)
+    layer = KVCompressLayer(storage, cfg)
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 60, 16, generator=g), torch.randn(1, 2, 60, 16, generator=g)
+    keys, values, positions, valid = layer.update(k, v, {"positions": torch.arange(60)[None]})
+    assert keys.shape[-2] == values.shape[-2] == positions.shape[-1] == 60  # the block's queries see it all
+    assert valid is None
+    torch.testing.assert_close(keys, k, atol=0, rtol=2**-10)  # nothing was packed before: the 16-bit window
+    assert layer.stored_length == max_stored_tokens(60, cfg) < 60  # what it holds counts after eviction
+    assert layer.key_store.quantized_length == 24  # the settled 2 + 6 * 4 tokens, in whole blocks of 8
+    k2, v2 = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g)
+    packed = layer.step(k2, v2, torch.tensor([[60]]), layout="packed")
+    assert packed.keys.num_tokens == packed.values.num_tokens == 24
+    assert packed.keys.num_tokens + packed.key_residual.shape[-2] == max_stored_tokens(60, cfg) + 1
+    assert torch.equal(packed.key_residual[..., -1:, :], k2.half().float())
+
+
+def test_layers_offer_the_packed_layout_only_for_plain_kivi_stores_without_padding():
+    kivi = _storage(bits_k=2, bits_v=4, group_size=8, residual_length=8)
+    assert KVCompressLayer(kivi).can_read("packed")
+    assert not KVCompressLayer().can_read("packed")  # dense stores
+    assert not KVCompressLayer(_storage(bits_k=2, bits_v=2, method="decoquant")).can_read("packed")
+    assert not KVCompressLayer(_storage(bits_k=(2, 4), bits_v=2, key_segment=8)).can_read("packed")
+    for layout in ("dense", "workspace"):
+        assert KVCompressLayer().can_read(layout) and KVCompressLayer(kivi).can_read(layout)
+    padded = KVCompressLayer(kivi)
+    padded.step(torch.randn(2, 1, 4, 8), torch.randn(2, 1, 4, 8), valid=torch.tensor([[0, 1, 1, 1], [1] * 4]).bool())
+    assert not padded.can_read("packed")
+    with pytest.raises(ValueError, match="KIVI"):
+        padded.step(torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8), layout="packed")
+
+
+def test_workspace_layout_reads_into_the_shared_buffers():
+    kivi = _storage(bits_k=4, bits_v=4, group_size=4, residual_length=4)
+    cache = KVCompressCache([kivi, _storage()])
+    k, v = torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    quantized = cache.layers[0].step(k, v, layout="workspace")
+    dense = cache.layers[1].step(k, v, layout="workspace")
+    assert quantized.workspace is dense.workspace is not None
+    assert quantized.keys.data_ptr() == quantized.workspace.take("keys", (1,), k.dtype, k.device).data_ptr()
+    assert dense.keys is k  # a dense store of the compute dtype is read as it is
+    assert torch.equal(quantized.keys, k.half().float())  # read before the step's flush: the 16-bit window
+    stored = cache.layers[0].key_store.read().clone()  # now 8 tokens packed, 2 in the window
+    again = cache.layers[0].step(k[..., :1, :], v[..., :1, :], layout="workspace")
+    assert torch.equal(again.keys[..., :10, :], stored)
+    assert cache.layers[0].step(k, v).workspace is None
+
+
 def test_lagkv_padding_tokens_are_evicted_first():
     cfg = LagKV(sink_size=0, lag_size=8, keep_ratio=0.5)
     layer = KVCompressLayer(eviction=cfg)
@@ -185,7 +243,6 @@ def test_lagkv_padding_tokens_are_evicted_first():
     valid = torch.ones(2, 16, dtype=torch.bool)
     valid[1, :4] = False  # sequence 1 is left-padded by 4 tokens
     layer.update(k, v, {"positions": torch.arange(16).expand(2, -1), "valid": valid})
-    layer.evict()
     assert layer.stored_length == 12
     kept_first_chunk = layer.positions[1, 0, :4]
     assert torch.all(kept_first_chunk >= 4)  # the 4 padding tokens were the ones dropped
@@ -420,6 +477,32 @@ def test_packed_decode_kernel_matches_the_torch_path(llama_gqa, tmp_path, one_th
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_one_table_picks_the_decode_path(llama_gqa, tmp_path, one_thread, monkeypatch):
+    from kvcompress import attention
+
+    assert [path.name for path in attention.DECODE_PATHS] == ["fused", "workspace", "generic"]
+    assert attention.DECODE_PATHS[-1] is attention.GENERIC and all(path.when for path in attention.DECODE_PATHS)
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False, "head_group": 1},
+                    quant={"enabled": True, "key_rope": "post", "avg_bits": 2.0, "group_size": 8,
+                           "residual_length": 8})
+    attn, cache = model.model.layers[0].self_attn, kvcompress.make_cache(model)
+    layer, one, block = cache.layers[0], torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 3, 16)
+
+    def picked(q: torch.Tensor, valid: torch.Tensor | None = None, layer=layer) -> str:
+        return attn.decode_path(layer, q, valid).name
+
+    assert picked(block) == picked(one, layer=None) == picked(one, torch.ones(1, 1).bool()) == "generic"
+    with torch.no_grad():
+        assert picked(one) == "workspace"
+        assert picked(one.double()) == "generic"
+        monkeypatch.setattr(attention, "FUSED_DEVICES", ("cpu",))
+        assert picked(one) == "fused"
+        assert picked(one, layer=KVCompressLayer()) == "workspace"  # dense stores: nothing packed to read
+    assert picked(one) == "fused"  # gradients bar only the in-place workspace path
+    monkeypatch.undo()
+    assert picked(one) == "generic"
+
+
 WORKSPACE_CASES = {
     "latent keys, 2/4 bits, LagKV": ("llama_gqa", {
         "lowrank": {"target_ratio": 0.6, "head_group": 0},
@@ -473,6 +556,81 @@ def test_workspace_decode_matches_the_generic_path(request, tmp_path, one_thread
     assert len(calls) == 16 * model.config.num_hidden_layers
     for a, b in zip(generic, fast, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+PINNED_CASES = {
+    "post-RoPE keys, 2 bits, LagKV": {
+        "lowrank": {"enabled": False, "head_group": 1},
+        "quant": {"enabled": True, "key_rope": "post", "avg_bits": 2.0, "group_size": 8, "residual_length": 8},
+        "lagkv": {"enabled": True, "sink_size": 2, "lag_size": 8, "keep_ratio": 0.5}},
+    "latent keys, 2/4 bits, LagKV": WORKSPACE_CASES["latent keys, 2/4 bits, LagKV"][1],
+}
+# Measured once with the code before attention read the cache through KVCompressLayer.step (issue 15):
+# per path, the bytes held after the prefill and after each decode step, and a checksum of each step's
+# last logits per sequence (the sum of their absolute values, to 4 decimals).
+PINNED = {
+    "post-RoPE keys, 2 bits, LagKV": {
+        "generic": (
+            [6912, 7344, 7776, 8208, 8640, 9072, 5856, 6288, 6720, 7152, 7584, 8016, 8448],
+            [[309.5096, 327.0], [311.7906, 309.4414], [316.9357, 324.0138], [316.034, 317.4908], [315.6848, 321.059],
+             [292.9808, 321.7328], [311.6036, 334.4412], [301.0561, 315.3298], [309.191, 327.4086],
+             [304.0464, 309.9783], [323.8868, 306.3856], [310.0051, 309.6651], [314.7192, 309.0559]]),
+        "workspace": (
+            [6912, 7344, 7776, 8208, 8640, 9072, 5856, 6288, 6720, 7152, 7584, 8016, 8448],
+            [[309.5096, 327.0], [311.7906, 309.4414], [316.9357, 324.0138], [316.034, 317.4908], [315.6848, 321.059],
+             [292.9808, 321.7328], [311.6036, 334.4412], [301.0561, 315.3298], [309.191, 327.4086],
+             [304.0464, 309.9783], [323.8868, 306.3856], [310.0051, 309.6651], [314.7192, 309.0559]]),
+        "fused": (
+            [6912, 7344, 7776, 8208, 8640, 9072, 5856, 6288, 6720, 7152, 7584, 8016, 8448],
+            [[309.5096, 327.0], [311.7905, 309.4414], [316.9357, 324.0137], [316.034, 317.4908], [315.6847, 321.059],
+             [292.9808, 321.7328], [311.6036, 334.4411], [301.056, 315.3299], [309.1911, 327.4086],
+             [304.0464, 309.9784], [323.8868, 306.3856], [310.0052, 309.6651], [314.7191, 309.0559]]),
+    },
+    "latent keys, 2/4 bits, LagKV": {
+        "generic": (
+            [3968, 4216, 4464, 4712, 4960, 5208, 3728, 3976, 4224, 4472, 4720, 4968, 5216],
+            [[319.9252, 322.6584], [308.9794, 320.2127], [329.7211, 324.8302], [331.9688, 330.4743],
+             [315.429, 325.1989], [323.3205, 324.4868], [327.4768, 322.368], [311.2164, 335.15], [305.0268, 328.3104],
+             [303.7509, 331.0582], [326.3451, 322.1017], [314.4803, 336.9025], [326.3575, 304.6552]]),
+        "workspace": (
+            [3968, 4216, 4464, 4712, 4960, 5208, 3728, 3976, 4224, 4472, 4720, 4968, 5216],
+            [[319.9252, 322.6584], [308.9794, 320.2127], [329.7211, 324.8302], [331.9688, 330.4743],
+             [315.429, 325.1989], [323.3205, 324.4868], [327.4768, 322.368], [311.2164, 335.15], [305.0268, 328.3104],
+             [303.7509, 331.0582], [326.3451, 322.1017], [314.4803, 336.9025], [326.3575, 304.6552]]),
+    },
+}
+
+
+def _pinned_run(model, monkeypatch, path: str) -> tuple[list[int], list[list[float]]]:
+    """Prefill 20 tokens of two sequences, then decode 12 more on ``path``; bytes held and logit checksums."""
+    from kvcompress import attention
+    from kvcompress.kernels.decode_attention import decode_attention_triton
+
+    if path == "fused":
+        monkeypatch.setattr(attention, "FUSED_DEVICES", ("cpu",))
+        monkeypatch.setattr(attention, "decode_attention", decode_attention_triton)
+    ids = torch.randint(4, 300, (2, 32), generator=torch.Generator().manual_seed(11))
+    cache = kvcompress.make_cache(model)
+    held, sums = [], []
+    with torch.set_grad_enabled(path == "generic"):
+        for start, stop in [(0, 20), *((i, i + 1) for i in range(20, 32))]:
+            logits = model(input_ids=ids[:, start:stop], past_key_values=cache,
+                           position_ids=torch.arange(start, stop)[None]).logits
+            held.append(cache.kv_bytes())
+            sums.append(logits[:, -1].abs().sum(-1).tolist())
+    monkeypatch.undo()
+    return held, sums
+
+
+@pytest.mark.parametrize("case", list(PINNED_CASES))
+def test_lagkv_quantized_decode_is_pinned(llama_gqa, tmp_path, one_thread, monkeypatch, case):
+    # every decode path gives the logits and the bytes held that it gave before the cache layer took over
+    # its own eviction step: a block's queries see all of its tokens, and kv_bytes counts after eviction
+    model = _export(llama_gqa, tmp_path, **PINNED_CASES[case])
+    for path, (held, sums) in PINNED[case].items():
+        got_held, got_sums = _pinned_run(model, monkeypatch, path)
+        assert got_held == held, path
+        torch.testing.assert_close(torch.tensor(got_sums), torch.tensor(sums), rtol=1e-6, atol=1e-4, msg=path)
 
 
 def test_workspace_reuses_one_buffer_and_grows_by_doubling():

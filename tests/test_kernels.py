@@ -5,7 +5,9 @@ import os
 # The interpreter must be on before triton is imported: kernels are bound to a backend when defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import inspect
 import math
+import types
 
 import pytest
 import torch
@@ -20,10 +22,13 @@ from kvcompress.kernels.decode_attention import (
     decode_attention_ref,
     decode_attention_triton,
 )
+from kvcompress.kernels.dispatch import Dispatch
+from kvcompress.kernels.lowrank_rope import lowrank_rope, lowrank_rope_ref, lowrank_rope_triton
 from kvcompress.kernels.pack import (
     quantize_pack,
     quantize_pack_ref,
     quantize_pack_triton,
+    unpack_dequantize,
     unpack_dequantize_ref,
     unpack_dequantize_triton,
 )
@@ -45,6 +50,32 @@ def _input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     x[..., 0, :] = 0.0
     x[..., -1, :] = 0.75
     return x
+
+
+ENTRY_POINTS = [
+    (quantize_pack, quantize_pack_triton, quantize_pack_ref),
+    (unpack_dequantize, unpack_dequantize_triton, unpack_dequantize_ref),
+    (decode_attention, decode_attention_triton, decode_attention_ref),
+    (lowrank_rope, lowrank_rope_triton, lowrank_rope_ref),
+]
+
+
+@pytest.mark.parametrize(("entry", "triton_impl", "torch_impl"), ENTRY_POINTS, ids=lambda f: f.__name__)
+def test_every_entry_point_is_one_dispatch_with_its_twins_signature(entry, triton_impl, torch_impl) -> None:
+    assert isinstance(entry, Dispatch)
+    assert entry.triton is triton_impl and entry.torch is torch_impl
+    assert entry.__name__ == torch_impl.__name__.removesuffix("_ref") == triton_impl.__name__.removesuffix("_triton")
+    assert inspect.signature(entry) == inspect.signature(torch_impl)
+    assert "Triton on CUDA tensors" in entry.__doc__
+
+
+def test_dispatch_picks_by_the_first_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = Dispatch(lambda *a, **k: ("triton", a, k), lambda *a, **k: ("torch", a, k), "A kernel.")
+    cuda, cpu = types.SimpleNamespace(is_cuda=True), types.SimpleNamespace(is_cuda=False)
+    assert entry(cuda, cpu, out=1) == ("triton", (cuda, cpu), {"out": 1})
+    assert entry(cpu, cuda) == ("torch", (cpu, cuda), {})
+    monkeypatch.setattr(entry, "torch", lambda *a: "replaced")  # looked up at each call
+    assert entry(cpu) == "replaced"
 
 
 @pytest.mark.parametrize(("shape", "bits", "group", "along"), LAYOUTS)

@@ -170,7 +170,7 @@ def test_dispatch_uses_ref_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*_args, **_kwargs):
         raise AssertionError("the Triton kernel must not run on CPU tensors")
 
-    monkeypatch.setattr(module, "lowrank_rope_triton", fail)
+    monkeypatch.setattr(module.lowrank_rope, "triton", fail)
     got = lowrank_rope(*args)
     assert torch.equal(got, want)
     torch.testing.assert_close(forced, got, **_tolerance(want, torch.float32))
@@ -178,8 +178,8 @@ def test_dispatch_uses_ref_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_dispatch_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(module, "lowrank_rope_triton", lambda *a: calls.append("triton") or "t")
-    monkeypatch.setattr(module, "lowrank_rope_ref", lambda *a: calls.append("ref") or "r")
+    monkeypatch.setattr(module.lowrank_rope, "triton", lambda *a: calls.append("triton") or "t")
+    monkeypatch.setattr(module.lowrank_rope, "torch", lambda *a: calls.append("ref") or "r")
     assert lowrank_rope(types.SimpleNamespace(is_cuda=True), None, None, None, None, 8) == "t"
     assert lowrank_rope(types.SimpleNamespace(is_cuda=False), None, None, None, None, 8) == "r"
     assert calls == ["triton", "ref"]

@@ -5,22 +5,75 @@ width, pre-RoPE), the value features, and each stored token's RoPE position. Eac
 store (``kvcompress.cache.store``: dense, or packed low-bit codes plus an fp residual window); eviction
 is a per-layer policy that picks which fp tokens to keep. Tokens are evicted first and quantized only
 once the policy has settled them.
-Attention (``kvcompress.attention``) reads what the layer holds, so whatever the stores and the
-policy drop is really gone for later tokens.
+
+Attention (``kvcompress.attention``) talks to a layer through :meth:`KVCompressLayer.step`: it hands over
+the new tokens and asks for everything held in one :data:`Layout` (dense tensors, de-quantized into the
+shared workspace, or KIVI-packed codes plus the residual window, where :meth:`KVCompressLayer.can_read`
+says the layer has them). The layer then runs its own eviction step; what it holds afterwards is really
+gone for later tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcompress.cache.lagkv import compress_step, scored_chunks
-from kvcompress.cache.store import make_store
+from kvcompress.cache.quant import Packed
+from kvcompress.cache.store import DenseStore, QuantizedStore, make_store
 from kvcompress.cache.workspace import Workspace
 from kvcompress.plan import LayerPlan, layer_plan
 from kvcompress.recipe import LagKV, LayerRecipe, Quant
+
+Layout = Literal["dense", "workspace", "packed"]
+"""How :meth:`KVCompressLayer.step` hands out what a layer holds: ``"dense"`` and ``"workspace"`` give a
+:class:`DenseKV` (fresh tensors, or the cache's reused workspace buffers), ``"packed"`` a :class:`PackedKV`."""
+
+
+@dataclass(frozen=True)
+class DenseKV:
+    """Everything a layer holds, de-quantized, new tokens last.
+
+    Attributes
+    ----------
+    keys, values
+        ``[B, H, S, Dk]`` and ``[B, H, S, Dv]`` in the dtype of the stored tokens.
+    positions
+        ``[B, 1 or H, S]`` int32 RoPE positions.
+    valid
+        ``[B, 1 or H, S]`` bool padding flags, or None when no padding was ever stored.
+    workspace
+        For layout ``"workspace"``: the buffers ``keys`` and ``values`` lie in, from which the rest of this
+        step may take more (under other names); None for ``"dense"``.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor | None
+    workspace: Workspace | None = None
+
+
+@dataclass(frozen=True)
+class PackedKV:
+    """Everything a layer holds in KIVI layout: packed codes first, then the 16-bit residual window.
+
+    Attributes
+    ----------
+    keys, values
+        Packed keys (``along="tokens"``) and values (``along="channels"``), or both None while nothing is
+        packed.
+    key_residual, value_residual
+        ``[B, H, Tr, Dk]`` and ``[B, H, Tr, Dv]``: the tokens after the packed ones, in the compute dtype.
+    """
+
+    keys: Packed | None
+    values: Packed | None
+    key_residual: torch.Tensor
+    value_residual: torch.Tensor
 
 
 class KVCompressLayer(CacheLayerMixin):
@@ -34,10 +87,11 @@ class KVCompressLayer(CacheLayerMixin):
     plan : LayerPlan, optional
         Bits and quantization settings of both streams (default: dense, not quantized).
     eviction : LagKV, optional
-        LagKV settings; eviction runs in :meth:`evict`, which attention calls *after* reading the cache,
-        so a block's own queries still see every token of the block. Selection is per sequence and per
-        latent head; each kept token keeps its original RoPE position, and keys are rotated at those
-        positions when read, so positions stay true after eviction.
+        LagKV settings; eviction is the last part of each :meth:`step`, *after* the read it returns, so a
+        block's own queries still see every token of the block, and everything that reports what the
+        layer holds (:meth:`kv_bytes`, :attr:`stored_length`) counts after eviction. Selection is per
+        sequence and per latent head; each kept token keeps its original RoPE position, and keys are
+        rotated at those positions when read, so positions stay true after eviction.
     workspace : Workspace, optional
         Scratch buffers for decode, shared by all layers of a cache (default: this layer's own).
     """
@@ -64,22 +118,57 @@ class KVCompressLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store new key/value features; ``cache_kwargs`` carries ``positions``, ``valid`` and ``read``
-        (default True; False skips de-quantizing the stores for the returned keys and values).
+        """transformers' layer API: :meth:`step` in layout ``"dense"``; ``cache_kwargs`` may carry
+        ``positions`` and ``valid``.
 
         Returns
         -------
         tuple
-            ``(keys, values, positions, valid)`` of everything held, new tokens last.
+            ``(keys, values, positions, valid)`` of everything held before this step's eviction, new tokens
+            last.
         """
         cache_kwargs = (args[0] if args else kwargs.get("cache_kwargs")) or {}
+        held = self.step(key_states, value_states, cache_kwargs.get("positions"), cache_kwargs.get("valid"))
+        return held.keys, held.values, held.positions, held.valid
+
+    def can_read(self, layout: Layout) -> bool:
+        """Whether :meth:`step` can hand out this layer's tokens in ``layout``.
+
+        ``"dense"`` and ``"workspace"`` always; ``"packed"`` when both streams are plain KIVI stores (not
+        DecoQuant cores nor channel runs of several widths) and no padding flags are stored, which is what
+        the fused decode kernel reads.
+        """
+        if layout == "packed":
+            stores = (self.key_store, self.value_store)
+            return self.valid is None and all(type(store) is QuantizedStore for store in stores)
+        return layout in ("dense", "workspace")
+
+    def step(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None,
+             valid: torch.Tensor | None = None, layout: Layout = "dense") -> DenseKV | PackedKV:
+        """Store new key/value features, read everything held in ``layout``, then evict.
+
+        Parameters
+        ----------
+        key_states, value_states
+            New features ``[B, H, T, Dk]`` and ``[B, H, T, Dv]``.
+        positions
+            ``[B, T]`` RoPE positions of the new tokens (default: counting on from the tokens seen).
+        valid
+            ``[B, T]`` bool padding flags of the new tokens, or None.
+        layout
+            What to hand out; ``"packed"`` only where :meth:`can_read` allows it.
+
+        Returns
+        -------
+        DenseKV | PackedKV
+            Everything held with the new tokens last, read *before* this step's eviction (which replaces
+            the stores' tensors rather than changing them, so the read stays as it was).
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, _, t, _ = key_states.shape
-        positions = cache_kwargs.get("positions")
         if positions is None:
             positions = torch.arange(self.seen, self.seen + t, device=key_states.device).expand(b, t)
-        valid = cache_kwargs.get("valid")
         self.key_store.append(key_states)
         self.value_store.append(value_states)
         self.positions = _cat(self.positions, positions.reshape(b, 1, t).to(torch.int32))
@@ -90,18 +179,28 @@ class KVCompressLayer(CacheLayerMixin):
                 old = torch.ones(b, 1, self.stored_length - t, dtype=torch.bool, device=new_valid.device)
             self.valid = _cat(old, new_valid.reshape(b, 1, t))
         self.seen += t
-        if not cache_kwargs.get("read", True):  # the caller reads the stores itself (packed decode)
-            return None, None, self.positions, self.valid
-        return self.key_store.read(), self.value_store.read(), self.positions, self.valid
+        held = self._read(layout, key_states)
+        self._evict()
+        return held
 
-    def evict(self) -> None:
+    def _read(self, layout: Layout, like: torch.Tensor) -> DenseKV | PackedKV:
+        keys, values = self.key_store, self.value_store
+        if layout == "packed":
+            if not self.can_read("packed"):
+                raise ValueError("this layer's stores are not both plain KIVI stores without padding")
+            return PackedKV(keys.packed, values.packed, keys.residual(), values.residual())
+        if layout == "workspace":
+            return DenseKV(_read_into(keys, self.workspace, "keys", like),
+                           _read_into(values, self.workspace, "values", like), self.positions, self.valid,
+                           self.workspace)
+        return DenseKV(keys.read(), values.read(), self.positions, self.valid)
+
+    def _evict(self) -> None:
         """Apply the eviction policy to the fp tokens, then quantize whatever is settled.
 
         Without a policy every stored token is settled. LagKV scores each chunk against the next and
         settles the chunks it has compressed; only those may be quantized ("evict before quantizing").
         """
-        if self.positions is None:
-            return
         if self.eviction is not None:
             self._lagkv()
         else:
@@ -165,6 +264,14 @@ class KVCompressLayer(CacheLayerMixin):
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
         if self.valid is not None:
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+
+
+def _read_into(store, workspace: Workspace, name: str, like: torch.Tensor) -> torch.Tensor:
+    """Everything ``store`` holds, ``[B, H, S, D]`` in ``like``'s dtype: de-quantized into workspace
+    ``name`` (a dense store of that dtype is returned as it is)."""
+    if isinstance(store, DenseStore) and store.read().dtype == like.dtype:
+        return store.read()
+    return store.read(workspace.take(name, store.shape, like.dtype, like.device))
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:

@@ -9,57 +9,20 @@ Every group stores a float16 ``minimum`` and ``scale``; an element is ``minimum 
 ``bits``-wide code (2, 4 or 8). The minimum is rounded down and the scale up to float16, and codes are
 computed from those stored values, so ``|dequantize(quantize(x)) - x| <= scale / 2`` up to float32
 rounding. Constant groups whose value is a float16 number get ``scale == 0`` and are reproduced exactly.
-The storage layout and kernels live in :mod:`kvcompress.kernels.pack`.
+The storage layout (:class:`Packed`), :func:`dequantize` and the kernels live in :mod:`kvcompress.kernels.pack`
+and are imported from there; this module adds the grouping policy (:func:`effective_group`), :func:`quantize`
+and :func:`cat`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from kvcompress.kernels.pack import Along, quantize_pack, unpack_dequantize
+from kvcompress.kernels.pack import Along, Packed, dequantize, quantize_pack
 
-
-@dataclass
-class Packed:
-    """A quantized ``[..., T, D]`` tensor.
-
-    Attributes
-    ----------
-    codes
-        uint8 ``[..., T, nb]``, ``nb = D * bits // 8``: codes bit-packed along the last dim in bit planes
-        (channel ``d`` in byte ``d % nb`` at bit offset ``bits * (d // nb)``).
-    scale, minimum
-        float16 ``[..., T // group_size, D]`` for ``along="tokens"``, ``[..., T, D // group_size]`` for
-        ``along="channels"``.
-    bits
-        Code width: 2, 4 or 8.
-    group_size
-        Group extent along ``along`` (for channels, the effective group; see :func:`effective_group`).
-    along
-        ``"tokens"`` (keys, per-channel groups) or ``"channels"`` (values, per-token groups).
-    dim
-        ``D``, the unpacked last-dim size.
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    minimum: torch.Tensor
-    bits: int
-    group_size: int
-    along: Along
-    dim: int
-
-    @property
-    def num_tokens(self) -> int:
-        """``T``, the number of tokens stored."""
-        return self.codes.shape[-2]
-
-    def nbytes(self) -> int:
-        """Exact storage in bytes of codes, scale and minimum."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
+__all__ = ["Packed", "cat", "dequantize", "effective_group", "quantize"]
 
 
 def effective_group(dim: int, group_size: int) -> int:
@@ -114,27 +77,6 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, along: Along) -> Packe
         group_size = effective_group(x.shape[-1], group_size)
     codes, scale, minimum = quantize_pack(x, bits, group_size, along)
     return Packed(codes, scale, minimum, bits, group_size, along, x.shape[-1])
-
-
-def dequantize(p: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Reconstruct ``[..., T, D]`` as ``minimum + code * scale`` in ``dtype``.
-
-    Parameters
-    ----------
-    p
-        A quantized tensor.
-    dtype
-        Output dtype.
-    out
-        Optional ``[..., T, D]`` tensor to write into, e.g. the front of a buffer that also takes the
-        residual window.
-
-    Returns
-    -------
-    torch.Tensor
-        The dequantized tensor.
-    """
-    return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype, out)
 
 
 def cat(blocks: Sequence[Packed]) -> Packed:
