@@ -320,6 +320,33 @@ def test_analyze_cli_writes_a_loadable_recipe(llama_gqa, tmp_path):
     assert [(lay.rank_k, lay.rank_v) for lay in rec.layers] == [(8, 8)] * 3  # 0.25 * 16 = 4 -> one step of 8
 
 
+def test_analyze_cli_avg_bits_turns_quantization_on(llama_gqa, tmp_path):
+    out = tmp_path / "r.toml"
+    res = run_cli("analyze", llama_gqa.path, "--avg-bits", "3", "--svd", "weight", "--no-sensitivity", "-o", out)
+    assert res.exit_code == 0, res.stderr
+    rec = recipe_from_dict(tomllib.loads(out.read_text()))
+    assert rec.quant.enabled and rec.quant.avg_bits == 3.0
+    assert sorted({lay.bits_k for lay in rec.layers} | {lay.bits_v for lay in rec.layers}) == [2, 4]
+
+
+def test_analyze_skips_sensitivity_when_every_stream_gets_the_average(llama_gqa, monkeypatch):
+    import kvcompress.analysis.analyze as analyze_mod
+
+    def no_model(_source):
+        raise AssertionError("the sensitivity pass loaded the model")
+
+    monkeypatch.setattr(analyze_mod, "load_full", no_model)
+    source = open_source(llama_gqa.path)
+    rec = _small_calibration(Recipe())
+    rec.quant.enabled, rec.quant.avg_bits, rec.quant.group_size, rec.quant.residual_length = True, 4.0, 8, 16
+    result = analyze_mod.analyze(source, source.tokenizer(), rec, sensitivity=True)
+    assert result.sensitivity_method.startswith("not needed")
+    assert all(lay.bits_k == lay.bits_v == 4 for lay in rec.layers)
+    rec.quant.avg_bits = 3.0  # a mix of widths: now the sensitivity decides, and needs the model
+    with pytest.raises(AssertionError, match="loaded the model"):
+        analyze_mod.analyze(source, source.tokenizer(), rec, sensitivity=True)
+
+
 def test_analyze_cli_bad_head_group_is_one_line(llama_gqa):
     assert_one_line_error(run_cli("analyze", llama_gqa.path, "--head-group", "3", "--no-sensitivity"),
                           "head_group 3")

@@ -364,6 +364,20 @@ def test_interrupt_while_writing_manifest_leaves_nothing(llama_gqa, tmp_path, mo
     assert not out.exists() and _leftovers(out) == []
 
 
+def test_exported_files_are_readable_by_everyone(llama_gqa, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        export(open_source(llama_gqa.path), out, _recipe(0.5, "weight"), dtype="float32")
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
 def test_export_refuses_to_overwrite_without_force(llama_gqa, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
