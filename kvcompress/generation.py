@@ -107,8 +107,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
         seconds=seconds,
         tokens_per_second=new.numel() / seconds,
         held_tokens=held,
-        window_tokens=max((layer.stored_length - layer.key_store.quantized_length for layer in cache.layers
-                           if layer.plan.keys.quantized), default=0),
+        window_tokens=max(layer.window_length for layer in cache.layers),
         kv_bytes=cache.kv_bytes(),
         kv_bytes_fp16=cache.get_seq_length() * baseline_bytes_per_token(spec),
     )

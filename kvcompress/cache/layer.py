@@ -238,6 +238,11 @@ class KVCompressLayer(CacheLayerMixin):
         """Tokens held."""
         return 0 if self.positions is None else self.positions.shape[-1]
 
+    @property
+    def window_length(self) -> int:
+        """Held keys not yet quantized: the 16-bit residual window of a quantized layer (0 for a dense one)."""
+        return self.stored_length - self.key_store.quantized_length if self.plan.keys.quantized else 0
+
     def get_seq_length(self) -> int:
         return self.seen
 
