@@ -23,8 +23,9 @@ class Dispatch:
     triton
         The Triton implementation.
     torch
-        Its plain-torch twin, taking the same arguments and returning the same outputs; its name ends in
-        ``_ref``, which the entry point's name drops.
+        Its plain-torch twin, taking the same arguments and returning the same outputs (the Triton side may
+        add keyword-only tuning options, such as ``split_size``, that the twin does not take); its name
+        ends in ``_ref``, which the entry point's name drops.
     summary
         The entry point's one-line description; its docstring adds the dispatch rule and points to the
         twin for the arguments and outputs.

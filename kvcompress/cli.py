@@ -21,9 +21,16 @@ from typer.core import TyperGroup
 
 from kvcompress.cache.channels import describe
 from kvcompress.errors import KVCompressError
-from kvcompress.recipe import DEFAULT_RECIPE, shipped_recipe_names
+from kvcompress.recipe import DEFAULT_RECIPE, LowRank, Quant, shipped_recipe_names
 
 INSPECT_CONTEXT = 2048  # tokens at which `inspect` reports bytes per token
+
+
+def _default(name: str, section: object = LowRank()) -> str:
+    """``[default: the recipe's; X]``, X read from the recipe section's own default."""
+    return f"[default: the recipe's; {getattr(section, name)}]"
+
+
 SHIPPED = "shipped: " + ", ".join(shipped_recipe_names())
 
 # typer raises click's exceptions (its own vendored copy in newer releases): find the base class through
@@ -84,17 +91,22 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_interrupted(signum: int, _frame) -> None:
+    for sig in _STOPS:  # the cleanup that follows must not be cut short by a second stop
+        signal.signal(sig, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
 @contextlib.contextmanager
 def _signals_interrupt():
-    """Turn SIGTERM and SIGHUP into :class:`Interrupted` while a command runs (main thread only)."""
+    """Turn Ctrl-C, SIGTERM and SIGHUP into :class:`Interrupted` while a command runs (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    before = {sig: signal.signal(sig, _raise_interrupted) for sig in _STOPS}
     try:
         yield
     finally:
@@ -152,22 +164,22 @@ def analyze(
     recipe: Annotated[str | None, typer.Option(help=f"Recipe file or shipped recipe name to fill in "
                                                     f"({SHIPPED}).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the filled recipe here.")] = None,
-    svd: Annotated[str | None, typer.Option(help="whitened | weight [default: the recipe's; whitened]")] = None,
+    svd: Annotated[str | None, typer.Option(help=f"whitened | weight {_default('svd')}")] = None,
     schedule: Annotated[str | None, typer.Option(
-        help="progressive | uniform | energy | greedy [default: the recipe's; greedy]")] = None,
+        help=f"progressive | uniform | energy | greedy {_default('schedule')}")] = None,
     target_ratio: Annotated[float | None, typer.Option(
-        help="Mean kept K/V width, in (0, 1] [default: the recipe's; 0.5]")] = None,
+        help=f"Mean kept K/V width, in (0, 1] {_default('target_ratio')}")] = None,
     energy: Annotated[float | None, typer.Option(
-        help="Spectrum energy kept by --schedule energy [default: the recipe's; 0.95]")] = None,
+        help=f"Spectrum energy kept by --schedule energy {_default('energy')}")] = None,
     head_group: Annotated[int | None, typer.Option(
-        help="KV heads per latent; 0 = all, 1 = per head [default: the recipe's; 0]")] = None,
+        help=f"KV heads per latent; 0 = all, 1 = per head {_default('head_group')}")] = None,
     rank_multiple: Annotated[int | None, typer.Option(
-        help="Round ranks to this multiple [default: the recipe's; 8]")] = None,
+        help=f"Round ranks to this multiple {_default('rank_multiple')}")] = None,
     avg_bits: Annotated[float | None, typer.Option(
-        help="Average K/V bits; turns quantization on [default: the recipe's; 3, off]")] = None,
+        help=f"Average K/V bits; turns quantization on {_default('avg_bits', Quant())}")] = None,
     allocation: Annotated[str | None, typer.Option(
         help="Bits per stream | per channel segment: stream | channels; turns quantization on "
-             "[default: the recipe's; stream]")] = None,
+             f"{_default('allocation', Quant())}")] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text file (never the eval text).")] = None,
     context: Annotated[int, typer.Option(help="Context at which KV bytes/token are reported.")] = 2048,
     sensitivity: Annotated[bool, typer.Option(help="Measure per-layer KL sensitivity for bits.")] = True,
@@ -290,9 +302,12 @@ def generate(
             raise KVCompressError(f"prompt file not found: {prompt_file}")
         prompt = prompt_file.read_text()
     model, tokenizer = load(checkpoint)
-    if not as_json:  # the prompt, dimmed, so the streamed text continues it
-        out.print(escape(prompt), style="dim", end="\n" if chat else "", highlight=False, soft_wrap=True)
-    report = run_generate(model, tokenizer, prompt, max_new_tokens, temperature, seed, chat, stream=not as_json)
+
+    def echo(text: str) -> None:  # the prompt, dimmed, so the streamed text continues it
+        out.print(escape(text), style="dim", end="\n" if chat else "", highlight=False, soft_wrap=True)
+
+    report = run_generate(model, tokenizer, prompt, max_new_tokens, temperature, seed, chat, stream=not as_json,
+                          echo=None if as_json else echo)
     if as_json:
         emit_json(report.to_json())
         return
@@ -446,7 +461,6 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Baseline vs recipes: KV bytes, perplexity, passkey, prefill and decode speed; results.json/.md, plots."""
-    from rich.markup import escape
 
     from kvcompress.evaluate.bench import BenchSettings, check_settings, markdown_table
     from kvcompress.evaluate.bench import bench as run_bench

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import signal
+import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from kvcompress.analysis.svd import GroupSVD, whitening_factor
 from kvcompress.cache.channels import bit_runs
 from kvcompress.errors import KVCompressError
 from kvcompress.manifest import write_manifest
-from kvcompress.plan import Plan, StreamPlan, build_plan
+from kvcompress.plan import Plan, StreamPlan, build_plan, check_dtype
 from kvcompress.recipe import Recipe
 from kvcompress.sources import Source, attn_prefix, sha256_file
 
@@ -207,11 +208,13 @@ def export(
     if out.exists() and not force:
         raise KVCompressError(f"{out} exists; pass --force to replace it")
     dtype, dtype_reason = (dtype, "as asked") if dtype else source.default_dtype()
+    check_dtype(dtype)  # before any calibration or SVD
     tick = progress or (lambda *_: None)
     tokenizer = source.tokenizer()
     svds = None
     if not recipe.layers:  # its calibration and SVDs serve the factorization below
-        svds = analyze(source, tokenizer, recipe, sensitivity=recipe.quant.enabled, progress=progress).svds
+        svds = analyze(source, tokenizer, recipe, sensitivity=recipe.quant.enabled, progress=progress,
+                       keep_svds=True).svds
     plan = build_plan(recipe, spec, dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,13 +235,12 @@ def export(
 
 
 def _readable_by_all(folder: Path) -> None:
-    """Give every file the mode a new file gets (0644 under the usual umask): safetensors writes 0600 and
-    copies keep a read-only source's mode."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Give every file the mode ``config.json`` got as a new file (0644 under the usual umask): safetensors
+    writes 0600 and copies keep a read-only source's mode."""
+    mode = stat.S_IMODE((folder / "config.json").stat().st_mode)
     for p in folder.rglob("*"):
         if p.is_file():
-            p.chmod(0o666 & ~umask)
+            p.chmod(mode)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -247,13 +249,18 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         tmp.rename(out)
         return
     trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    out.rename(trash)
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # a stop arrives after the swap, not inside it
     try:
-        tmp.rename(out)
-    except BaseException:
-        trash.rename(out)
-        raise
-    shutil.rmtree(trash)
+        out.rename(trash)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            trash.rename(out)
+            raise
+        shutil.rmtree(trash)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _write(source: Source, folder: Path, recipe: Recipe, plan: Plan, shard_bytes: int, tokenizer,

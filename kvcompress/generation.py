@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,7 +53,8 @@ def check_settings(max_new_tokens: int, temperature: float) -> None:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int = 0, chat: bool = False, stream: bool = False) -> GenerationReport:
+             seed: int = 0, chat: bool = False, stream: bool = False,
+             echo: Callable[[str], None] | None = None) -> GenerationReport:
     """Generate from ``prompt`` with a kvcompress cache.
 
     Parameters
@@ -69,6 +71,8 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
         Sampling seed.
     stream : bool
         Print tokens to stdout as they are generated.
+    echo : callable, optional
+        Called with the prompt once it is checked, just before generation starts.
 
     Raises
     ------
@@ -77,6 +81,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
         with ``max_new_tokens`` does not fit in the model's positions.
     """
     check_settings(max_new_tokens, temperature)
+    user_prompt = prompt
     if chat:
         if not tokenizer.chat_template:
             raise KVCompressError("this model's tokenizer has no chat template; drop --chat")
@@ -88,6 +93,8 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
     if ids.input_ids.shape[1] + max_new_tokens > positions:
         raise KVCompressError(f"the prompt ({ids.input_ids.shape[1]} tokens) and --max-new-tokens "
                               f"{max_new_tokens} exceed the model's {positions} positions")
+    if echo is not None:
+        echo(user_prompt)
     cache = make_cache(model)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}

@@ -16,7 +16,7 @@ from kvcompress.cache.layer import KVCompressCache
 from kvcompress.compat import CACHE_ARG, pop_cache
 from kvcompress.errors import KVCompressError
 from kvcompress.manifest import read_config, read_manifest
-from kvcompress.plan import DTYPES, Plan
+from kvcompress.plan import Plan, check_dtype
 from kvcompress.skeleton import hf_config, rotary, skeleton
 from kvcompress.sources import ModelSpec
 
@@ -142,8 +142,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     manifest = read_manifest(folder, verify=verify)
     plan = Plan.from_manifest(manifest)
     shards = sorted(folder.glob("*.safetensors"))  # read_manifest refused a folder without any
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise KVCompressError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if isinstance(dtype, str):
+        check_dtype(dtype)
     raw_config = read_config(folder)
     config = hf_config(raw_config)
     model = skeleton(config)
@@ -173,8 +173,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         raise KVCompressError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[0]}")
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
-    target = getattr(torch, dtype) if isinstance(dtype, str) else dtype or compute_dtype(
-        plan.dtype, "cuda" if device_map is not None else device)
+    placed = device if device_map is None else "cpu" if device_map == "cpu" else "cuda"  # the dtype's device
+    target = getattr(torch, dtype) if isinstance(dtype, str) else dtype or compute_dtype(plan.dtype, placed)
     model.to(target)
     model.model.rotary_emb.inv_freq = rotary(model).inv_freq  # RoPE frequencies stay float32
     if device_map is not None:

@@ -18,15 +18,22 @@ the defaults of their time (``method`` KIVI, ``value_folded`` true, ``key_segmen
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from kvcompress.cache.decoquant import check_core
 from kvcompress.errors import KVCompressError
-from kvcompress.recipe import LagKV, LayerRecipe, Quant, Recipe
+from kvcompress.recipe import QUANT_METHODS, LagKV, LayerRecipe, Quant, Recipe
 from kvcompress.sources import ModelSpec
 
 DTYPES = ("float16", "bfloat16", "float32")
 DENSE = 16  # bits of a stream that is not quantized
+
+
+def check_dtype(dtype: str) -> str:
+    """``dtype`` if it is a checkpoint dtype kvcompress writes and reads; else :class:`KVCompressError`."""
+    if dtype not in DTYPES:
+        raise KVCompressError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -120,9 +127,9 @@ class Plan:
         """
         try:
             eviction = manifest.get("eviction")
-            return cls(
+            plan = cls(
                 model_type=str(manifest["model_type"]),
-                dtype=str(manifest["dtype"]),
+                dtype=check_dtype(manifest["dtype"]),
                 head_group=int(manifest["head_group"]),
                 key_rope=str(manifest.get("key_rope", "pre")),
                 key_rotation=bool(manifest.get("key_rotation", False)),
@@ -132,8 +139,12 @@ class Plan:
                 recipe=str(manifest.get("recipe") if isinstance(manifest.get("recipe"), str)
                            else (manifest.get("recipe") or {}).get("name", "")),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise KVCompressError(f"corrupt manifest: bad or missing field {e}") from None
+        bad = [lay.layer for lay in plan.layers if lay.method not in QUANT_METHODS]
+        if plan.key_rope not in ("pre", "post") or bad:
+            raise KVCompressError(f"corrupt manifest: key_rope {plan.key_rope!r}, quant method of layers {bad}")
+        return plan
 
 
 def _json_bits(bits: int | tuple[int, ...]) -> int | list[int]:
@@ -184,8 +195,7 @@ def build_plan(recipe: Recipe, spec: ModelSpec, dtype: str = "float16") -> Plan:
     KVCompressError
         An impossible setting for this model (see :func:`kvcompress.recipe.Recipe.validate`).
     """
-    if dtype not in DTYPES:
-        raise KVCompressError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     recipe.validate(spec)
     layers = tuple(layer_plan(lay, recipe.quant, value_folded(spec, lay.rank_v)) for lay in recipe.layers)
     for lay in layers:
@@ -195,4 +205,4 @@ def build_plan(recipe: Recipe, spec: ModelSpec, dtype: str = "float16") -> Plan:
     q = recipe.quant
     return Plan(model_type=spec.model_type, dtype=dtype, head_group=recipe.head_group(spec),
                 key_rope=q.key_rope, key_rotation=q.enabled and q.rotation == "orthogonal" and q.key_rope == "post",
-                layers=layers, eviction=recipe.lagkv if recipe.lagkv.enabled else None, recipe=recipe.name)
+                layers=layers, eviction=replace(recipe.lagkv) if recipe.lagkv.enabled else None, recipe=recipe.name)

@@ -11,12 +11,15 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomli_w
 
 from kvcompress.cache.channels import bit_runs
 from kvcompress.errors import KVCompressError
-from kvcompress.sources import ModelSpec
+
+if TYPE_CHECKING:
+    from kvcompress.sources import ModelSpec
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -193,6 +193,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(env, args, needles, monkeypatc
     before = {p: _listing(p) for p in (env.work, env.checkpoint.parent)}
     result = run_cli(*argv)
     assert_one_line_error(result, *needles)
+    assert result.stdout == ""  # nothing printed before the refusal (e.g. the prompt echo)
     for folder, listing in before.items():
         assert _listing(folder) == listing, f"{folder} changed"
 

@@ -48,8 +48,8 @@ def test_plan_survives_the_manifest(quant):
     plan = build_plan(rec, SPEC, "bfloat16")
     assert Plan.from_manifest(plan.to_manifest()) == plan
     keys = plan.layers[0].keys
-    assert keys.group == rec.quant.key_group and keys.block == (rec.quant.residual_length or keys.group)
     assert keys.quantized == rec.quant.enabled and plan.eviction.keep_ratio == 0.25
+    assert plan.eviction is not rec.lagkv  # the plan keeps its own copy: editing the recipe later changes nothing
 
 
 def test_plan_resolves_the_flush_block_without_a_window():

@@ -155,6 +155,7 @@ def analyze(
     context: int = 2048,
     sensitivity: bool = True,
     progress: Progress | None = None,
+    keep_svds: bool = False,
 ) -> Analysis:
     """Analyse ``source`` under ``recipe``'s settings and fill in its per-layer ranks and bits.
 
@@ -172,6 +173,9 @@ def analyze(
         Measure per-layer KL sensitivity (needs the model in memory); if False, bits are uniform.
     progress : callable, optional
         ``(phase, done, total)`` callback.
+    keep_svds : bool
+        Keep every layer's K and V SVDs in the result (``svds``), for an export that follows; they hold
+        float64 factors and whitening matrices, so only keep them to use them.
     """
     start = time.perf_counter()
     spec = source.spec
@@ -188,13 +192,16 @@ def analyze(
         grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))
 
     kappas, energy_k, energy_v = [], [], []
-    svds = []  # per layer: (K SVDs, V SVDs), one per head group; export factorizes these
+    spectra = []  # per layer: (K sigmas, V sigmas), one per head group
+    svds = []  # per layer, with keep_svds: (K SVDs, V SVDs), for export to factorize
     for i in range(spec.num_layers):
         kappas.append(_log_kappa(source, i, g))
         s = whitening_factor(grams[i]) if grams is not None else None
-        svds.append(layer_group_svds(source, i, g, s))
+        k_svds, v_svds = layer_group_svds(source, i, g, s)
+        spectra.append(([x.sigma for x in k_svds], [x.sigma for x in v_svds]))
+        if keep_svds:
+            svds.append((k_svds, v_svds))
         tick("svd", i + 1, spec.num_layers)
-    spectra = [([x.sigma for x in k], [x.sigma for x in v]) for k, v in svds]  # per layer, per head group
 
     n = spec.num_layers
     if not lr.enabled:
@@ -249,5 +256,6 @@ def analyze(
         model=source.origin, recipe=recipe, num_layers=n, num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, head_group=g, group_width=width, layers=reports,
         kv_bytes_per_token={"baseline": base, "compressed": comp}, compression_ratio=base / comp,
-        context=context, sensitivity_method=method, seconds=time.perf_counter() - start, svds=svds,
+        context=context, sensitivity_method=method, seconds=time.perf_counter() - start,
+        svds=svds,
     )

@@ -25,10 +25,10 @@ Shapes chosen and why:
 * ``k = 16`` (the small core's width, :data:`CORE`; the paper's KV shapes also end in 16), reduced to the
   largest divisor of ``D`` that is at most 16 and at most ``sqrt(T * D)`` (so the bond keeps full rank
   ``k``; :func:`core_width`). Any width with such a divisor works; widths without a divisor >=
-  :data:`MIN_CORE` (e.g. primes) are refused at recipe validation, since a 1- to 3-wide core is little
-  more than a rescaling. The small core costs ``2 * k^2`` bytes per block per head: 512 B per 128-token
-  block, 4 B per token per stream, against ``D * bits / 8`` code bytes (48 B for ``D = 192`` at 2 bits),
-  so at the same bits and groups DecoQuant stores ~5% more than KIVI (176 vs 168 B per token and layer
+  :data:`MIN_CORE` (e.g. primes) are refused when the plan is built (:func:`check_core`), since a 1- to 3-wide core is
+  little more than a rescaling. The small core costs ``2 * k^2`` bytes per block per head: 512 B per 128-token block,
+  4 B per token per stream, against ``D * bits / 8`` code bytes (48 B for ``D = 192`` at 2 bits), so at the same bits
+  and groups DecoQuant stores ~5% more than KIVI (176 vs 168 B per token and layer
   for ``minikv-2bit``'s groups). A larger ``k`` grows that quadratically; ``k = 8`` (1 B per token)
   moved fewer outliers in our measurements.
 * Blocks are the store's ``residual_length`` tokens (each block is decomposed on its own when it is
@@ -60,7 +60,7 @@ from kvcompress.cache.quant import Packed, cat, dequantize, effective_group, qua
 from kvcompress.errors import KVCompressError
 
 CORE = 16  # requested width k of the small fp16 core
-MIN_CORE = 4  # narrower cores are refused (recipe validation): they cannot hold outliers
+MIN_CORE = 4  # narrower cores are refused (check_core, when the plan is built): they cannot hold outliers
 
 
 def core_width(dim: int, tokens: int, core: int = CORE) -> int:
