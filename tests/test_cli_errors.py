@@ -227,7 +227,7 @@ app()
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_during_export_leaves_nothing(setup, tmp_path, sig):
     out = tmp_path / "out"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
