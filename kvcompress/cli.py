@@ -330,14 +330,11 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Summarize a checkpoint's manifest and per-layer settings."""
-    from kvcompress.manifest import read_config, read_manifest
+    from kvcompress.manifest import read_checkpoint
     from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
-    from kvcompress.plan import Plan
-    from kvcompress.sources import ModelSpec
 
-    m = read_manifest(checkpoint, verify=verify)
-    plan = Plan.from_manifest(m)
-    spec = ModelSpec.from_config(read_config(checkpoint))
+    ckpt = read_checkpoint(checkpoint, verify=verify)
+    m, plan, spec = ckpt.manifest, ckpt.plan, ckpt.spec
     held, fp16 = compressed_bytes_per_token(spec, plan, INSPECT_CONTEXT), baseline_bytes_per_token(spec)
     summary = {"schema_version": m["schema_version"], "kvcompress_version": m.get("kvcompress_version"),
                "recipe": plan.recipe, "model_type": plan.model_type, "dtype": plan.dtype,

@@ -15,10 +15,9 @@ from kvcompress.attention import LatentAttention
 from kvcompress.cache.layer import KVCompressCache
 from kvcompress.compat import CACHE_ARG, pop_cache
 from kvcompress.errors import KVCompressError
-from kvcompress.manifest import read_config, read_manifest
+from kvcompress.manifest import read_checkpoint
 from kvcompress.plan import Plan, check_dtype
 from kvcompress.skeleton import hf_config, rotary, skeleton
-from kvcompress.sources import ModelSpec
 
 ATTN_IMPL = "kvcompress"
 
@@ -139,16 +138,15 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         Missing or tampered checkpoint, newer manifest schema, pickle weights.
     """
     folder = Path(path)
-    manifest = read_manifest(folder, verify=verify)
-    plan = Plan.from_manifest(manifest)
-    shards = sorted(folder.glob("*.safetensors"))  # read_manifest refused a folder without any
+    checkpoint = read_checkpoint(folder, verify=verify)
+    manifest, plan = checkpoint.manifest, checkpoint.plan
+    shards = sorted(folder.glob("*.safetensors"))  # read_checkpoint refused a folder without any
     if isinstance(dtype, str):
         check_dtype(dtype)
-    raw_config = read_config(folder)
-    config = hf_config(raw_config)
+    config = hf_config(checkpoint.config)
     model = skeleton(config)
     model.model.rotary_emb = rotary(model)
-    spec = ModelSpec.from_config(raw_config)
+    spec = checkpoint.spec
     for entry, layer in zip(plan.layers, model.model.layers, strict=True):
         old = layer.self_attn
         with torch.device("meta"):

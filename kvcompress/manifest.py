@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvcompress import __version__
@@ -35,8 +36,22 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def read_manifest(folder: str | Path, verify: bool = True) -> dict:
-    """Read and check a checkpoint's manifest.
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checked checkpoint folder: its manifest, the plan the manifest holds, and its model config."""
+
+    manifest: dict
+    plan: Plan
+    config: dict
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's shapes, from ``config``."""
+        return ModelSpec.from_config(self.config)
+
+
+def read_checkpoint(folder: str | Path, verify: bool = True) -> Checkpoint:
+    """Read and check a checkpoint's manifest, plan and config (each read once).
 
     Parameters
     ----------
@@ -76,8 +91,9 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
                 raise KVCompressError(f"checkpoint file missing: {name}")
             if sha256_file(file) != digest:
                 raise KVCompressError(f"checksum mismatch for {name}: the checkpoint is corrupt or was modified")
-    check_against_weights(folder, manifest)
-    return manifest
+    checkpoint = Checkpoint(manifest, Plan.from_manifest(manifest), read_config(folder))
+    check_against_weights(folder, checkpoint.plan, checkpoint.spec)
+    return checkpoint
 
 
 def read_config(folder: str | Path) -> dict:
@@ -110,18 +126,16 @@ def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_against_weights(folder: Path, manifest: dict) -> None:
-    """Check that the manifest describes the weights beside it: one entry per decoder layer, in order, with
-    the ranks and value layout that the factorized tensors have.
+def check_against_weights(folder: Path, plan: Plan, spec: ModelSpec) -> None:
+    """Check that a manifest's plan describes the weights beside it: one entry per decoder layer, in order,
+    with the ranks and value layout that the factorized tensors have.
 
     Raises
     ------
     KVCompressError
         The first disagreement, naming the layer and the setting.
     """
-    spec = ModelSpec.from_config(read_config(folder))
     shapes = weight_shapes(folder)
-    plan = Plan.from_manifest(manifest)
     indices = [lay.layer for lay in plan.layers]
     if indices != list(range(spec.num_layers)):
         raise KVCompressError(f"the manifest lists {len(indices)} layers ({_listed(indices)}); the model has "
