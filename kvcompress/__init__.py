@@ -11,5 +11,5 @@ def __getattr__(name: str):
     if name in ("load", "make_cache"):
         from importlib import import_module
 
-        return getattr(import_module("kvcompress.loading"), name)
+        return getattr(import_module("kvcompress.checkpoint.loading"), name)
     raise AttributeError(f"module 'kvcompress' has no attribute {name!r}")

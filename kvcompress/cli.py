@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperGroup
 
-from kvcompress.cache.channels import describe
 from kvcompress.errors import KVCompressError
+from kvcompress.methods.channels import describe
 from kvcompress.recipe import DEFAULT_RECIPE, LowRank, Quant, shipped_recipe_names
 
 INSPECT_CONTEXT = 2048  # tokens at which `inspect` reports bytes per token
@@ -252,7 +252,7 @@ def export(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Write a compressed checkpoint: factorized K/V, config, tokenizer and kvcompress.json."""
-    from kvcompress.export import export as run_export
+    from kvcompress.checkpoint.export import export as run_export
     from kvcompress.recipe import load_recipe
     from kvcompress.sources import open_source
 
@@ -290,9 +290,9 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Run a prompt on an exported model and report the KV memory it held."""
-    from kvcompress.generation import check_settings
-    from kvcompress.generation import generate as run_generate
-    from kvcompress.loading import load
+    from kvcompress.checkpoint.loading import load
+    from kvcompress.runtime.generation import check_settings
+    from kvcompress.runtime.generation import generate as run_generate
 
     if (prompt is None) == (prompt_file is None):
         raise KVCompressError("give exactly one of --prompt or --prompt-file")
@@ -330,7 +330,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Summarize a checkpoint's manifest and per-layer settings."""
-    from kvcompress.manifest import read_checkpoint
+    from kvcompress.checkpoint.manifest import read_checkpoint
     from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
 
     ckpt = read_checkpoint(checkpoint, verify=verify)

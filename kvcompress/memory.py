@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kvcompress.cache.channels import bit_runs
-from kvcompress.cache.decoquant import core_width
-from kvcompress.cache.quant import effective_group
+from kvcompress.methods.channels import bit_runs
+from kvcompress.methods.decoquant import core_width
+from kvcompress.methods.kivi import effective_group
 from kvcompress.plan import Plan, StreamPlan
 from kvcompress.sources import ModelSpec
 
@@ -19,7 +19,7 @@ def baseline_bytes_per_token(spec: ModelSpec, element_size: int = FP16) -> int:
 
 def stream_bytes(width: int, bits: int, along: str, stream: StreamPlan, method: str, context: int) -> float:
     """Bytes per token, averaged over ``context`` tokens, of ``width`` channels of one K or V ``stream`` (one
-    run of equal bits, see ``kvcompress.cache.channels``) at ``bits``.
+    run of equal bits, see ``kvcompress.methods.channels``) at ``bits``.
 
     Quantized tokens hold packed codes plus an fp16 scale and minimum per group; the tokens not yet
     flushed (``context mod block``) are fp16. DecoQuant adds one fp16 ``k x k`` small core per flushed block.

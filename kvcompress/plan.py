@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from kvcompress.cache.decoquant import check_core
 from kvcompress.errors import KVCompressError
+from kvcompress.methods.decoquant import check_core
 from kvcompress.recipe import QUANT_METHODS, LagKV, LayerRecipe, Quant, Recipe
 from kvcompress.sources import ModelSpec
 

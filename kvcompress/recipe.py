@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import tomli_w
 
-from kvcompress.cache.channels import bit_runs
 from kvcompress.errors import KVCompressError
+from kvcompress.methods.channels import bit_runs
 
 if TYPE_CHECKING:
     from kvcompress.sources import ModelSpec
@@ -65,7 +65,7 @@ class Quant:
     ``allocation``: ``"stream"`` gives each layer's K and each layer's V one bit width (MiniKV's
     layer-discriminative bits); ``"channels"`` gives one width per segment of the latent's principal axes
     (``segment`` channels for keys, ``group_size`` for values), so bits follow the energy of each axis
-    (see ``kvcompress.cache.channels``); the rotation then mixes channels only within runs of equal bits.
+    (see ``kvcompress.methods.channels``); the rotation then mixes channels only within runs of equal bits.
     """
 
     enabled: bool = False

@@ -274,8 +274,8 @@ def decode_timing(plan: Plan, device_name: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kvcompress.cache.quant import quantize
     from kvcompress.kernels.decode_attention import decode_attention
+    from kvcompress.methods.kivi import quantize
 
     device = torch.device("cpu" if plan.dry_run else "cuda")
     timer = Timer(device, plan.warmup, plan.repeats)

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from kvcompress.analysis import schedule as schedules
 from kvcompress.analysis.analyze import analyze
-from kvcompress.analysis.sensitivity import allocate_bits
-from kvcompress.analysis.svd import energy_kept, group_svd, whitening_factor
 from kvcompress.errors import KVCompressError
+from kvcompress.methods.lowrank import energy_kept, group_svd, whitening_factor
+from kvcompress.methods.minikv import allocate_bits
 from kvcompress.recipe import LayerRecipe, Recipe, load_recipe, recipe_from_dict
 from kvcompress.sources import ModelSpec, open_source
 
@@ -214,7 +214,7 @@ def test_allocate_bits_with_widths_respects_the_channel_budget(sens, avg, seed):
 
 
 def test_channel_allocation_follows_the_spectrum(tiny_factory):
-    from kvcompress.cache.channels import mean_bits
+    from kvcompress.methods.channels import mean_bits
 
     tiny = tiny_factory("llama_gqa")
     source = open_source(tiny.path)

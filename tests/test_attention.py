@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from kvcompress import attention
+from kvcompress.runtime import attention
 
 
 def _inputs(t: int, s: int, seed: int = 0):

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 import kvcompress
-from kvcompress import attention as attention_module
 from kvcompress.analysis.schedule import greedy
-from kvcompress.cache.lagkv import max_stored_tokens
-from kvcompress.cache.layer import KVCompressCache, KVCompressLayer
-from kvcompress.cache.store import DenseStore, QuantizedStore
+from kvcompress.checkpoint.export import export
 from kvcompress.evaluate.speed import PeakMemory
-from kvcompress.export import export
 from kvcompress.memory import compressed_bytes_per_token
+from kvcompress.methods.lagkv import max_stored_tokens
 from kvcompress.plan import Plan, layer_plan
 from kvcompress.recipe import LagKV, LayerRecipe, Quant, Recipe
+from kvcompress.runtime import attention as attention_module
+from kvcompress.runtime.cache import KVCompressCache, KVCompressLayer
+from kvcompress.runtime.stores import DenseStore, QuantizedStore
 from kvcompress.sources import open_source
 
 
@@ -87,7 +87,7 @@ def test_live_bytes_match_the_memory_formula(key_group, method):
 
 
 def test_segmented_store_quantizes_each_run_on_its_own():
-    from kvcompress.cache.store import SegmentedStore, make_store
+    from kvcompress.runtime.stores import SegmentedStore, make_store
 
     store = make_store((8, 4, 4, 2), 8, "channels", 16, segment=8)  # runs: 8 ch @ 8 bits, 16 @ 4, 8 @ 2
     assert isinstance(store, SegmentedStore)
@@ -119,7 +119,7 @@ def test_segmented_layer_bytes_match_the_memory_formula():
 
 
 def test_channel_allocation_export_rotates_within_runs_and_stays_exact(llama_gqa, tmp_path, one_thread):
-    from kvcompress.cache.store import SegmentedStore
+    from kvcompress.runtime.stores import SegmentedStore
 
     model = _export(llama_gqa, tmp_path, lowrank={"enabled": False},
                     quant={"enabled": True, "allocation": "channels", "segment": 4, "avg_bits": 4.0,
@@ -433,7 +433,7 @@ def test_latent_rotation_is_exact_in_full_precision(llama_gqa, tmp_path, one_thr
 
 
 def test_rotation_changes_the_stored_latent_not_the_product():
-    from kvcompress.export import rotate_latent
+    from kvcompress.checkpoint.export import rotate_latent
 
     down, up = torch.randn(6, 10, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
     r_down, r_up = rotate_latent(down, up, seed=3)
@@ -445,8 +445,8 @@ def test_rotation_changes_the_stored_latent_not_the_product():
 def test_packed_decode_kernel_matches_the_torch_path(llama_gqa, tmp_path, one_thread, monkeypatch):
     # the fused path (Triton decode attention over packed codes + residual) runs on CUDA only; here the
     # Triton kernel runs in the interpreter on CPU tensors, forced in place of the CUDA check
-    from kvcompress import attention
     from kvcompress.kernels.decode_attention import decode_attention_triton
+    from kvcompress.runtime import attention
 
     model = _export(llama_gqa, tmp_path, lowrank={"enabled": False, "head_group": 1},
                     quant={"enabled": True, "key_rope": "post", "avg_bits": 2.0, "group_size": 8,
@@ -478,8 +478,7 @@ def test_packed_decode_kernel_matches_the_torch_path(llama_gqa, tmp_path, one_th
 
 
 def test_one_table_picks_the_decode_path(llama_gqa, tmp_path, one_thread, monkeypatch):
-    from kvcompress import attention
-
+    from kvcompress.runtime import attention
     assert [path.name for path in attention.DECODE_PATHS] == ["fused", "workspace", "generic"]
     assert attention.DECODE_PATHS[-1] is attention.GENERIC and all(path.when for path in attention.DECODE_PATHS)
     model = _export(llama_gqa, tmp_path, lowrank={"enabled": False, "head_group": 1},
@@ -524,10 +523,9 @@ WORKSPACE_CASES = {
 
 @pytest.mark.parametrize("case", list(WORKSPACE_CASES))
 def test_workspace_decode_matches_the_generic_path(request, tmp_path, one_thread, monkeypatch, case):
-    # inference (no gradients) on the CPU decodes through kvcompress.latent_decode; with gradients on,
+    # inference (no gradients) on the CPU decodes through kvcompress.runtime.latent_decode; with gradients on,
     # the same steps take the generic path (latent_attention over a read of the whole cache)
-    from kvcompress import latent_decode
-
+    from kvcompress.runtime import latent_decode
     name, sections = WORKSPACE_CASES[case]
     model = _export(request.getfixturevalue(name), tmp_path, **sections)
     ids = torch.randint(4, 300, (2, 40), generator=torch.Generator().manual_seed(7))
@@ -603,8 +601,8 @@ PINNED = {
 
 def _pinned_run(model, monkeypatch, path: str) -> tuple[list[int], list[list[float]]]:
     """Prefill 20 tokens of two sequences, then decode 12 more on ``path``; bytes held and logit checksums."""
-    from kvcompress import attention
     from kvcompress.kernels.decode_attention import decode_attention_triton
+    from kvcompress.runtime import attention
 
     if path == "fused":
         monkeypatch.setattr(attention, "FUSED_DEVICES", ("cpu",))
@@ -634,7 +632,7 @@ def test_lagkv_quantized_decode_is_pinned(llama_gqa, tmp_path, one_thread, monke
 
 
 def test_workspace_reuses_one_buffer_and_grows_by_doubling():
-    from kvcompress.cache.workspace import Workspace
+    from kvcompress.runtime.workspace import Workspace
 
     ws = Workspace()
     a = ws.take("keys", (1, 2, 10, 4), torch.float32, torch.device("cpu"))

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error, build_tiny, copy_checkpoint, run_cli, tiny_config
 
-from kvcompress.export import export
-from kvcompress.manifest import MANIFEST_NAME, SELF_CHECKSUM, _self_digest
+from kvcompress.checkpoint.export import export
+from kvcompress.checkpoint.manifest import MANIFEST_NAME, SELF_CHECKSUM, _self_digest
 from kvcompress.recipe import Recipe
 from kvcompress.sources import open_source
 
@@ -213,7 +213,7 @@ def test_version_prints_and_exits_zero():
 
 _SLOW_EXPORT = """
 import sys, time
-import kvcompress.export as e
+import kvcompress.checkpoint.export as e
 real = e._write
 def slow(*args, **kwargs):
     n = real(*args, **kwargs)

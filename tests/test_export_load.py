@@ -13,13 +13,13 @@ from conftest import PAD_ID, TINY_MODELS, TinyModel, build_tiny, copy_checkpoint
 from transformers import DynamicCache, Qwen2Config
 
 import kvcompress
-import kvcompress.export as export_mod
+import kvcompress.checkpoint.export as export_mod
 import kvcompress.plan as plan_mod
-from kvcompress.cache.layer import KVCompressCache
+from kvcompress.checkpoint.export import export
+from kvcompress.checkpoint.manifest import MANIFEST_NAME
 from kvcompress.errors import KVCompressError
-from kvcompress.export import export
-from kvcompress.manifest import MANIFEST_NAME
 from kvcompress.recipe import Recipe
+from kvcompress.runtime.cache import KVCompressCache
 from kvcompress.sources import open_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")

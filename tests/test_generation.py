@@ -6,10 +6,10 @@ import pytest
 from conftest import build_tiny, run_cli
 
 import kvcompress
-from kvcompress.export import export
-from kvcompress.generation import generate
+from kvcompress.checkpoint.export import export
 from kvcompress.memory import baseline_bytes_per_token
 from kvcompress.recipe import Recipe
+from kvcompress.runtime.generation import generate
 from kvcompress.sources import ModelSpec, open_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")

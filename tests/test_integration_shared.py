@@ -10,7 +10,7 @@ import torch
 
 import kvcompress
 from kvcompress.analysis.analyze import analyze
-from kvcompress.export import export
+from kvcompress.checkpoint.export import export
 from kvcompress.recipe import Recipe
 from kvcompress.sources import GGUFSource, ModelSpec, open_source
 

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from kvcompress.cache.quant import Packed, dequantize, quantize
 from kvcompress.kernels.decode_attention import (
     decode_attention,
     decode_attention_ref,
@@ -32,6 +31,7 @@ from kvcompress.kernels.pack import (
     unpack_dequantize_ref,
     unpack_dequantize_triton,
 )
+from kvcompress.methods.kivi import Packed, dequantize, quantize
 
 LAYOUTS = [
     # shape, bits, group_size, along

@@ -27,7 +27,6 @@ pytest.importorskip("triton")
 
 from test_lowrank_rope import _inputs as lowrank_inputs
 
-from kvcompress.cache.quant import Packed, quantize
 from kvcompress.kernels.decode_attention import decode_attention, decode_attention_ref, decode_attention_triton
 from kvcompress.kernels.lowrank_rope import lowrank_rope, lowrank_rope_ref, lowrank_rope_triton
 from kvcompress.kernels.pack import (
@@ -38,6 +37,7 @@ from kvcompress.kernels.pack import (
     unpack_dequantize_ref,
     unpack_dequantize_triton,
 )
+from kvcompress.methods.kivi import Packed, quantize
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SMOKE = os.environ.get("KVCOMPRESS_KERNEL_SMOKE") == "1" and INTERPRET

@@ -1,4 +1,4 @@
-"""Tests for the LagKV eviction policy (kvcompress.cache.lagkv)."""
+"""Tests for the LagKV eviction policy (kvcompress.methods.lagkv)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcompress.cache.lagkv import (
+from kvcompress.errors import KVCompressError
+from kvcompress.methods.lagkv import (
     RANGE_EPS,
     chunk_scores,
     compress_step,
     max_stored_tokens,
 )
-from kvcompress.errors import KVCompressError
 from kvcompress.recipe import LagKV
 
 

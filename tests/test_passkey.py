@@ -12,6 +12,7 @@ from conftest import assert_one_line_error, build_tiny, run_cli, save_tokenizer,
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from kvcompress.checkpoint.export import export
 from kvcompress.compat import pop_cache
 from kvcompress.errors import KVCompressError
 from kvcompress.evaluate.passkey import (
@@ -25,7 +26,6 @@ from kvcompress.evaluate.passkey import (
     parse_lengths,
     passkey_accuracy,
 )
-from kvcompress.export import export
 from kvcompress.recipe import Recipe
 from kvcompress.sources import open_source
 

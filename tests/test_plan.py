@@ -11,8 +11,8 @@ import torch
 from conftest import build_tiny
 
 import kvcompress
-from kvcompress.export import export
-from kvcompress.manifest import MANIFEST_NAME
+from kvcompress.checkpoint.export import export
+from kvcompress.checkpoint.manifest import MANIFEST_NAME
 from kvcompress.plan import Plan, build_plan
 from kvcompress.recipe import LayerRecipe, load_recipe, recipe_from_dict
 from kvcompress.sources import ModelSpec, open_source

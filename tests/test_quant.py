@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kvcompress.cache.quant import Packed, cat, dequantize, effective_group, quantize
 from kvcompress.kernels.pack import pack_codes, plane_codes, plane_weights
+from kvcompress.methods.kivi import Packed, cat, dequantize, effective_group, quantize
 
 FAST = settings(max_examples=60, deadline=None)
 

@@ -11,9 +11,9 @@ import torch
 
 from kvcompress.analysis import schedule as schedules
 from kvcompress.analysis.calibration import attention_input_grams, calibration_ids
-from kvcompress.analysis.sensitivity import METHOD as SENSITIVITY_METHOD
-from kvcompress.analysis.sensitivity import allocate_bits, layer_sensitivity
-from kvcompress.analysis.svd import (
+from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
+from kvcompress.methods.channels import segment_widths
+from kvcompress.methods.lowrank import (
     GroupSVD,
     condition_number,
     energy_kept,
@@ -21,8 +21,8 @@ from kvcompress.analysis.svd import (
     split_groups,
     whitening_factor,
 )
-from kvcompress.cache.channels import segment_widths
-from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
+from kvcompress.methods.minikv import METHOD as SENSITIVITY_METHOD
+from kvcompress.methods.minikv import allocate_bits, layer_sensitivity
 from kvcompress.plan import build_plan
 from kvcompress.recipe import BITS, LayerRecipe, Recipe
 from kvcompress.skeleton import load_full

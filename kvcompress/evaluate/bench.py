@@ -75,8 +75,8 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings,
     progress : callable, optional
         ``(phase, done, total)``.
     """
-    from kvcompress.export import export
-    from kvcompress.loading import load
+    from kvcompress.checkpoint.export import export
+    from kvcompress.checkpoint.loading import load
     from kvcompress.recipe import load_recipe
     from kvcompress.skeleton import load_full
     from kvcompress.sources import open_source

@@ -381,7 +381,7 @@ def compare_passkey(checkpoint: str | Path, lengths: Sequence[int] | str = (1024
     """
     from transformers import DynamicCache
 
-    from kvcompress.loading import load, load_source, make_cache
+    from kvcompress.checkpoint.loading import load, load_source, make_cache
     from kvcompress.memory import baseline_bytes_per_token
     from kvcompress.sources import ModelSpec
 

@@ -147,7 +147,7 @@ def compare(checkpoint: str | Path, text: str | Path, context: int = 2048, block
     """
     from transformers import DynamicCache
 
-    from kvcompress.loading import load, load_source, make_cache
+    from kvcompress.checkpoint.loading import load, load_source, make_cache
     from kvcompress.memory import baseline_bytes_per_token
     from kvcompress.sources import ModelSpec
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.cache import decoquant
-from kvcompress.cache.channels import bit_runs
-from kvcompress.cache.quant import Packed, cat, dequantize, quantize
+from kvcompress.methods import decoquant
+from kvcompress.methods.channels import bit_runs
+from kvcompress.methods.kivi import Packed, cat, dequantize, quantize
 
 
 class DenseStore:
@@ -165,7 +165,7 @@ class DecoQuantStore(QuantizedStore):
 
     Each flushed ``block`` of tokens is split by a two-core MPO into a large core,
     quantized exactly like KIVI would quantize the block (same ``bits``, ``group_size``, ``along``), and a
-    small float16 ``k x k`` core per block and head (``kvcompress.cache.decoquant``). Same interface and
+    small float16 ``k x k`` core per block and head (``kvcompress.methods.decoquant``). Same interface and
     residual window as the parent; ``nbytes`` adds the small cores.
     """
 
@@ -187,7 +187,7 @@ class SegmentedStore:
     """Runs of latent channels with their own bit widths (``[quant] allocation = "channels"``).
 
     ``bits`` holds one width per segment of ``segment`` channels in principal-axis order; neighbouring
-    segments with equal bits form a run (``kvcompress.cache.channels``), each a :class:`QuantizedStore`
+    segments with equal bits form a run (``kvcompress.methods.channels``), each a :class:`QuantizedStore`
     of its channels. All runs hold the same tokens, flush together and read back into one buffer.
     """
 

@@ -4,7 +4,7 @@ Per layer and step, with ``S`` stored tokens and ``G`` latent groups of ``g`` KV
 each):
 
 1. the cache layer de-quantizes its key and value stores into workspace buffers, ``[B, G, S, r_k]`` and
-   ``[B, G, S, r_v]`` (layout ``"workspace"`` of ``kvcompress.cache.layer.KVCompressLayer.step``);
+   ``[B, G, S, r_v]`` (layout ``"workspace"`` of ``kvcompress.runtime.cache.KVCompressLayer.step``);
 2. pre-RoPE latent keys become keys by one GEMM, ``K = c_k U_kᵀ (+ b_k)``, with ``U_k``'s rows in RoPE
    pair order, and turn in place by one complex multiply with ``e^{i n θ}`` at each stored position ``n``
    (``kvcompress.kernels.lowrank_rope`` has the math). Post-RoPE keys are read as stored;
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.cache.layer import DenseKV
 from kvcompress.kernels.lowrank_rope import reconstruct
+from kvcompress.runtime.cache import DenseKV
 
 
 def block_queries(q: torch.Tensor, groups: int, heads: int, scaling: float) -> torch.Tensor:

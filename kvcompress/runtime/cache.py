@@ -2,11 +2,11 @@
 
 A layer stores, per sequence and per latent head (a KV-head group), the key features (latent or full
 width, pre-RoPE), the value features, and each stored token's RoPE position. Each stream lives in a
-store (``kvcompress.cache.store``: dense, or packed low-bit codes plus an fp residual window); eviction
+store (``kvcompress.runtime.stores``: dense, or packed low-bit codes plus an fp residual window); eviction
 is a per-layer policy that picks which fp tokens to keep. Tokens are evicted first and quantized only
 once the policy has settled them.
 
-Attention (``kvcompress.attention``) talks to a layer through :meth:`KVCompressLayer.step`: it hands over
+Attention (``kvcompress.runtime.attention``) talks to a layer through :meth:`KVCompressLayer.step`: it hands over
 the new tokens and asks for everything held in one :data:`Layout` (dense tensors, de-quantized into the
 shared workspace, or KIVI-packed codes plus the residual window, where :meth:`KVCompressLayer.can_read`
 says the layer has them). The layer then runs its own eviction step; what it holds afterwards is really
@@ -21,12 +21,12 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcompress.cache.lagkv import compress_step, scored_chunks
-from kvcompress.cache.quant import Packed
-from kvcompress.cache.store import DenseStore, QuantizedStore, make_store
-from kvcompress.cache.workspace import Workspace
+from kvcompress.methods.kivi import Packed
+from kvcompress.methods.lagkv import compress_step, scored_chunks
 from kvcompress.plan import LayerPlan, layer_plan
 from kvcompress.recipe import LagKV, LayerRecipe, Quant
+from kvcompress.runtime.stores import DenseStore, QuantizedStore, make_store
+from kvcompress.runtime.workspace import Workspace
 
 Layout = Literal["dense", "workspace", "packed"]
 """How :meth:`KVCompressLayer.step` hands out what a layer holds: ``"dense"`` and ``"workspace"`` give a

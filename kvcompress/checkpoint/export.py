@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 
 from kvcompress.analysis.analyze import analyze, layer_group_svds
 from kvcompress.analysis.calibration import attention_input_grams, calibration_ids
-from kvcompress.analysis.svd import GroupSVD, whitening_factor
-from kvcompress.cache.channels import bit_runs
+from kvcompress.checkpoint.manifest import write_manifest
 from kvcompress.errors import KVCompressError
-from kvcompress.manifest import write_manifest
+from kvcompress.methods.channels import bit_runs
+from kvcompress.methods.lowrank import GroupSVD, whitening_factor
 from kvcompress.plan import Plan, StreamPlan, build_plan, check_dtype
 from kvcompress.recipe import Recipe
 from kvcompress.sources import Source, attn_prefix, sha256_file

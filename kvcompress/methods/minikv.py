@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvcompress.cache.quant import dequantize, quantize
+from kvcompress.methods.kivi import dequantize, quantize
 
 METHOD = (
     "2-bit fake quantization of one layer's K (per channel, 32-token groups, post-RoPE) or V (per token, "

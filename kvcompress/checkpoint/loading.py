@@ -11,12 +11,12 @@ from transformers import AttentionInterface, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from kvcompress.attention import LatentAttention
-from kvcompress.cache.layer import KVCompressCache
+from kvcompress.checkpoint.manifest import read_checkpoint
 from kvcompress.compat import CACHE_ARG, pop_cache
 from kvcompress.errors import KVCompressError
-from kvcompress.manifest import read_checkpoint
 from kvcompress.plan import Plan, check_dtype
+from kvcompress.runtime.attention import LatentAttention
+from kvcompress.runtime.cache import KVCompressCache
 from kvcompress.skeleton import hf_config, rotary, skeleton
 
 ATTN_IMPL = "kvcompress"

@@ -15,11 +15,11 @@ Per head group of ``g`` KV heads (``G`` groups per layer):
   themselves, grouped per latent head. An orthogonal ``k_rot`` per KV head (QuaRot) may then turn both
   ``q`` and ``k`` after RoPE: ``(R q)ᵀ (R k) = qᵀ k``, and the cached ``R k`` has no outlier channels.
 
-Each step hands the new latents to the cache layer (``kvcompress.cache.layer.KVCompressLayer.step``) and
+Each step hands the new latents to the cache layer (``kvcompress.runtime.cache.KVCompressLayer.step``) and
 attends over what the layer gives back, in the layout the step's path asks for; the layer evicts on its
 own afterwards. :data:`DECODE_PATHS` is the one table of paths, consulted once per step: on CUDA the
 Triton decode-attention kernel attends over KIVI-packed codes directly where it covers the layout, on the
-CPU decode runs in the cache's reused workspace, one GEMM per stage (``kvcompress.latent_decode``), and
+CPU decode runs in the cache's reused workspace, one GEMM per stage (``kvcompress.runtime.latent_decode``), and
 everything else (prefill too) reads the cache dense in torch (de-quantize, reconstruct, attend).
 """
 
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvcompress import latent_decode
-from kvcompress.cache.layer import DenseKV, KVCompressLayer, Layout, PackedKV
 from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
 from kvcompress.kernels.lowrank_rope import lowrank_rope, pair_order, pair_ordered_up, reconstruct, rope_pairs
+from kvcompress.runtime import latent_decode
+from kvcompress.runtime.cache import DenseKV, KVCompressLayer, Layout, PackedKV
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -236,7 +236,7 @@ class DecodePath:
     name
         Its name (tests check which path a step takes).
     reads
-        The layout it asks the cache layer for (``kvcompress.cache.layer.Layout``).
+        The layout it asks the cache layer for (``kvcompress.runtime.cache.Layout``).
     when
         The condition under which it is taken, and why.
     fits
@@ -270,7 +270,7 @@ DECODE_PATHS: tuple[DecodePath, ...] = (
     DecodePath(
         "workspace", "workspace",
         "float32 on the CPU, no gradients (it works in place), and no Qwen3 key norm between U_k and RoPE: "
-        "the layer de-quantizes into the cache's reused buffers and kvcompress.latent_decode runs one GEMM per "
+        "the layer de-quantizes into the cache's reused buffers and kvcompress.runtime.latent_decode runs one GEMM per "
         "stage, with no buffer the size of the cache allocated per step.",
         LatentAttention._workspace_fits, LatentAttention._workspace_decode),
     GENERIC,

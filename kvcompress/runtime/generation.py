@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import TextStreamer
 
+from kvcompress.checkpoint.loading import make_cache
 from kvcompress.compat import CACHE_ARG
 from kvcompress.errors import KVCompressError
-from kvcompress.loading import make_cache
 from kvcompress.memory import baseline_bytes_per_token
 from kvcompress.sources import ModelSpec
 

@@ -14,7 +14,7 @@ The MPO here, for one settled block ``M`` of ``T`` tokens by ``D`` channels (one
 * Cores in the canonical (balanced) gauge the reference MPO code reaches for two cores:
   ``A = U S^(1/2)`` (``[T * D / k, k]``, the *large* core: as many entries as ``M``) and
   ``B = S^(1/2) V^T`` (``[k, k]``, the *small* core). ``M_g = A B`` exactly.
-* ``A`` is stored with :func:`kvcompress.cache.quant.quantize` in ``M``'s own ``[T, D]`` layout (element
+* ``A`` is stored with :func:`kvcompress.methods.kivi.quantize` in ``M``'s own ``[T, D]`` layout (element
   ``(t, c1 * k + r)`` is the coefficient of token ``t``'s channel run ``c1`` on singular direction ``r``), so
   its codes, scales and minima cost exactly what plain KIVI grouping of ``M`` costs; ``B`` is float16.
   Reconstruction: ``M_hat = reshape(dequantize(A) @ B)``; the error is ``dA @ B``, so
@@ -56,8 +56,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.cache.quant import Packed, cat, dequantize, effective_group, quantize
 from kvcompress.errors import KVCompressError
+from kvcompress.methods.kivi import Packed, cat, dequantize, effective_group, quantize
 
 CORE = 16  # requested width k of the small fp16 core
 MIN_CORE = 4  # narrower cores are refused (check_core, when the plan is built): they cannot hold outliers

@@ -1,0 +1,1 @@
+"""Checkpoints: export (writer), manifest (plan, checksums, shape checks), loading (reader)."""
