@@ -20,7 +20,6 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from kvcompress.errors import KVCompressError
-from kvcompress.methods.channels import describe
 from kvcompress.recipe import DEFAULT_RECIPE, LowRank, Quant, shipped_recipe_names
 
 INSPECT_CONTEXT = 2048  # tokens at which `inspect` reports bytes per token
@@ -217,6 +216,8 @@ def analyze(
 
 def print_analysis(result, output: Path | None) -> None:
     """The per-layer table and a summary."""
+    from kvcompress.methods.channels import describe
+
     lr, q = result.recipe.lowrank, result.recipe.quant
     table = Table(title=f"{result.model}: {lr.svd} SVD, {lr.schedule} schedule, target {lr.target_ratio}")
     for col in ("layer", "rank K", "rank V", "κ K", "κ V", "energy K", "energy V", "bits K", "bits V",
@@ -332,6 +333,7 @@ def inspect(
     """Summarize a checkpoint's manifest and per-layer settings."""
     from kvcompress.checkpoint.manifest import read_checkpoint
     from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
+    from kvcompress.methods.channels import describe
 
     ckpt = read_checkpoint(checkpoint, verify=verify)
     m, plan, spec = ckpt.manifest, ckpt.plan, ckpt.spec

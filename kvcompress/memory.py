@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from kvcompress.methods import dense, quantizer
 from kvcompress.methods.channels import bit_runs
-from kvcompress.methods.decoquant import core_width
-from kvcompress.methods.kivi import effective_group
-from kvcompress.plan import Plan, StreamPlan
+from kvcompress.methods.dense import FP16
+from kvcompress.plan import DENSE, Plan, StreamPlan
 from kvcompress.sources import ModelSpec
 
-FP16 = 2
 POSITION = 4  # int32 RoPE position of each stored token, per sequence (per latent head once evicting)
 
 
@@ -19,18 +18,11 @@ def baseline_bytes_per_token(spec: ModelSpec, element_size: int = FP16) -> int:
 
 def stream_bytes(width: int, bits: int, along: str, stream: StreamPlan, method: str, context: int) -> float:
     """Bytes per token, averaged over ``context`` tokens, of ``width`` channels of one K or V ``stream`` (one
-    run of equal bits, see ``kvcompress.methods.channels``) at ``bits``.
-
-    Quantized tokens hold packed codes plus an fp16 scale and minimum per group; the tokens not yet
-    flushed (``context mod block``) are fp16. DecoQuant adds one fp16 ``k x k`` small core per flushed block.
-    """
-    if bits >= 16:
-        return width * FP16
-    quantized = context // stream.block * stream.block
-    group = stream.group if along == "tokens" else effective_group(width, stream.group)
-    meta = 2 * FP16 * width / group  # keys: one (scale, min) per channel per group of tokens; values: per token
-    cores = quantized // stream.block * FP16 * core_width(width, stream.block) ** 2 if method == "decoquant" else 0.0
-    return (quantized * (width * bits / 8 + meta) + (context - quantized) * width * FP16 + cores) / context
+    run of equal bits, see ``kvcompress.methods.channels``) at ``bits``: 16-bit, or the formula of the
+    quantizer ``method`` (``bytes_per_token`` of its store class)."""
+    if bits >= DENSE:
+        return dense.bytes_per_token(width)
+    return quantizer(method).bytes_per_token(width, bits, along, stream.group, stream.block, context)
 
 
 def compressed_bytes_per_token(spec: ModelSpec, plan: Plan, context: int) -> float:

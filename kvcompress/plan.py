@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from kvcompress.errors import KVCompressError
-from kvcompress.methods.decoquant import check_core
+from kvcompress.methods import quantizer
+from kvcompress.methods.channels import check_runs
 from kvcompress.recipe import QUANT_METHODS, LagKV, LayerRecipe, Quant, Recipe
 from kvcompress.sources import ModelSpec
 
@@ -199,9 +200,11 @@ def build_plan(recipe: Recipe, spec: ModelSpec, dtype: str = "float16") -> Plan:
     recipe.validate(spec)
     layers = tuple(layer_plan(lay, recipe.quant, value_folded(spec, lay.rank_v)) for lay in recipe.layers)
     for lay in layers:
-        for name, stream in (("rank_k", lay.keys), ("rank_v", lay.values)):
-            if lay.method == "decoquant" and stream.quantized:
-                check_core(f"layer {lay.layer}: {name}", stream.rank, stream.block)
+        for name, stream in (("k", lay.keys), ("v", lay.values)):
+            if isinstance(stream.bits, tuple):
+                check_runs(f"layer {lay.layer}: bits_{name}", stream.bits, stream.rank, stream.segment)
+            if stream.quantized:
+                quantizer(lay.method).check(f"layer {lay.layer}: rank_{name}", stream.rank, stream.block)
     q = recipe.quant
     return Plan(model_type=spec.model_type, dtype=dtype, head_group=recipe.head_group(spec),
                 key_rope=q.key_rope, key_rotation=q.enabled and q.rotation == "orthogonal" and q.key_rope == "post",

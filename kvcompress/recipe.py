@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import tomli_w
 
 from kvcompress.errors import KVCompressError
-from kvcompress.methods.channels import bit_runs
 
 if TYPE_CHECKING:
     from kvcompress.sources import ModelSpec
@@ -217,12 +216,10 @@ class Recipe:
         _check(stream == "v" or self.quant.key_rope == "pre",
                f"{name} is a list; post-RoPE keys have no principal axes to allocate over")
         _check(all(b in BITS for b in bits), f"{name} entries must be in {BITS}, got {bits}")
-        try:
-            runs = bit_runs(bits, rank, self.quant.segment_size(stream))
-        except ValueError as e:
-            raise KVCompressError(f"{name}: {e}") from None
-        for width, b in runs:
-            _check(width % (8 // b) == 0, f"{name}: a run of {width} channels cannot hold packed {b}-bit codes")
+        size = self.quant.segment_size(stream)
+        segments = -(-rank // size)
+        _check(len(bits) == segments, f"{name}: {len(bits)} segment bits for {segments} segments of {size} in "
+                                      f"{rank} channels")
 
     def _validate_for(self, spec: ModelSpec) -> None:
         g = self.head_group(spec)

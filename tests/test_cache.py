@@ -10,12 +10,12 @@ from kvcompress.analysis.schedule import greedy
 from kvcompress.checkpoint.export import export
 from kvcompress.evaluate.speed import PeakMemory
 from kvcompress.memory import compressed_bytes_per_token
+from kvcompress.methods import DenseStore, QuantizedStore
 from kvcompress.methods.lagkv import max_stored_tokens
 from kvcompress.plan import Plan, layer_plan
 from kvcompress.recipe import LagKV, LayerRecipe, Quant, Recipe
 from kvcompress.runtime import attention as attention_module
 from kvcompress.runtime.cache import KVCompressCache, KVCompressLayer
-from kvcompress.runtime.stores import DenseStore, QuantizedStore
 from kvcompress.sources import open_source
 
 
@@ -87,7 +87,7 @@ def test_live_bytes_match_the_memory_formula(key_group, method):
 
 
 def test_segmented_store_quantizes_each_run_on_its_own():
-    from kvcompress.runtime.stores import SegmentedStore, make_store
+    from kvcompress.methods import SegmentedStore, make_store
 
     store = make_store((8, 4, 4, 2), 8, "channels", 16, segment=8)  # runs: 8 ch @ 8 bits, 16 @ 4, 8 @ 2
     assert isinstance(store, SegmentedStore)
@@ -119,7 +119,7 @@ def test_segmented_layer_bytes_match_the_memory_formula():
 
 
 def test_channel_allocation_export_rotates_within_runs_and_stays_exact(llama_gqa, tmp_path, one_thread):
-    from kvcompress.runtime.stores import SegmentedStore
+    from kvcompress.methods import SegmentedStore
 
     model = _export(llama_gqa, tmp_path, lowrank={"enabled": False},
                     quant={"enabled": True, "allocation": "channels", "segment": 4, "avg_bits": 4.0,

@@ -9,11 +9,11 @@ import kvcompress
 from kvcompress.checkpoint.export import export
 from kvcompress.errors import KVCompressError
 from kvcompress.memory import compressed_bytes_per_token
+from kvcompress.methods import DecoQuantStore, QuantizedStore, make_store
 from kvcompress.methods import decoquant as dq
 from kvcompress.methods.kivi import dequantize, quantize
 from kvcompress.plan import Plan, build_plan
 from kvcompress.recipe import LayerRecipe, Quant, Recipe, recipe_from_dict
-from kvcompress.runtime.stores import DecoQuantStore, QuantizedStore, make_store
 from kvcompress.sources import ModelSpec, open_source
 
 

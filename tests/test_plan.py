@@ -13,6 +13,7 @@ from conftest import build_tiny
 import kvcompress
 from kvcompress.checkpoint.export import export
 from kvcompress.checkpoint.manifest import MANIFEST_NAME
+from kvcompress.errors import KVCompressError
 from kvcompress.plan import Plan, build_plan
 from kvcompress.recipe import LayerRecipe, load_recipe, recipe_from_dict
 from kvcompress.sources import ModelSpec, open_source
@@ -50,6 +51,14 @@ def test_plan_survives_the_manifest(quant):
     keys = plan.layers[0].keys
     assert keys.quantized == rec.quant.enabled and plan.eviction.keep_ratio == 0.25
     assert plan.eviction is not rec.lagkv  # the plan keeps its own copy: editing the recipe later changes nothing
+
+
+def test_build_plan_refuses_a_bit_run_that_cannot_pack():
+    layers = [{"layer": i, "rank_k": 8, "rank_v": 8, "bits_k": 16, "bits_v": [4, 2]} for i in range(2)]
+    recipe = recipe_from_dict({"quant": {"enabled": True, "allocation": "channels", "group_size": 6,
+                                         "residual_length": 12}, "layers": layers})
+    with pytest.raises(KVCompressError, match=r"layer 0: bits_v: a run of 2 channels cannot hold packed 2-bit codes"):
+        build_plan(recipe, SPEC)
 
 
 def test_plan_resolves_the_flush_block_without_a_window():

@@ -12,7 +12,7 @@ import torch
 from kvcompress.analysis import schedule as schedules
 from kvcompress.analysis.calibration import attention_input_grams, calibration_ids
 from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
-from kvcompress.methods.channels import segment_widths
+from kvcompress.methods.channels import channel_bits
 from kvcompress.methods.lowrank import (
     GroupSVD,
     condition_number,
@@ -115,39 +115,6 @@ def _log_kappa(source: Source, layer: int, head_group: int) -> tuple[float, floa
     return logs[0], logs[1]
 
 
-def channel_bits(recipe: Recipe, spectra: list, ranks_k: list[int], ranks_v: list[int],
-                 sens: list[tuple[float, float]]) -> tuple[list, list]:
-    """Bits per segment of every latent's principal axes, from one budget over all layers and streams.
-
-    A segment's share of its stream's 2-bit damage is its share of the stream's kept energy ``Σ σ_j²``
-    (averaged over head groups): the sensitivity says how much a stream matters, the spectrum where its
-    error lands. Post-RoPE keys have no principal axes and stay one unit per layer.
-    """
-    q = recipe.quant
-    units = []  # (layer, stream, weight, width)
-    for i, (k_sig, v_sig) in enumerate(spectra):
-        for j, (stream, sigmas, rank) in enumerate((("k", k_sig, ranks_k[i]), ("v", v_sig, ranks_v[i]))):
-            if stream == "k" and q.key_rope == "post":
-                units.append((i, stream, sens[i][j], rank))
-                continue
-            energy = torch.stack([s.double()[:rank].square() for s in sigmas]).mean(0)
-            total = float(energy.sum().clamp_min(1e-300))
-            start = 0
-            for width in segment_widths(rank, q.segment_size(stream)):
-                units.append((i, stream, sens[i][j] * float(energy[start:start + width].sum()) / total, width))
-                start += width
-    bits = allocate_bits([u[2] for u in units], q.avg_bits, widths=[u[3] for u in units])
-    per_stream: dict[tuple[int, str], list[int]] = {}
-    for (i, stream, _, _), b in zip(units, bits, strict=True):
-        per_stream.setdefault((i, stream), []).append(b)
-
-    def as_recipe(values: list[int]) -> int | list[int]:
-        return values[0] if len(set(values)) == 1 else values  # one width for the whole stream
-
-    layers = range(len(spectra))
-    return [as_recipe(per_stream[i, "k"]) for i in layers], [as_recipe(per_stream[i, "v"]) for i in layers]
-
-
 def analyze(
     source: Source,
     tokenizer,
@@ -239,7 +206,11 @@ def analyze(
         method = (f"not needed: every stream at {recipe.quant.avg_bits:g} bits" if uniform
                   else "none (uniform bits)")
     if by_channels:
-        bits_k, bits_v = channel_bits(recipe, spectra, ranks_k, ranks_v, sens)
+        q = recipe.quant
+        energies = [tuple(torch.stack([x.double()[:r].square() for x in sig]).mean(0) for sig, r in
+                          ((k_sig, ranks_k[i]), (v_sig, ranks_v[i]))) for i, (k_sig, v_sig) in enumerate(spectra)]
+        bits_k, bits_v = channel_bits(energies, sens, (q.segment_size("k"), q.segment_size("v")), q.avg_bits,
+                                      q.key_rope == "post")
     else:
         bits = allocate_bits([s for pair in sens for s in pair], recipe.quant.avg_bits)
         bits_k, bits_v = bits[0::2], bits[1::2]

@@ -57,7 +57,8 @@ from dataclasses import dataclass
 import torch
 
 from kvcompress.errors import KVCompressError
-from kvcompress.methods.kivi import Packed, cat, dequantize, effective_group, quantize
+from kvcompress.methods.dense import FP16
+from kvcompress.methods.kivi import Packed, QuantizedStore, cat, dequantize, effective_group, quantize
 
 CORE = 16  # requested width k of the small fp16 core
 MIN_CORE = 4  # narrower cores are refused (check_core, when the plan is built): they cannot hold outliers
@@ -158,3 +159,34 @@ def cat_blocks(parts: Sequence[DecoPacked]) -> DecoPacked:
     if any(p.block != parts[0].block for p in parts):
         raise ValueError("cannot concatenate DecoQuant blocks of different sizes")
     return DecoPacked(cat([p.large for p in parts]), torch.cat([p.small for p in parts], dim=-3), parts[0].block)
+
+
+class DecoQuantStore(QuantizedStore):
+    """A :class:`QuantizedStore` whose settled blocks are stored in DecoQuant form (arXiv:2405.12591).
+
+    Each flushed ``block`` of tokens is split by a two-core MPO into a large core,
+    quantized exactly like KIVI would quantize the block (same ``bits``, ``group_size``, ``along``), and a
+    small float16 ``k x k`` core per block and head (``kvcompress.methods.decoquant``). Same interface and
+    residual window as the parent; ``nbytes`` and :meth:`bytes_per_token` add the small cores.
+    """
+
+    check = staticmethod(check_core)  # refuse widths without a usable small core
+
+    @staticmethod
+    def bytes_per_token(width: int, bits: int, along: str, group: int, block: int, context: int) -> float:
+        """KIVI's bytes at the same groups plus one fp16 ``k × k`` small core per flushed block."""
+        cores = context // block * FP16 * core_width(width, block) ** 2
+        return QuantizedStore.bytes_per_token(width, bits, along, group, block, context) + cores / context
+
+    def _encode(self, x: torch.Tensor) -> DecoPacked:
+        return encode(x, self.bits, self.group_size, self.along, self.block)
+
+    def _decode(self, packed: DecoPacked, out: torch.Tensor) -> None:
+        out.copy_(decode(packed, self.dtype))
+
+    def _cat(self, parts: list[DecoPacked]) -> DecoPacked:
+        return cat_blocks(parts)
+
+    def _select(self, packed: DecoPacked, index: torch.Tensor) -> DecoPacked:
+        large = super()._select(packed.large, index)
+        return DecoPacked(large, packed.small.index_select(0, index), packed.block)

@@ -1,17 +1,25 @@
-"""Low-bit KV storage: asymmetric min–max quantization into bit-packed codes.
+"""KIVI min–max groups: packed low-bit codes for settled tokens, a 16-bit residual window for recent ones.
 
-Grouping follows KIVI (Liu et al., 2024, arXiv:2402.02750), also used by MiniKV: keys are quantized
-*per channel*, each group running along ``group_size`` consecutive tokens (``along="tokens"``), because key
-outliers live in fixed channels; values are quantized *per token*, each group running along
-``group_size`` consecutive channels (``along="channels"``), because attention mixes values token by token.
+Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache" (arXiv:2402.02750), §3.2–3.3;
+MiniKV (arXiv:2411.18077) uses the same grouping. Keys are quantized *per channel*, each group running
+along ``G`` consecutive tokens (``along="tokens"``), because key outliers live in fixed channels; values
+*per token*, each group running along ``G`` consecutive channels (``along="channels"``), because attention
+mixes values token by token. The newest tokens stay in 16 bits (the residual window, KIVI's ``R``) until a
+whole block of them can be quantized.
 
-Every group stores a float16 ``minimum`` and ``scale``; an element is ``minimum + code * scale`` with a
-``bits``-wide code (2, 4 or 8). The minimum is rounded down and the scale up to float16, and codes are
-computed from those stored values, so ``|dequantize(quantize(x)) - x| <= scale / 2`` up to float32
-rounding. Constant groups whose value is a float16 number get ``scale == 0`` and are reproduced exactly.
-The storage layout (:class:`Packed`), :func:`dequantize` and the kernels live in :mod:`kvcompress.kernels.pack`
-and are imported from there; this module adds the grouping policy (:func:`effective_group`), :func:`quantize`
-and :func:`cat`.
+Per group (KIVI eq. 2): ``z = min X``, ``s = (max X − z) / (2^b − 1)``, ``Q(X) = round((X − z) / s)``,
+``X̂ = z + Q(X)·s``, with ``b``-bit codes (2, 4 or 8). ``z`` is rounded down and ``s`` up to float16 and codes
+are computed from those stored values, so ``|X̂ − X| <= s / 2`` up to float32 rounding. Constant groups
+whose value is a float16 number get ``s == 0`` and are reproduced exactly.
+
+Bytes per token of a ``D``-wide stream (:meth:`QuantizedStore.bytes_per_token`), averaged over ``T`` tokens
+of which ``T_q = ⌊T / block⌋·block`` are quantized::
+
+    (T_q · (D·b/8 + 2·2·D/G) + (T − T_q) · 2·D) / T
+
+(codes, an fp16 scale and minimum per group, the fp16 residual). Writes nothing into the checkpoint: the
+recipe's bits and groups reach the runtime through the plan (:class:`kvcompress.plan.StreamPlan`). The
+packed layout (:class:`Packed`), :func:`dequantize` and the kernels live in :mod:`kvcompress.kernels.pack`.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ from collections.abc import Sequence
 import torch
 
 from kvcompress.kernels.pack import Along, Packed, dequantize, quantize_pack
+from kvcompress.methods.dense import FP16, gather_tokens
 
-__all__ = ["Packed", "cat", "dequantize", "effective_group", "quantize"]
+__all__ = ["Packed", "QuantizedStore", "cat", "dequantize", "effective_group", "quantize"]
 
 
 def effective_group(dim: int, group_size: int) -> int:
@@ -104,3 +113,115 @@ def cat(blocks: Sequence[Packed]) -> Packed:
         torch.cat([b.minimum for b in blocks], dim=-2),
         *layout,
     )
+
+
+class QuantizedStore:
+    """Packed ``bits``-bit codes for settled tokens plus a 16-bit residual window of recent ones (KIVI).
+
+    Keys use ``along="tokens"`` (per-channel scales over ``group_size`` tokens), values
+    ``along="channels"`` (per-token scales over ``group_size`` channels). Once the residual holds a full
+    ``block`` of tokens that are *settled* (no eviction policy will touch them again), the block is
+    quantized. ``block`` is the residual window, or one group without a window (resolved by the plan,
+    :class:`kvcompress.plan.StreamPlan`).
+    """
+
+    @staticmethod
+    def check(name: str, width: int, block: int) -> None:
+        """Refuse a stream this quantizer cannot hold (every width fits min–max groups)."""
+
+    @staticmethod
+    def bytes_per_token(width: int, bits: int, along: str, group: int, block: int, context: int) -> float:
+        """Bytes per token of a ``width``-channel stream averaged over ``context`` tokens (module docstring)."""
+        quantized = context // block * block
+        group = group if along == "tokens" else effective_group(width, group)
+        meta = 2 * FP16 * width / group  # keys: one (scale, min) per channel per group of tokens; values: per token
+        return (quantized * (width * bits / 8 + meta) + (context - quantized) * width * FP16) / context
+
+    def __init__(self, bits: int, group_size: int, along: str, block: int) -> None:
+        self.bits, self.group_size, self.along, self.block = bits, group_size, along, block
+        self.packed: Packed | None = None
+        self.fp: torch.Tensor | None = None
+        self.dtype = torch.float16
+
+    @property
+    def quantized_length(self) -> int:
+        """Tokens held in packed form."""
+        return 0 if self.packed is None else self.packed.num_tokens
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(B, H, T, D)`` of what :meth:`read` returns."""
+        assert self.fp is not None
+        b, h, t, d = self.fp.shape
+        return b, h, self.quantized_length + t, d
+
+    def append(self, x: torch.Tensor) -> None:
+        """Add new tokens to the 16-bit residual window (float32 input is stored as float16)."""
+        self.dtype = x.dtype
+        x = x.to(torch.float16) if x.element_size() > 2 else x
+        self.fp = x if self.fp is None else torch.cat([self.fp, x], dim=-2)
+
+    def flush(self, settled: int) -> None:
+        """Quantize whole blocks of the residual that lie within the first ``settled`` stored tokens."""
+        if self.fp is None:
+            return
+        ready = min(settled - self.quantized_length, self.fp.shape[-2]) // self.block * self.block
+        if ready <= 0:
+            return
+        block = self._encode(self.fp[..., :ready, :].detach().to(self.dtype))  # rounding has no gradient
+        self.packed = block if self.packed is None else self._cat([self.packed, block])
+        self.fp = self.fp[..., ready:, :].clone()  # a view would keep the whole flushed window allocated
+
+    def _encode(self, x: torch.Tensor) -> Packed:
+        return quantize(x, self.bits, self.group_size, self.along)
+
+    def _decode(self, packed: Packed, out: torch.Tensor) -> None:
+        dequantize(packed, self.dtype, out)
+
+    def _cat(self, parts: list[Packed]) -> Packed:
+        return cat(parts)
+
+    def _select(self, packed: Packed, index: torch.Tensor) -> Packed:
+        p = packed
+        return Packed(p.codes.index_select(0, index), p.scale.index_select(0, index),
+                      p.minimum.index_select(0, index), p.bits, p.group_size, p.along, p.dim)
+
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """All stored tokens, de-quantized, ``[B, H, T, D]`` in the compute dtype.
+
+        The packed tokens are de-quantized straight into the front of one buffer (``out`` if given, which
+        may be a slice of channels of a wider buffer) and the residual window is copied behind them: no
+        intermediate copy of the whole cache.
+        """
+        fp, tq = self.fp, self.quantized_length
+        assert fp is not None
+        if out is None:
+            if self.packed is None:
+                return self.residual()
+            out = fp.new_empty(self.shape, dtype=self.dtype)
+        if self.packed is not None:
+            self._decode(self.packed, out[..., :tq, :])
+        out[..., tq:, :] = fp
+        return out
+
+    def residual(self) -> torch.Tensor:
+        """The 16-bit tokens after the packed ones, in the compute dtype."""
+        assert self.fp is not None
+        return self.fp.to(self.dtype)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep residual tokens ``index`` (eviction happens before quantization)."""
+        assert self.fp is not None
+        self.fp = gather_tokens(self.fp, index)
+
+    def nbytes(self) -> int:
+        """Packed codes, fp16 scales and minima, and the residual window."""
+        fp = 0 if self.fp is None else self.fp.numel() * self.fp.element_size()
+        return fp + (0 if self.packed is None else self.packed.nbytes())
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Reorder or select sequences (beam search)."""
+        if self.fp is not None:
+            self.fp = self.fp.index_select(0, index.to(self.fp.device))
+        if self.packed is not None:
+            self.packed = self._select(self.packed, index)

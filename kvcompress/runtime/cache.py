@@ -2,7 +2,7 @@
 
 A layer stores, per sequence and per latent head (a KV-head group), the key features (latent or full
 width, pre-RoPE), the value features, and each stored token's RoPE position. Each stream lives in a
-store (``kvcompress.runtime.stores``: dense, or packed low-bit codes plus an fp residual window); eviction
+store (``kvcompress.methods``: dense, or a quantizer's codes plus an fp residual window); eviction
 is a per-layer policy that picks which fp tokens to keep. Tokens are evicted first and quantized only
 once the policy has settled them.
 
@@ -21,11 +21,11 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvcompress.methods import DenseStore, QuantizedStore, make_store
 from kvcompress.methods.kivi import Packed
 from kvcompress.methods.lagkv import compress_step, scored_chunks
 from kvcompress.plan import LayerPlan, layer_plan
 from kvcompress.recipe import LagKV, LayerRecipe, Quant
-from kvcompress.runtime.stores import DenseStore, QuantizedStore, make_store
 from kvcompress.runtime.workspace import Workspace
 
 Layout = Literal["dense", "workspace", "packed"]
