@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from kvcompress.errors import KVCompressError
 from kvcompress.methods import quantizer
 from kvcompress.methods.channels import check_runs
+from kvcompress.methods.lowrank import value_folded
 from kvcompress.recipe import QUANT_METHODS, LagKV, LayerRecipe, Quant, Recipe
 from kvcompress.sources import ModelSpec
 
@@ -176,16 +177,6 @@ def layer_plan(lay: LayerRecipe, quant: Quant, folded: bool = True) -> LayerPlan
         method=quant.method,
         value_folded=folded,
     )
-
-
-def value_folded(spec: ModelSpec, rank_v: int) -> bool:
-    """Whether folding ``U_v`` into ``o_proj`` makes fewer weights than keeping it apart (LoRC §3's folding).
-
-    Folded: ``hidden × heads·r_v``. Apart: ``U_v`` (``kv_heads·d × r_v``) plus the original ``hidden ×
-    heads·d``. Every weight is read at each decode step, so fewer weights is also faster decoding.
-    """
-    folded = spec.hidden_size * spec.num_heads * rank_v
-    return folded <= spec.num_kv_heads * spec.head_dim * rank_v + spec.hidden_size * spec.num_heads * spec.head_dim
 
 
 def build_plan(recipe: Recipe, spec: ModelSpec, dtype: str = "float16") -> Plan:

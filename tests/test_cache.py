@@ -12,9 +12,9 @@ from kvcompress.evaluate.speed import PeakMemory
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import DenseStore, QuantizedStore
 from kvcompress.methods.lagkv import max_stored_tokens
+from kvcompress.methods.rotation import turn_keys
 from kvcompress.plan import Plan, layer_plan
 from kvcompress.recipe import LagKV, LayerRecipe, Quant, Recipe
-from kvcompress.runtime import attention as attention_module
 from kvcompress.runtime.cache import KVCompressCache, KVCompressLayer
 from kvcompress.sources import open_source
 
@@ -388,7 +388,7 @@ def test_keys_turn_per_head_without_copying_the_rotations():
     k = torch.randn(1, 1, 2048, 3, 64, generator=g)  # one latent group of 3 KV heads
     rot = torch.linalg.qr(torch.randn(3, 64, 64, generator=g))[0]
     with PeakMemory(torch.device("cpu")) as mem:
-        turned = attention_module.turn_keys(k, rot)
+        turned = turn_keys(k, rot)
     expected = torch.stack([k[:, :, :, h] @ rot[h].T for h in range(3)], dim=3)
     torch.testing.assert_close(turned, expected)
     assert mem.peak < 4 * k.numel() * 4  # a copy of each rotation per token would be 64x the keys
@@ -433,7 +433,7 @@ def test_latent_rotation_is_exact_in_full_precision(llama_gqa, tmp_path, one_thr
 
 
 def test_rotation_changes_the_stored_latent_not_the_product():
-    from kvcompress.checkpoint.export import rotate_latent
+    from kvcompress.methods.rotation import rotate_latent
 
     down, up = torch.randn(6, 10, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
     r_down, r_up = rotate_latent(down, up, seed=3)

@@ -17,7 +17,7 @@ from kvcompress.methods.lowrank import (
     GroupSVD,
     condition_number,
     energy_kept,
-    group_svd,
+    layer_group_svds,
     split_groups,
     whitening_factor,
 )
@@ -91,18 +91,6 @@ class Analysis:
             "compression_ratio": self.compression_ratio,
             "seconds": round(self.seconds, 2),
         }
-
-
-def layer_group_svds(
-    source: Source, layer: int, head_group: int, s_factor: torch.Tensor | None
-) -> tuple[list[GroupSVD], list[GroupSVD]]:
-    """SVDs of one layer's K and V projections, one per head group (whitened when ``s_factor`` is given)."""
-    spec = source.spec
-    out = []
-    for proj in ("k", "v"):
-        w = source.tensor(f"{attn_prefix(layer)}{proj}_proj.weight")
-        out.append([group_svd(g, s_factor) for g in split_groups(w, spec.num_kv_heads, spec.head_dim, head_group)])
-    return out[0], out[1]
 
 
 def _log_kappa(source: Source, layer: int, head_group: int) -> tuple[float, float]:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from kvcompress import __version__
 from kvcompress.errors import KVCompressError
+from kvcompress.methods.lowrank import tensor_shapes
 from kvcompress.plan import Plan
-from kvcompress.sources import ModelSpec, attn_prefix, sha256_file
+from kvcompress.sources import ModelSpec, sha256_file
 
 MANIFEST_NAME = "kvcompress.json"
 SCHEMA_VERSION = 2
@@ -143,18 +144,9 @@ def check_against_weights(folder: Path, plan: Plan, spec: ModelSpec) -> None:
     if plan.head_group < 1 or spec.num_kv_heads % plan.head_group:
         raise KVCompressError(f"the manifest's head_group {plan.head_group} does not divide the "
                               f"{spec.num_kv_heads} KV heads")
-    groups, width = plan.groups(spec), plan.head_group * spec.head_dim
     for lay in plan.layers:
-        p, rank_k, rank_v = attn_prefix(lay.layer), lay.keys.rank, lay.values.rank
-        expected = {
-            f"{p}k_down.weight": (groups * rank_k, spec.hidden_size),
-            f"{p}k_up": (groups, width, rank_k),
-            f"{p}v_down.weight": (groups * rank_v, spec.hidden_size),
-            f"{p}o_proj.weight": (spec.hidden_size, spec.num_heads * (rank_v if lay.value_folded else spec.head_dim)),
-        }
-        if not lay.value_folded:
-            expected[f"{p}v_up"] = (groups, width, rank_v)
-        for name, shape in expected.items():
+        rank_k, rank_v = lay.keys.rank, lay.values.rank
+        for name, shape in tensor_shapes(spec, plan, lay).items():
             if name not in shapes:
                 raise KVCompressError(f"layer {lay.layer}: the weights have no {name}")
             if shapes[name] != shape:

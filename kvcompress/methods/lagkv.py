@@ -14,7 +14,16 @@ raw (uncompressed) next chunk and chunk boundaries are fixed at ``sink_size + i 
 original token stream, the kept set does not depend on how the tokens were fed (one at a time, in
 blocks, or all at once).
 
-The cache wiring lives elsewhere; this module only computes scores and the indices to keep.
+Scores (paper §3): each partition ``X`` of ``lag_size`` tokens is min–max normalized per channel by the
+range of the next partition ``X_ref``, ``X̄ = (X − min X_ref) / (max X_ref − min X_ref)``; a token's score
+is ``softmax_L(std_D(K̄)) + w · softmax_L(std_D(V̄))`` (:func:`chunk_scores`), and the chunk's top
+``keep_per_chunk = round(keep_ratio · lag_size)`` tokens stay (:class:`kvcompress.recipe.LagKV`).
+
+Settings: :class:`kvcompress.recipe.LagKV` (the one settings class; validated there). Checkpoint: the
+manifest's ``eviction`` entry, nothing in the weights. Runtime: :func:`compress_step`, run by the cache layer
+(:meth:`kvcompress.runtime.cache.KVCompressLayer.step`) as its own last step after each update. Bytes: an
+evicting cache keeps one int32 position per token and latent head (:data:`kvcompress.memory.POSITION`); how
+many tokens it drops depends on the text, at most :func:`max_stored_tokens` stay.
 """
 
 from __future__ import annotations

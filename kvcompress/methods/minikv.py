@@ -5,6 +5,12 @@ grouping, 2 bits) while everything else stays exact, and measure the mean next-t
 KL(p_exact ‖ p_quantized) on calibration text. MiniKV (arXiv 2411.18077) varies its budget by layer
 with a fixed pyramid; we measure instead, keys and values apart (keys are usually far more
 sensitive), and spend bits where the measured damage is largest (see :func:`allocate_bits`).
+
+Allocation: minimize ``Σ_u s_u · 4^-(b_u − b_min)`` (error energy falls about 4× per bit) subject to
+``Σ_u w_u b_u ≤ avg_bits · Σ_u w_u``, greedily by damage reduction per extra bit and channel. Run by
+``analyze`` (per stream here, per channel segment in :mod:`kvcompress.methods.channels`); what it decides
+reaches the checkpoint as each layer's ``bits_k`` / ``bits_v`` in the manifest, and the runtime reads them
+with the stream's quantizer, whose formula gives the bytes.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from torch import nn
 from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
 from kvcompress.kernels.lowrank_rope import lowrank_rope, pair_order, pair_ordered_up, reconstruct, rope_pairs
+from kvcompress.methods.rotation import turn_keys
 from kvcompress.runtime import latent_decode
 from kvcompress.runtime.cache import DenseKV, KVCompressLayer, Layout, PackedKV
 
@@ -43,14 +44,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
-
-
-def turn_keys(k: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """``k R_hᵀ`` for rotated keys ``[B, G, T, g, d]`` and one orthogonal matrix per KV head, ``rot``
-    ``[G·g, d, d]``: one batched GEMM over the heads (a broadcast ``matmul`` would copy ``R_h`` for every
-    token, 100 MB per layer for SmolLM2 at 2048 tokens)."""
-    groups, g = k.shape[1], k.shape[3]
-    return torch.einsum("bgtjd,gjed->bgtje", k, rot.view(groups, g, *rot.shape[1:]))
 
 
 # Query rows scored at once in prefill. The [heads, rows, keys] scores and their softmax are the largest
