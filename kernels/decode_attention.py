@@ -4,7 +4,9 @@ The Triton path is split over the sequence (flash-decoding): each program takes 
 ``n_rep`` query heads (GQA) and a chunk of tokens, dequantizes the packed keys and values in registers and
 runs an online softmax; a second kernel merges the partial ``(max, sum, acc)`` of all chunks. The
 quantized tokens come first in the sequence, then the residual window; the result does not depend on the
-order, since softmax attention is permutation invariant over keys.
+order, since softmax attention is permutation invariant over keys. Keys and values may have any code width
+1–8 and any head dim: :func:`~.pack.load_dequant` dequantizes a packed row in the bit planes of its widest
+piece, gathering the narrower pieces into the same slots, and the queries are loaded in that channel order.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import Dispatch
-from .pack import Packed, dequantize, load_dequant, plane_channels
+from .pack import Packed, dequantize, load_dequant, pieces, plane_channels, plane_tile
 
 _TARGET_PROGRAMS = 512  # enough chunk programs to fill a large GPU several times over
 _REGISTER_TILE = 4096  # elements of the [heads, tokens, dim] product held by one program
@@ -120,10 +122,8 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, bh, split, n_split, m_i, l_i, acc, N_R
 @triton.jit
 def _plane_columns(D, PER: tl.constexpr, BLOCK_B: tl.constexpr):
     """Channels (and validity) of a dequantized packed row flattened from ``[BLOCK_B, PER]`` slots."""
-    cols = tl.reshape(plane_channels(D, PER, BLOCK_B), (BLOCK_B * PER,))
-    valid = tl.reshape(tl.broadcast_to((tl.arange(0, BLOCK_B) < D // PER)[:, None], (BLOCK_B, PER)),
-                       (BLOCK_B * PER,))
-    return cols, valid
+    cols, valid = plane_channels(D, PER, BLOCK_B)
+    return tl.reshape(cols, (BLOCK_B * PER,)), tl.reshape(valid, (BLOCK_B * PER,))
 
 
 @triton.jit
@@ -240,13 +240,13 @@ def decode_attention_triton(
     q = q.contiguous()
     qk_scale = sm_scale * math.log2(math.e)
     if n_quant:
-        block_kb = triton.next_power_of_2(dk * k.bits // 8)
-        block_vb = triton.next_power_of_2(dv * v.bits // 8)
+        k_per, block_kb = plane_tile(dk, pieces(k.bits)[0])  # packed rows dequantize in the widest piece's planes
+        v_per, block_vb = plane_tile(dv, pieces(v.bits)[0])
         _quantized_partial_kernel[(b * hkv, n_quant)](
             q, k.codes.contiguous(), k.scale.contiguous(), k.minimum.contiguous(),
             v.codes.contiguous(), v.scale.contiguous(), v.minimum.contiguous(), m, l, acc,
             tq, split_size, n_split, qk_scale, n_rep, dk, dv, k.group_size, v.group_size,
-            K_BITS=k.bits, V_BITS=v.bits, K_PER=8 // k.bits, V_PER=8 // v.bits,
+            K_BITS=k.bits, V_BITS=v.bits, K_PER=k_per, V_PER=v_per,
             BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_KB=block_kb, BLOCK_VB=block_vb, num_warps=_PARTIAL_WARPS,
         )
     if n_dense:

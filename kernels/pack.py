@@ -1,4 +1,4 @@
-"""Group-wise asymmetric quantization into bit-packed codes: Triton kernels and plain-torch twins.
+"""Group-wise asymmetric quantization into bit-packed codes of any width 1–8: Triton kernels and torch twins.
 
 A tensor ``x`` of shape ``[..., T, D]`` is cut into groups of ``GT`` tokens by ``GC`` channels and each
 group is stored as ``minimum + code * scale`` with ``code`` in ``[0, 2**bits - 1]``:
@@ -6,13 +6,19 @@ group is stored as ``minimum + code * scale`` with ``code`` in ``[0, 2**bits - 1
 - ``along="tokens"`` (keys): ``GT = group_size``, ``GC = 1``, one scale per channel per block of tokens;
 - ``along="channels"`` (values): ``GT = 1``, ``GC = group_size``, one scale per token per block of channels.
 
-``scale`` and ``minimum`` are float16 of shape ``[..., T // GT, D // GC]``. Codes are packed along the last
-dim into uint8 ``[..., T, nb]`` with ``nb = D * bits // 8`` bytes per token, in bit planes: channel ``d``
-goes to byte ``d % nb`` at bit offset ``bits * (d // nb)`` (channels ``0..nb-1`` in the low bits). One
-mask then gives ``nb`` consecutive channels; on the CPU one ``and`` unpacks every plane at once, each
-code left at its bit offset (:func:`plane_codes`). The Triton kernels and the decode-attention kernel
-read this layout directly; :class:`Packed` holds one such tensor with its layout, :func:`dequantize`
-reads it back.
+``scale`` and ``minimum`` are float16 of shape ``[..., T // GT, D // GC]``.
+
+Packed layout (:func:`pack_codes`). A ``bits``-wide code is split into *pieces* of 8, 4, 2 and 1 bits, the
+binary digits of ``bits`` (:func:`pieces`: 3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1), lowest bits in
+the widest piece. Each piece of ``p`` bits is packed in bit planes into ``nb = ceil(D / (8 // p))`` bytes per
+token: channel ``d`` goes to byte ``d % nb`` at bit offset ``p * (d // nb)`` (channels past ``D`` are zero
+padding). A row of codes is the pieces' bytes one after the other, ``packed_bytes(D, bits)`` in all, so any
+width costs ``D * bits / 8`` bytes when ``8 // p`` divides ``D`` for every piece. One mask then gives ``nb``
+consecutive channels of a piece; on the CPU one ``and`` unpacks every plane at once, each code left at its
+bit offset (:func:`plane_codes`). The Triton kernels and the decode-attention kernel read this layout
+directly: the encode kernel writes one piece per launch, the decoders read a row in the bit planes of its
+widest piece and gather the narrower pieces into the same slots (:func:`load_dequant`). :class:`Packed` holds
+one such tensor with its layout, :func:`dequantize` reads it back.
 
 Rounding: the minimum is rounded *down* and the scale *up* to float16, so every value of a group lies in
 ``[minimum, minimum + (2**bits - 1) * scale]`` and the reconstruction error is at most ``scale / 2`` (plus
@@ -34,7 +40,7 @@ from .dispatch import Dispatch
 
 Along = Literal["tokens", "channels"]
 
-_BITS = (2, 4, 8)
+WIDTHS = tuple(range(1, 9))  # code widths every packer and kernel takes
 _REL = 2.0**-10  # one float16 ulp relative to the value (normal range)
 _TINY = 2.0**-24  # the smallest float16 subnormal
 _TILE = 4096  # elements per program in the quantize/dequantize kernels
@@ -47,13 +53,13 @@ class Packed:
     Attributes
     ----------
     codes
-        uint8 ``[..., T, nb]``, ``nb = D * bits // 8``: codes bit-packed along the last dim in bit planes
-        (channel ``d`` in byte ``d % nb`` at bit offset ``bits * (d // nb)``).
+        uint8 ``[..., T, packed_bytes(D, bits)]``: codes bit-packed along the last dim, piece by piece, in
+        bit planes (module docstring).
     scale, minimum
         float16 ``[..., T // group_size, D]`` for ``along="tokens"``, ``[..., T, D // group_size]`` for
         ``along="channels"``.
     bits
-        Code width: 2, 4 or 8.
+        Code width, 1 to 8.
     group_size
         Group extent along ``along``, exactly as used (it divides ``T`` or ``D``, see :func:`group_shape`).
     along
@@ -90,7 +96,7 @@ def group_shape(
     shape
         Shape ``[..., T, D]`` of the unpacked tensor.
     bits
-        Code width, one of 2, 4 or 8.
+        Code width, 1 to 8.
     group_size
         Group extent along ``along``; must divide ``T`` (tokens) or ``D`` (channels).
     along
@@ -106,13 +112,11 @@ def group_shape(
     ValueError
         On any unsupported combination.
     """
-    if bits not in _BITS:
-        raise ValueError(f"bits must be one of {_BITS}, got {bits}")
+    if bits not in WIDTHS:
+        raise ValueError(f"bits must be an integer from 1 to 8, got {bits}")
     if len(shape) < 2:
         raise ValueError(f"expected a tensor [..., T, D], got shape {tuple(shape)}")
     t, d = shape[-2], shape[-1]
-    if d % (8 // bits):
-        raise ValueError(f"last dim {d} must be divisible by {8 // bits} to pack {bits}-bit codes")
     if group_size < 1:
         raise ValueError(f"group_size must be positive, got {group_size}")
     if along == "tokens":
@@ -126,25 +130,82 @@ def group_shape(
     raise ValueError(f"along must be 'tokens' or 'channels', got {along!r}")
 
 
+def pieces(bits: int) -> tuple[int, ...]:
+    """The piece widths of a ``bits``-wide code, widest (lowest bits) first: its binary digits."""
+    return tuple(p for p in (8, 4, 2, 1) if bits & p)
+
+
+def piece_bytes(dim: int, piece: int) -> int:
+    """Bytes per token of one ``piece``-bit piece of ``dim`` channels (zero-padded to whole bytes)."""
+    return -(-dim // (8 // piece))
+
+
+def packed_bytes(dim: int, bits: int) -> int:
+    """Bytes per token of ``dim`` channels of ``bits``-wide codes: ``dim * bits / 8`` when that packs evenly."""
+    return sum(piece_bytes(dim, p) for p in pieces(bits))
+
+
+def _pack_piece(codes: torch.Tensor, piece: int) -> torch.Tensor:
+    per, d = 8 // piece, codes.shape[-1]
+    nb = piece_bytes(d, piece)
+    if nb * per != d:
+        codes = torch.nn.functional.pad(codes, (0, nb * per - d))
+    planes = codes.reshape(*codes.shape[:-1], per, nb)
+    shifts = torch.arange(0, 8, piece, dtype=torch.uint8, device=codes.device).view(per, 1)
+    return (planes << shifts).sum(-2, dtype=torch.uint8)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes ``[..., D]`` (values below ``2**bits``) into uint8 bit planes ``[..., D * bits // 8]``.
+    """Pack integer codes ``[..., D]`` (values below ``2**bits``) into uint8 ``[..., packed_bytes(D, bits)]``.
 
     Parameters
     ----------
     codes
-        Integer tensor; the last dim must be divisible by ``8 // bits``.
+        Integer tensor, any last dim.
     bits
-        Code width, one of 2, 4 or 8.
+        Code width, 1 to 8.
 
     Returns
     -------
     torch.Tensor
-        The packed bytes: channel ``d`` in byte ``d % nb`` at bit offset ``bits * (d // nb)``.
+        The packed bytes, piece after piece (module docstring).
     """
-    per = 8 // bits
-    planes = codes.to(torch.uint8).reshape(*codes.shape[:-1], per, codes.shape[-1] // per)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device).view(per, 1)
-    return (planes << shifts).sum(-2, dtype=torch.uint8)
+    codes = codes.to(torch.uint8)
+    parts, shift = [], 0
+    for piece in pieces(bits):
+        parts.append(_pack_piece((codes >> shift) & (2**piece - 1), piece))
+        shift += piece
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The codes of :func:`pack_codes` back as float32 ``[..., dim]`` (exact integers).
+
+    Parameters
+    ----------
+    packed
+        uint8 ``[..., packed_bytes(dim, bits)]`` (any strides).
+    bits
+        Code width, 1 to 8.
+    dim
+        ``D``, the unpacked channels.
+    out
+        Optional float32 ``[..., dim]`` tensor to write into.
+    """
+    lead = packed.shape[:-1]
+    out = packed.new_empty((*lead, dim), dtype=torch.float32) if out is None else out
+    start, shift = 0, 0
+    for i, piece in enumerate(pieces(bits)):
+        per, nb = 8 // piece, piece_bytes(dim, piece)
+        planes = plane_codes(packed[..., start:start + nb], piece).float()  # code * 2**(piece * plane)
+        planes *= plane_weights(piece, nb * per, packed.device).view(per, nb) * 2.0**shift
+        flat = planes.reshape(*lead, per * nb)[..., :dim]
+        if i == 0:
+            out.copy_(flat)
+        else:
+            out += flat
+        start, shift = start + nb, shift + piece
+    return out
 
 
 def plane_codes(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,7 +222,7 @@ def plane_codes(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None
     packed
         Packed bytes (any strides).
     bits
-        Code width, one of 2, 4 or 8.
+        Width of one piece: 1, 2, 4 or 8.
     out
         Optional ``[..., 8 // bits, nb]`` tensor of a floating dtype (or uint8) to write into.
 
@@ -180,9 +241,9 @@ def plane_weights(bits: int, dim: int, device: torch.device) -> torch.Tensor:
     Parameters
     ----------
     bits
-        Code width, one of 2, 4 or 8.
+        Width of one piece: 1, 2, 4 or 8.
     dim
-        ``D``, the unpacked channels.
+        Channels of the piece, padding included (a multiple of ``8 // bits``).
     device
         Where the weights live.
 
@@ -214,7 +275,7 @@ def _fp16_ceil(v: torch.Tensor) -> torch.Tensor:
 
 def _empty_outputs(x: torch.Tensor, bits: int, gt: int, gc: int) -> tuple[torch.Tensor, ...]:
     *lead, t, d = x.shape
-    codes = x.new_empty((*lead, t, d * bits // 8), dtype=torch.uint8)
+    codes = x.new_empty((*lead, t, packed_bytes(d, bits)), dtype=torch.uint8)
     stats = x.new_empty((*lead, t // gt, d // gc), dtype=torch.float16)
     return codes, stats, stats.clone()
 
@@ -229,7 +290,7 @@ def quantize_pack_ref(
     x
         Float tensor ``[..., T, D]``.
     bits
-        Code width, one of 2, 4 or 8.
+        Code width, 1 to 8.
     group_size
         Exact group extent along ``along`` (see :func:`group_shape`).
     along
@@ -238,7 +299,7 @@ def quantize_pack_ref(
     Returns
     -------
     tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-        ``codes`` uint8 ``[..., T, D * bits // 8]``, ``scale`` and ``minimum`` float16
+        ``codes`` uint8 ``[..., T, packed_bytes(D, bits)]``, ``scale`` and ``minimum`` float16
         ``[..., T // GT, D // GC]``.
     """
     gt, gc = group_shape(x.shape, bits, group_size, along)
@@ -292,6 +353,11 @@ def unpack_dequantize_ref(
     n = math.prod(lead)
     direct = out is not None and dtype == torch.float32
     x = out if direct else torch.empty((*lead, t, dim), dtype=torch.float32, device=codes.device)
+    if len(pieces(bits)) > 1 or dim % (8 // bits):  # several pieces, or padding: unpack, then scale
+        unpack_codes(codes, bits, dim, out=x)
+        groups = x.view(n, t // gt, gt, dim // gc, gc)
+        groups.mul_(scale.reshape(n, t // gt, 1, dim // gc, 1)).add_(minimum.reshape(n, t // gt, 1, dim // gc, 1))
+        return x if direct else (x.to(dtype) if out is None else out.copy_(x))
     plane_codes(codes.reshape(n, t, nb), bits, out=x.view(n, t, 8 // bits, nb))  # code * 2**(bits * plane)
     unit = math.gcd(gc, nb)  # runs of channels that share one scale and one plane weight
     groups, runs = dim // gc, gc // unit  # a group spans `runs` runs (more than one if it crosses planes)
@@ -326,25 +392,103 @@ def _group_index(rows, c, D, GT, GC):
 
 @triton.jit
 def plane_channels(D, PER: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Channel of each ``[BLOCK_B, PER]`` (byte, plane) slot of a packed row: ``j * (D // PER) + b``."""
+    """Channels ``[BLOCK_B, PER]`` of the (byte, plane) slots of one ``8 // PER``-bit piece of a packed row.
+
+    Slot ``(b, j)`` holds channel ``j * nb + b``, ``nb = cdiv(D, PER)`` being the piece's bytes per row.
+
+    Parameters
+    ----------
+    D
+        Channels per row.
+    PER
+        Codes per byte of the piece (8, 4, 2 or 1).
+    BLOCK_B
+        Byte slots, a power of two at least ``nb`` (:func:`plane_tile`).
+
+    Returns
+    -------
+    tuple
+        The int32 channels and their validity ``[BLOCK_B, PER]``: false for slots past the row's bytes and
+        for zero-padding channels (``>= D``).
+    """
     b = tl.arange(0, BLOCK_B)
     j = tl.arange(0, PER)
-    return j[None, :] * (D // PER) + b[:, None]
+    n_bytes = tl.cdiv(D, PER)
+    c = j[None, :] * n_bytes + b[:, None]
+    return c, (b < n_bytes)[:, None] & (c < D)
+
+
+@triton.jit
+def _row_bytes(D, BITS: tl.constexpr):
+    """``packed_bytes(D, BITS)``: the bytes of every piece of a row."""
+    n = 0
+    for i in tl.static_range(4):
+        if BITS & (8 >> i):
+            n += tl.cdiv(D, 1 << i)  # piece 8 >> i packs 1 << i codes per byte
+    return n
+
+
+@triton.jit
+def _gather_piece(row, c, mask, D, P: tl.constexpr):
+    """Bits of the ``P``-bit piece whose bytes start at pointers ``row`` ``[R]``, for channels ``c`` ``[B, PER]``:
+    int32 ``[R, B, PER]`` (0 where masked), and the piece's bytes per row."""
+    n_bytes = tl.cdiv(D, 8 // P)
+    byte = tl.load(row[:, None, None] + (c % n_bytes)[None, :, :], mask=mask, other=0)
+    return (byte.to(tl.int32) >> (P * (c // n_bytes))[None, :, :]) & ((1 << P) - 1), n_bytes
+
+
+@triton.jit
+def _load_codes(codes_ptr, rows, row_mask, D, BITS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Integer codes int32 ``[R, BLOCK_B, PER]`` of whole rows ``[R]`` of ``BITS``-wide codes, with their mask.
+
+    Slot ``(b, j)`` holds channel ``plane_channels(D)[b, j]`` in the bit planes of the widest piece
+    (``8 // PER`` bits, lowest in the code), whose bytes load contiguously; every narrower piece is gathered
+    into the same slots and or-ed in at its bit offset. Masked slots hold 0.
+    """
+    WIDE: tl.constexpr = 8 // PER
+    b = tl.arange(0, BLOCK_B)
+    j = tl.arange(0, PER)
+    c, valid = plane_channels(D, PER, BLOCK_B)
+    mask = row_mask[:, None, None] & valid[None, :, :]
+    row = codes_ptr + rows * _row_bytes(D, BITS)
+    start = tl.cdiv(D, PER)  # the widest piece's bytes; the next piece starts there
+    byte = tl.load(row[:, None] + b[None, :], mask=row_mask[:, None] & (b < start)[None, :], other=0)
+    q = (byte.to(tl.int32)[:, :, None] >> (j * WIDE)[None, None, :]) & ((1 << WIDE) - 1)
+    for i in tl.static_range(1, 4):
+        if BITS & (WIDE >> i):  # the narrower pieces, widest first
+            piece, n_bytes = _gather_piece(row + start, c, mask, D, WIDE >> i)
+            q |= piece << (BITS & -2 * (WIDE >> i))  # its bit offset: the wider pieces' bits
+            start += n_bytes
+    return q, mask
 
 
 @triton.jit
 def load_dequant(codes_ptr, scale_ptr, min_ptr, rows, row_mask, D, GT, GC,
-                  BITS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Dequantize whole rows to float32 ``[R, BLOCK_B, PER]``; slot ``(b, j)`` holds channel
-    ``plane_channels(D)[b, j]``, zeros when masked."""
-    b = tl.arange(0, BLOCK_B)
-    j = tl.arange(0, PER)
-    c = plane_channels(D, PER, BLOCK_B)
-    n_bytes = D // PER
-    byte = tl.load(codes_ptr + rows[:, None] * n_bytes + b[None, :],
-                   mask=row_mask[:, None] & (b < n_bytes)[None, :], other=0)
-    q = (byte.to(tl.int32)[:, :, None] >> (j * BITS)[None, None, :]) & ((1 << BITS) - 1)
-    mask = row_mask[:, None, None] & (b < n_bytes)[None, :, None]
+                 BITS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Dequantize whole packed rows of ``BITS``-wide codes to float32 ``[R, BLOCK_B, PER]``.
+
+    Parameters
+    ----------
+    codes_ptr, scale_ptr, min_ptr
+        Contiguous codes ``[n_rows, packed_bytes(D, BITS)]`` and float16 scale and minimum of
+        ``n_rows // GT`` by ``D // GC`` groups.
+    rows, row_mask
+        Flat row indices ``[R]`` (``n * T + t``) and which of them to load.
+    D, GT, GC
+        Channels per row and the group extent (tokens, channels).
+    BITS
+        Code width, 1 to 8.
+    PER, BLOCK_B
+        The tile of the widest piece, ``plane_tile(D, pieces(BITS)[0])``.
+
+    Returns
+    -------
+    tensor
+        ``minimum + code * scale``; slot ``(b, j)`` holds channel ``plane_channels(D, PER, BLOCK_B)[0][b, j]``,
+        zeros where masked or invalid.
+    """
+    q, mask = _load_codes(codes_ptr, rows, row_mask, D, BITS, PER, BLOCK_B)
+    c, _ = plane_channels(D, PER, BLOCK_B)
     g = _group_index(rows, c, D, GT, GC)
     s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(min_ptr + g, mask=mask, other=0.0).to(tl.float32)
@@ -373,23 +517,26 @@ def _group_stats_kernel(x_ptr, scale_ptr, min_ptr, n_groups, D, GT, GC, levels,
 
 
 @triton.jit
-def _encode_kernel(x_ptr, scale_ptr, min_ptr, codes_ptr, n_rows, D, GT, GC, levels,
-                   BITS: tl.constexpr, PER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+def _encode_kernel(x_ptr, scale_ptr, min_ptr, codes_ptr, n_rows, D, GT, GC, levels, row_bytes, offset,
+                   PIECE: tl.constexpr, SHIFT: tl.constexpr, PER: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Quantize rows and write bits ``SHIFT .. SHIFT + PIECE - 1`` of their codes, the piece whose bytes start
+    ``offset`` bytes into each ``row_bytes``-byte packed row."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     b = tl.arange(0, BLOCK_B)
     j = tl.arange(0, PER)
-    c = plane_channels(D, PER, BLOCK_B)
-    n_bytes = D // PER
-    mask = (rows < n_rows)[:, None, None] & (b < n_bytes)[None, :, None]
+    c, valid = plane_channels(D, PER, BLOCK_B)
+    mask = (rows < n_rows)[:, None, None] & valid[None, :, :]
     x = tl.load(x_ptr + rows[:, None, None] * D + c[None, :, :], mask=mask, other=0.0).to(tl.float32)
     g = _group_index(rows, c, D, GT, GC)
     s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(min_ptr + g, mask=mask, other=0.0).to(tl.float32)
     inv = tl.where(s > 0, tl.div_rn(tl.zeros_like(s) + 1.0, tl.where(s > 0, s, 1.0)), 0.0)
-    q = tl.minimum(tl.maximum(tl.floor((x - m) * inv + 0.5), 0.0), levels).to(tl.int32)
-    packed = tl.sum(q << (j * BITS)[None, None, :], axis=2)
-    tl.store(codes_ptr + rows[:, None] * n_bytes + b[None, :], packed.to(tl.uint8),
-             mask=(rows < n_rows)[:, None] & (b < n_bytes)[None, :])
+    q = tl.minimum(tl.maximum(tl.floor((x - m) * inv + 0.5), 0.0), levels).to(tl.int32)  # 0 where masked
+    q = (q >> SHIFT) & ((1 << PIECE) - 1)
+    packed = tl.sum(q << (j * PIECE)[None, None, :], axis=2)
+    tl.store(codes_ptr + rows[:, None] * row_bytes + offset + b[None, :], packed.to(tl.uint8),
+             mask=(rows < n_rows)[:, None] & (b < tl.cdiv(D, PER))[None, :])
 
 
 @triton.jit
@@ -398,15 +545,33 @@ def _decode_kernel(codes_ptr, scale_ptr, min_ptr, out_ptr, n_rows, D, GT, GC,
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     x = load_dequant(codes_ptr, scale_ptr, min_ptr, rows, row_mask, D, GT, GC, BITS, PER, BLOCK_B)
-    c = plane_channels(D, PER, BLOCK_B)
+    c, valid = plane_channels(D, PER, BLOCK_B)
     tl.store(out_ptr + rows[:, None, None] * D + c[None, :, :], x.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None, None] & (tl.arange(0, BLOCK_B) < D // PER)[None, :, None])
+             mask=row_mask[:, None, None] & valid[None, :, :])
 
 
-def _row_tiles(d: int, bits: int) -> tuple[int, int]:
-    """``(BLOCK_R, BLOCK_B)`` for kernels that process whole rows of ``d`` channels."""
-    block_b = triton.next_power_of_2(d * bits // 8)
-    return max(1, _TILE // (block_b * (8 // bits))), block_b
+def plane_tile(dim: int, piece: int) -> tuple[int, int]:
+    """The ``[BLOCK_B, PER]`` (byte, plane) tile that holds one row of a ``piece``-bit piece in registers.
+
+    Parameters
+    ----------
+    dim
+        ``D``, channels per row.
+    piece
+        Width of the piece: 1, 2, 4 or 8; for a whole row of codes, the widest, ``pieces(bits)[0]``.
+
+    Returns
+    -------
+    tuple[int, int]
+        ``(PER, BLOCK_B)``: codes per byte, and the piece's bytes per row rounded up to a power of two.
+    """
+    return 8 // piece, triton.next_power_of_2(piece_bytes(dim, piece))
+
+
+def _row_tiles(d: int, piece: int) -> tuple[int, int, int]:
+    """``(BLOCK_R, PER, BLOCK_B)`` for kernels that process whole rows of ``d`` channels of a ``piece``-bit piece."""
+    per, block_b = plane_tile(d, piece)
+    return max(1, _TILE // (block_b * per)), per, block_b
 
 
 def quantize_pack_triton(
@@ -427,11 +592,14 @@ def quantize_pack_triton(
         x, scale, minimum, scale.numel(), d, gt, gc, levels,
         BLOCK_K=block_k, BLOCK_GT=block_gt, BLOCK_GC=block_gc,
     )
-    block_r, block_b = _row_tiles(d, bits)
-    _encode_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, scale, minimum, codes, n_rows, d, gt, gc, levels,
-        BITS=bits, PER=8 // bits, BLOCK_R=block_r, BLOCK_B=block_b,
-    )
+    offset, shift = 0, 0
+    for piece in pieces(bits):  # one pass per piece, each writing its bytes of every row
+        block_r, per, block_b = _row_tiles(d, piece)
+        _encode_kernel[(triton.cdiv(n_rows, block_r),)](
+            x, scale, minimum, codes, n_rows, d, gt, gc, levels, codes.shape[-1], offset,
+            PIECE=piece, SHIFT=shift, PER=per, BLOCK_R=block_r, BLOCK_B=block_b,
+        )
+        offset, shift = offset + piece_bytes(d, piece), shift + piece
     return codes, scale, minimum
 
 
@@ -453,10 +621,10 @@ def unpack_dequantize_triton(
     if result.numel() == 0:
         return result
     n_rows = result.numel() // dim
-    block_r, block_b = _row_tiles(dim, bits)
+    block_r, per, block_b = _row_tiles(dim, pieces(bits)[0])
     _decode_kernel[(triton.cdiv(n_rows, block_r),)](
         codes.contiguous(), scale.contiguous(), minimum.contiguous(), result, n_rows, dim, gt, gc,
-        BITS=bits, PER=8 // bits, BLOCK_R=block_r, BLOCK_B=block_b,
+        BITS=bits, PER=per, BLOCK_R=block_r, BLOCK_B=block_b,
     )
     return result if out is None or result is out else out.copy_(result)
 

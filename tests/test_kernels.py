@@ -24,6 +24,8 @@ from kvcompress.kernels.decode_attention import (
 from kvcompress.kernels.dispatch import Dispatch
 from kvcompress.kernels.lowrank_rope import lowrank_rope, lowrank_rope_ref, lowrank_rope_triton
 from kvcompress.kernels.pack import (
+    WIDTHS,
+    packed_bytes,
     quantize_pack,
     quantize_pack_ref,
     quantize_pack_triton,
@@ -100,18 +102,40 @@ def test_unpack_dequantize_triton_matches_ref(shape: tuple, bits: int, group: in
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("dim", [7, 13, 64])  # odd (zero-padded pieces) and even
+@pytest.mark.parametrize("along", ["tokens", "channels"])
+def test_every_width_and_dim_matches_ref(bits: int, dim: int, along: str) -> None:
+    shape, group = (2, 3, 16, dim), 8 if along == "tokens" else (dim if dim % 16 else 16)
+    x = _input(shape, seed=bits)
+    got_all, want_all = quantize_pack_triton(x, bits, group, along), quantize_pack_ref(x, bits, group, along)
+    assert want_all[0].shape == (*shape[:-1], packed_bytes(dim, bits))
+    for got, want in zip(got_all, want_all, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+    args = (*want_all, bits, group, along, dim)
+    want = unpack_dequantize_ref(*args, torch.float32)
+    assert torch.equal(unpack_dequantize_triton(*args, torch.float32), want)
+    buffer = torch.full((2, 3, 20, dim + 3), math.nan, dtype=torch.float16)  # wider in tokens and channels
+    view = buffer[:, :, 2:18, 1:dim + 1]
+    assert unpack_dequantize_triton(*args, torch.float16, out=view) is view
+    assert torch.equal(view, unpack_dequantize_ref(*args, torch.float16))
+    view.fill_(math.nan)
+    assert buffer.isnan().all()  # nothing was written outside the slice
+
+
 @settings(max_examples=12, deadline=None)
 @given(
-    st.sampled_from([2, 4, 8]),
+    st.sampled_from(WIDTHS),
     st.sampled_from(["tokens", "channels"]),
     st.integers(1, 3),
     st.integers(1, 3),
+    st.integers(1, 11),
     st.integers(0, 2**31 - 1),
 )
-def test_kernels_match_ref_on_random_layouts(bits: int, along: str, group: int, n_groups: int, seed: int
-                                             ) -> None:
-    per = 8 // bits
-    shape = (2, group * n_groups, 2 * per) if along == "tokens" else (2, 3, per * group * n_groups)
+def test_kernels_match_ref_on_random_layouts(bits: int, along: str, group: int, n_groups: int, dim: int,
+                                             seed: int) -> None:
+    shape = (2, group * n_groups, dim) if along == "tokens" else (2, 3, group * n_groups)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 10
     got, want = quantize_pack_triton(x, bits, group, along), quantize_pack_ref(x, bits, group, along)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
@@ -164,6 +188,8 @@ CASES = [
     (1, 2, 2, 24, 0, 16, 8, 2, 4, None),  # empty residual window
     (1, 2, 2, 0, 0, 16, 8, 4, 4, None),  # no tokens at all
     (1, 1, 3, 24, 4, 24, 40, 2, 2, None),  # bytes per row not a power of two: padded bit-plane slots
+    # every key width with value width 9 - bits: several pieces, and odd head dims (zero-padded pieces)
+    *[(1, 2, 2, 16, 3, dk, dv, bits, 9 - bits, 8) for bits in WIDTHS for dk, dv in ((13, 7), (16, 24))],
 ]
 
 

@@ -14,7 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kvcompress.kernels.pack import pack_codes, plane_codes, plane_weights
+from kvcompress.kernels.pack import (
+    WIDTHS,
+    pack_codes,
+    packed_bytes,
+    pieces,
+    plane_codes,
+    plane_weights,
+    unpack_codes,
+)
 from kvcompress.methods.kivi import Packed, cat, dequantize, effective_group, quantize
 
 FAST = settings(max_examples=60, deadline=None)
@@ -50,8 +58,8 @@ def cases(draw: st.DrawFn) -> tuple[torch.Tensor, int, int, str]:
     return torch.from_numpy(x) * magnitude, bits, group, along
 
 
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes from packed bytes through :func:`plane_codes` into floats, times the plane weights."""
+def unpack_planes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of one piece from packed bytes through :func:`plane_codes` into floats, times the plane weights."""
     planes = plane_codes(packed, bits, out=packed.new_empty((*packed.shape[:-1], 8 // bits, packed.shape[-1]),
                                                              dtype=torch.float32))
     weights = plane_weights(bits, planes.shape[-2] * planes.shape[-1], packed.device)
@@ -59,14 +67,35 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @FAST
-@given(layouts(), st.data())
-def test_pack_unpack_round_trip(layout: tuple, data: st.DataObject) -> None:
-    shape, bits, _, _ = layout
+@given(
+    st.sampled_from(WIDTHS),
+    st.lists(st.integers(0, 3), max_size=2),
+    st.integers(1, 40),
+    st.data(),
+)
+def test_pack_unpack_round_trip(bits: int, lead: list, dim: int, data: st.DataObject) -> None:
+    shape = (*lead, dim)
     codes = torch.from_numpy(data.draw(arrays(np.uint8, shape, elements=st.integers(0, 2**bits - 1))))
     packed = pack_codes(codes, bits)
     assert packed.dtype == torch.uint8
-    assert packed.shape == (*shape[:-1], shape[-1] * bits // 8)
-    assert torch.equal(unpack_codes(packed, bits), codes)
+    assert packed.shape == (*lead, packed_bytes(dim, bits))
+    restored = unpack_codes(packed, bits, dim)
+    assert restored.dtype == torch.float32 and torch.equal(restored, codes.float())
+    wide = torch.zeros((*lead, packed.shape[-1] + 3), dtype=torch.uint8)  # packed bytes inside wider rows
+    wide[..., 1:-2] = packed
+    out = torch.full(shape, math.nan)
+    assert unpack_codes(wide[..., 1:-2], bits, dim, out=out) is out
+    assert torch.equal(out, codes.float())
+
+
+@given(st.sampled_from(WIDTHS), st.integers(0, 300))
+def test_packed_bytes_is_the_pieces_rounded_up(bits: int, dim: int) -> None:
+    digits = [1 << k for k in range(3, -1, -1) if bits >> k & 1]
+    assert list(pieces(bits)) == digits and sum(digits) == bits
+    assert packed_bytes(dim, bits) == sum(math.ceil(dim / (8 // p)) for p in digits)
+    assert packed_bytes(dim, bits) * 8 >= dim * bits
+    if dim % 8 == 0:
+        assert packed_bytes(dim, bits) * 8 == dim * bits
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -76,8 +105,8 @@ def test_unpack_reads_every_row_width(bits: int, n_bytes: int) -> None:
     codes = torch.randint(0, 2**bits, (3, 5, d), generator=torch.Generator().manual_seed(n_bytes), dtype=torch.uint8)
     codes[0, 0] = 2**bits - 1  # all bits set
     packed = pack_codes(codes, bits)
-    assert torch.equal(unpack_codes(packed, bits), codes)
-    assert torch.equal(unpack_codes(packed[:, 1:4], bits), codes[:, 1:4])  # a non-contiguous view
+    assert torch.equal(unpack_planes(packed, bits), codes)
+    assert torch.equal(unpack_planes(packed[:, 1:4], bits), codes[:, 1:4])  # a non-contiguous view
 
 
 def test_pack_layout_is_bit_planes() -> None:
@@ -86,6 +115,9 @@ def test_pack_layout_is_bit_planes() -> None:
     assert pack_codes(codes, 2).tolist() == [1 | 3 << 2 | 3 << 4 | 0 << 6, 2 | 0 << 2 | 3 << 4 | 1 << 6]
     assert pack_codes(torch.tensor([0xA, 0x5], dtype=torch.uint8), 4).tolist() == [0x5A]
     assert pack_codes(torch.tensor([7, 200], dtype=torch.uint8), 8).tolist() == [7, 200]
+    # 3 bits = a 2-bit piece (2 bytes, channel 5 is padding) then a 1-bit piece (1 byte, channels 5-7 padding)
+    codes = torch.tensor([0b101, 0b011, 0b111, 0b000, 0b110], dtype=torch.uint8)
+    assert pack_codes(codes, 3).tolist() == [0b01 | 0b11 << 2 | 0b10 << 4, 0b11, 1 | 1 << 2 | 1 << 4]
 
 
 @FAST
@@ -169,10 +201,10 @@ def test_channel_groups_use_effective_group() -> None:
 @pytest.mark.parametrize(
     ("shape", "bits", "group", "along"),
     [
-        ((4, 8), 3, 4, "tokens"),  # unsupported width
+        ((4, 8), 9, 4, "tokens"),  # wider than 8 bits
+        ((4, 8), 0, 4, "tokens"),  # no bits
         ((4, 8), 4, 4, "rows"),  # unknown direction
         ((6, 8), 4, 4, "tokens"),  # T not a multiple of the group
-        ((4, 6), 2, 2, "channels"),  # D not divisible by 4 codes per byte
         ((8,), 4, 4, "channels"),  # no token dim
     ],
 )
