@@ -16,13 +16,14 @@ def baseline_bytes_per_token(spec: ModelSpec, element_size: int = FP16) -> int:
     return spec.num_layers * 2 * spec.kv_width * element_size
 
 
-def stream_bytes(width: int, bits: int, along: str, stream: StreamPlan, method: str, context: int) -> float:
+def stream_bytes(width: int, bits: int, along: str, stream: StreamPlan, context: int) -> float:
     """Bytes per token, averaged over ``context`` tokens, of ``width`` channels of one K or V ``stream`` (one
     run of equal bits, see ``kvcompress.methods.channels``) at ``bits``: 16-bit, or the formula of the
-    quantizer ``method`` (``bytes_per_token`` of its store class)."""
+    stream's quantizer (``bytes_per_token`` of its store class)."""
     if bits >= DENSE:
         return dense.bytes_per_token(width)
-    return quantizer(method).bytes_per_token(width, bits, along, stream.group, stream.block, context)
+    return quantizer(stream.method).bytes_per_token(width, bits, along, stream.group, stream.block, context,
+                                                    stream.sink)
 
 
 def compressed_bytes_per_token(spec: ModelSpec, plan: Plan, context: int) -> float:
@@ -36,5 +37,5 @@ def compressed_bytes_per_token(spec: ModelSpec, plan: Plan, context: int) -> flo
     for lay in plan.layers:
         for stream, along in ((lay.keys, "tokens"), (lay.values, "channels")):
             for width, bits in bit_runs(stream.bits, stream.rank, stream.segment):
-                total += groups * stream_bytes(width, bits, along, stream, lay.method, context)
+                total += groups * stream_bytes(width, bits, along, stream, context)
     return total

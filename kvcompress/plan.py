@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, replace
 
 from kvcompress.errors import KVCompressError
 from kvcompress.methods import quantizer
-from kvcompress.methods.channels import check_runs
 from kvcompress.methods.lowrank import value_folded
 from kvcompress.recipe import QUANT_METHODS, LagKV, LayerRecipe, Quant, Recipe
 from kvcompress.sources import ModelSpec
@@ -54,6 +53,10 @@ class StreamPlan:
         Channels per bit segment when ``bits`` is a tuple.
     block
         Tokens quantized at once: the residual window, or ``group`` without one.
+    method
+        The quantizer (a name in :data:`kvcompress.methods.QUANTIZERS`).
+    sink
+        First tokens that keep a 16-bit copy once quantized (the attention sink).
     """
 
     rank: int
@@ -61,6 +64,8 @@ class StreamPlan:
     group: int
     segment: int
     block: int
+    method: str = "kivi"
+    sink: int = 0
 
     @property
     def quantized(self) -> bool:
@@ -70,13 +75,12 @@ class StreamPlan:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One decoder layer: its key and value streams, the quantizer, and the value layout."""
+    """One decoder layer: its key and value streams (each with its quantizer) and the value layout."""
 
     layer: int
     keys: StreamPlan
     values: StreamPlan
     residual_length: int
-    method: str  # "kivi" (min-max groups) or "decoquant" (two MPO cores per block)
     value_folded: bool  # U_v folded into o_proj, or kept apart as v_up
 
 
@@ -113,7 +117,8 @@ class Plan:
                  "bits_k": _json_bits(lay.keys.bits), "bits_v": _json_bits(lay.values.bits),
                  "group_size": lay.values.group, "key_group_size": lay.keys.group,
                  "key_segment": lay.keys.segment, "residual_length": lay.residual_length,
-                 "method": lay.method, "value_folded": lay.value_folded}
+                 "method": lay.values.method, "key_method": lay.keys.method, "sink": lay.keys.sink,
+                 "value_folded": lay.value_folded}
                 for lay in self.layers
             ],
         }
@@ -143,7 +148,7 @@ class Plan:
             )
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise KVCompressError(f"corrupt manifest: bad or missing field {e}") from None
-        bad = [lay.layer for lay in plan.layers if lay.method not in QUANT_METHODS]
+        bad = [lay.layer for lay in plan.layers if {lay.keys.method, lay.values.method} - set(QUANT_METHODS)]
         if plan.key_rope not in ("pre", "post") or bad:
             raise KVCompressError(f"corrupt manifest: key_rope {plan.key_rope!r}, quant method of layers {bad}")
         return plan
@@ -154,7 +159,9 @@ def _json_bits(bits: int | tuple[int, ...]) -> int | list[int]:
 
 
 def _layer_from_manifest(lay: dict) -> LayerPlan:
-    quant = Quant(enabled=True, method=str(lay.get("method", "kivi")),  # manifests before DecoQuant: KIVI
+    method = str(lay.get("method", "kivi"))  # manifests before DecoQuant: KIVI; before key_method: the same
+    quant = Quant(enabled=True, method=method, key_method=str(lay.get("key_method", method)),
+                  sink=int(lay.get("sink", 0)),
                   group_size=int(lay["group_size"]), key_group_size=int(lay.get("key_group_size") or 0),
                   residual_length=int(lay["residual_length"]), segment=int(lay.get("key_segment", 16)))
     recipe = LayerRecipe(int(lay["layer"]), int(lay["rank_k"]), int(lay["rank_v"]), lay["bits_k"], lay["bits_v"])
@@ -165,16 +172,15 @@ def layer_plan(lay: LayerRecipe, quant: Quant, folded: bool = True) -> LayerPlan
     """One layer's plan from its recipe entry and ``[quant]``: the one place where stream defaults resolve
     (key group, flush block, 16 bits when quantization is off)."""
 
-    def stream(rank: int, bits: int | list[int], group: int, segment: int) -> StreamPlan:
+    def stream(rank: int, bits: int | list[int], group: int, segment: int, method: str) -> StreamPlan:
         width = (bits if isinstance(bits, int) else tuple(int(b) for b in bits)) if quant.enabled else DENSE
-        return StreamPlan(rank, width, group, segment, quant.residual_length or group)
+        return StreamPlan(rank, width, group, segment, quant.residual_length or group, method, quant.sink)
 
     return LayerPlan(
         layer=lay.layer,
-        keys=stream(lay.rank_k, lay.bits_k, quant.key_group, quant.segment_size("k")),
-        values=stream(lay.rank_v, lay.bits_v, quant.group_size, quant.segment_size("v")),
+        keys=stream(lay.rank_k, lay.bits_k, quant.key_group, quant.segment_size("k"), quant.key_quantizer),
+        values=stream(lay.rank_v, lay.bits_v, quant.group_size, quant.segment_size("v"), quant.method),
         residual_length=quant.residual_length,
-        method=quant.method,
         value_folded=folded,
     )
 
@@ -192,10 +198,11 @@ def build_plan(recipe: Recipe, spec: ModelSpec, dtype: str = "float16") -> Plan:
     layers = tuple(layer_plan(lay, recipe.quant, value_folded(spec, lay.rank_v)) for lay in recipe.layers)
     for lay in layers:
         for name, stream in (("k", lay.keys), ("v", lay.values)):
-            if isinstance(stream.bits, tuple):
-                check_runs(f"layer {lay.layer}: bits_{name}", stream.bits, stream.rank, stream.segment)
             if stream.quantized:
-                quantizer(lay.method).check(f"layer {lay.layer}: rank_{name}", stream.rank, stream.block)
+                quantizer(stream.method).check(f"layer {lay.layer}: rank_{name}", stream.rank, stream.block)
+            if stream.sink > stream.block:
+                raise KVCompressError(f"[quant] sink ({stream.sink}) must not exceed the flush block of layer "
+                                      f"{lay.layer}'s {name} ({stream.block} tokens)")
     q = recipe.quant
     return Plan(model_type=spec.model_type, dtype=dtype, head_group=recipe.head_group(spec),
                 key_rope=q.key_rope, key_rotation=q.enabled and q.rotation == "orthogonal" and q.key_rope == "post",

@@ -29,11 +29,11 @@ RECIPE_SCHEMA_VERSION = 1
 SVD_MODES = ("whitened", "weight")
 SCHEDULES = ("progressive", "uniform", "energy", "greedy")  # kvcompress.analysis.schedule implements each
 
-BITS = (2, 4, 8)
+BITS = tuple(range(1, 9))  # code widths; 16 means a stream is not quantized
 # what `export` writes without --recipe: the shipped recipe with the largest compression within 1% perplexity
 # on the shared SmolLM2 (README Results)
 DEFAULT_RECIPE = "kivi-4bit"
-QUANT_METHODS = ("kivi", "decoquant")
+QUANT_METHODS = ("kivi", "decoquant", "codebook")  # kvcompress.methods.QUANTIZERS implements each
 ALLOCATIONS = ("stream", "channels")
 
 
@@ -69,6 +69,7 @@ class Quant:
 
     enabled: bool = False
     method: str = "kivi"
+    key_method: str = ""
     key_rope: str = "pre"
     rotation: str = "orthogonal"
     avg_bits: float = 3.0
@@ -77,6 +78,12 @@ class Quant:
     residual_length: int = 128
     allocation: str = "stream"
     segment: int = 16
+    sink: int = 0
+
+    @property
+    def key_quantizer(self) -> str:
+        """The keys' quantizer: ``key_method``, or ``method`` when it is empty."""
+        return self.key_method or self.method
 
     @property
     def key_group(self) -> int:
@@ -185,20 +192,24 @@ class Recipe:
         _check(lr.rank_multiple >= 1, f"rank_multiple must be >= 1, got {lr.rank_multiple}")
         _check(0.0 < lr.energy <= 1.0, f"energy must be in (0, 1], got {lr.energy}")
         _check(q.method in QUANT_METHODS, f"quant method must be one of {QUANT_METHODS}, got {q.method!r}")
+        _check(q.key_method in ("", *QUANT_METHODS),
+               f"quant key_method must be empty or one of {QUANT_METHODS}, got {q.key_method!r}")
         _check(q.key_rope in ("pre", "post"), f"key_rope must be 'pre' or 'post', got {q.key_rope!r}")
         _check(q.rotation in ("orthogonal", "none"), f"rotation must be 'orthogonal' or 'none', got {q.rotation!r}")
-        _check(2.0 <= q.avg_bits <= 8.0, f"avg_bits must be in [2, 8], got {q.avg_bits}")
+        _check(1.0 <= q.avg_bits <= 8.0, f"avg_bits must be in [1, 8], got {q.avg_bits}")
         _check(q.group_size >= 1 and q.key_group_size >= 0, "group_size must be >= 1 and key_group_size >= 0")
         for name, size in (("group_size", q.group_size), ("key_group_size", q.key_group)):
             _check(q.residual_length % size == 0,
                    f"residual_length ({q.residual_length}) must be a multiple of {name} ({size})")
         _check(q.residual_length >= 0, "residual_length must be >= 0")
+        _check(q.sink >= 0, f"sink must be >= 0, got {q.sink}")
         lag.check()
         _check(self.calibration.max_tokens >= 1 and self.calibration.seq_len >= 1,
                "calibration max_tokens and seq_len must be >= 1")
         _check(q.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}, got {q.allocation!r}")
         _check(q.segment >= 4 and q.segment % 4 == 0, f"segment must be a positive multiple of 4, got {q.segment}")
-        _check(q.allocation == "stream" or q.method == "kivi", "allocation = 'channels' needs method = 'kivi'")
+        _check(q.allocation == "stream" or q.method == q.key_quantizer == "kivi",
+               "allocation = 'channels' needs method = 'kivi'")
         for lay in self.layers:
             _check(lay.rank_k >= 1 and lay.rank_v >= 1, f"layer {lay.layer}: ranks must be >= 1")
             for stream, bits, rank in (("k", lay.bits_k, lay.rank_k), ("v", lay.bits_v, lay.rank_v)):
@@ -210,12 +221,12 @@ class Recipe:
     def _check_bits(self, layer: int, stream: str, bits: int | list[int], rank: int) -> None:
         name = f"layer {layer}: bits_{stream}"
         if isinstance(bits, int):
-            _check(bits in (*BITS, 16), f"{name} must be one of {BITS} (or 16 = off), got {bits}")
+            _check(bits in (*BITS, 16), f"{name} must be an integer from 1 to 8 (or 16 = off), got {bits}")
             return
         _check(self.quant.allocation == "channels", f"{name} is a list; that needs [quant] allocation = 'channels'")
         _check(stream == "v" or self.quant.key_rope == "pre",
                f"{name} is a list; post-RoPE keys have no principal axes to allocate over")
-        _check(all(b in BITS for b in bits), f"{name} entries must be in {BITS}, got {bits}")
+        _check(all(b in BITS for b in bits), f"{name} entries must be integers from 1 to 8, got {bits}")
         size = self.quant.segment_size(stream)
         segments = -(-rank // size)
         _check(len(bits) == segments, f"{name}: {len(bits)} segment bits for {segments} segments of {size} in "

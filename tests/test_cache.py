@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -624,7 +626,13 @@ def _pinned_run(model, monkeypatch, path: str) -> tuple[list[int], list[list[flo
 def test_lagkv_quantized_decode_is_pinned(llama_gqa, tmp_path, one_thread, monkeypatch, case):
     # every decode path gives the logits and the bytes held that it gave before the cache layer took over
     # its own eviction step: a block's queries see all of its tokens, and kv_bytes counts after eviction
+    import kvcompress.analysis.analyze as analyze_mod
+
+    # the pinned runs allocated from {2, 4, 8}, before any width 1-8 could be chosen
+    monkeypatch.setattr(analyze_mod, "allocate_bits", functools.partial(analyze_mod.allocate_bits, choices=(2, 4, 8)))
+    monkeypatch.setattr(analyze_mod, "BITS", (2, 4, 8))  # so a 3-bit average is measured and mixed
     model = _export(llama_gqa, tmp_path, **PINNED_CASES[case])
+    monkeypatch.undo()
     for path, (held, sums) in PINNED[case].items():
         got_held, got_sums = _pinned_run(model, monkeypatch, path)
         assert got_held == held, path

@@ -221,7 +221,7 @@ def test_decoquant_export_loads_and_tracks_kivi_and_the_exact_model(llama_gqa, t
 def test_old_manifests_without_a_method_get_kivi(llama_gqa, tmp_path, one_thread):
     model = _export(llama_gqa, tmp_path / "deco", "decoquant", 2.0)
     for lay in model.kvcompress_manifest["layers"]:
-        del lay["method"]
+        del lay["method"], lay["key_method"]  # written since DecoQuant and since per-stream quantizers
     model.kvcompress_plan = Plan.from_manifest(model.kvcompress_manifest)  # as load() reads it
     cache = kvcompress.make_cache(model)
     assert all(type(layer.key_store) is QuantizedStore for layer in cache.layers)

@@ -9,6 +9,8 @@ file               method                                      role
 ``dense.py``       16-bit storage                              the store every quantizer builds on
 ``kivi.py``        KIVI min–max groups (arXiv 2402.02750)      quantizer ``"kivi"``
 ``decoquant.py``   DecoQuant two-core MPO (arXiv 2405.12591)   quantizer ``"decoquant"``
+``codebook.py``    Lloyd–Max codebook + norm per vector         quantizer ``"codebook"``
+                   (TurboQuant, arXiv 2504.19874)
 ``channels.py``    bits per channel segment                    allocation and segmented store
 ``minikv.py``      MiniKV layer-discriminative bits            sensitivity and bit allocation
                    (arXiv 2411.18077)
@@ -17,18 +19,21 @@ file               method                                      role
 
 A quantizer is a store class registered in :data:`QUANTIZERS` under the name a recipe's ``[quant]
 method`` gives. It provides ``check(name, width, block)`` (refuse a stream it cannot hold, when the plan is
-built), ``bytes_per_token(width, bits, along, group, block, context)`` (what it holds, by formula) and the
-store interface of :mod:`kvcompress.methods.dense`, constructed as ``Store(bits, group_size, along, block)``.
+built), ``coded_bytes(width, bits, along, group, block)`` (the bytes of one quantized token, from which
+``bytes_per_token`` adds the residual window and the sink) and the store interface of
+:mod:`kvcompress.methods.dense`, constructed as ``Store(bits, group_size, along, block, sink)``.
 """
 
 from __future__ import annotations
 
 from kvcompress.methods.channels import SegmentedStore
+from kvcompress.methods.codebook import CodebookStore
 from kvcompress.methods.decoquant import DecoQuantStore
 from kvcompress.methods.dense import DenseStore
 from kvcompress.methods.kivi import QuantizedStore
 
-QUANTIZERS: dict[str, type[QuantizedStore]] = {"kivi": QuantizedStore, "decoquant": DecoQuantStore}
+QUANTIZERS: dict[str, type[QuantizedStore]] = {
+    "kivi": QuantizedStore, "decoquant": DecoQuantStore, "codebook": CodebookStore}
 
 Store = DenseStore | QuantizedStore | SegmentedStore
 
@@ -41,13 +46,13 @@ def quantizer(method: str) -> type[QuantizedStore]:
 
 
 def make_store(bits: int | tuple[int, ...], group_size: int, along: str, block: int,
-               method: str = "kivi", segment: int = 0) -> Store:
-    """A dense store for 16 bits, otherwise the quantizer ``method``'s. A tuple of bits (one per ``segment``
-    channels) makes a :class:`~kvcompress.methods.channels.SegmentedStore`."""
+               method: str = "kivi", segment: int = 0, sink: int = 0) -> Store:
+    """A dense store for 16 bits, otherwise the quantizer ``method``'s (with ``sink`` 16-bit first tokens).
+    A tuple of bits (one per ``segment`` channels) makes a :class:`~kvcompress.methods.channels.SegmentedStore`."""
     if not isinstance(bits, int):
         if len(set(bits)) == 1:
-            return make_store(bits[0], group_size, along, block, method)
-        return SegmentedStore(tuple(bits), segment, group_size, along, block)
+            return make_store(bits[0], group_size, along, block, method, sink=sink)
+        return SegmentedStore(tuple(bits), segment, group_size, along, block, sink)
     if bits >= 16:
         return DenseStore()
-    return quantizer(method)(bits, group_size, along, block)
+    return quantizer(method)(bits, group_size, along, block, sink)

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import torch
 
-from kvcompress.errors import KVCompressError
 from kvcompress.methods.kivi import QuantizedStore
 from kvcompress.methods.minikv import allocate_bits
 
@@ -75,19 +74,6 @@ def describe(bits: Bits, width: int, size: int) -> str:
     if isinstance(bits, int):
         return str(bits)
     return " ".join(f"{b}:{w}" for w, b in bit_runs(bits, width, size))
-
-
-def check_runs(name: str, bits: Bits, width: int, size: int) -> None:
-    """Refuse a bits list whose runs cannot hold packed codes (``name`` says which stream).
-
-    Raises
-    ------
-    KVCompressError
-        A run whose width is not a whole number of packed bytes.
-    """
-    for run, b in bit_runs(bits, width, size):
-        if run % (8 // b):
-            raise KVCompressError(f"{name}: a run of {run} channels cannot hold packed {b}-bit codes")
 
 
 def channel_bits(energies: list[tuple[torch.Tensor, torch.Tensor]], sens: list[tuple[float, float]],
@@ -145,9 +131,9 @@ class SegmentedStore:
     """
 
     def __init__(self, bits: tuple[int, ...], segment: int, group_size: int, along: str,
-                 block: int) -> None:
+                 block: int, sink: int = 0) -> None:
         self.bits, self.segment = bits, segment
-        self.layout = (group_size, along, block)
+        self.layout = (group_size, along, block, sink)
         self.runs: list[tuple[int, QuantizedStore]] = []  # (channels, store), built on the first append
 
     @property

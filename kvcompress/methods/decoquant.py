@@ -173,10 +173,10 @@ class DecoQuantStore(QuantizedStore):
     check = staticmethod(check_core)  # refuse widths without a usable small core
 
     @staticmethod
-    def bytes_per_token(width: int, bits: int, along: str, group: int, block: int, context: int) -> float:
+    def coded_bytes(width: int, bits: int, along: str, group: int, block: int) -> float:
         """KIVI's bytes at the same groups plus one fp16 ``k × k`` small core per flushed block."""
-        cores = context // block * FP16 * core_width(width, block) ** 2
-        return QuantizedStore.bytes_per_token(width, bits, along, group, block, context) + cores / context
+        cores = FP16 * core_width(width, block) ** 2 / block
+        return QuantizedStore.coded_bytes(width, bits, along, group, block) + cores
 
     def _encode(self, x: torch.Tensor) -> DecoPacked:
         return encode(x, self.bits, self.group_size, self.along, self.block)

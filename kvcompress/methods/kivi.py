@@ -8,17 +8,19 @@ mixes values token by token. The newest tokens stay in 16 bits (the residual win
 whole block of them can be quantized.
 
 Per group (KIVI eq. 2): ``z = min X``, ``s = (max X − z) / (2^b − 1)``, ``Q(X) = round((X − z) / s)``,
-``X̂ = z + Q(X)·s``, with ``b``-bit codes (2, 4 or 8). ``z`` is rounded down and ``s`` up to float16 and codes
-are computed from those stored values, so ``|X̂ − X| <= s / 2`` up to float32 rounding. Constant groups
-whose value is a float16 number get ``s == 0`` and are reproduced exactly.
+``X̂ = z + Q(X)·s``, with ``b``-bit codes of any width 1–8 (packed as :mod:`kvcompress.kernels.pack` says).
+``z`` is rounded down and ``s`` up to float16 and codes are computed from those stored values, so
+``|X̂ − X| <= s / 2`` up to float32 rounding. Constant groups whose value is a float16 number get ``s == 0``
+and are reproduced exactly.
 
 Bytes per token of a ``D``-wide stream (:meth:`QuantizedStore.bytes_per_token`), averaged over ``T`` tokens
 of which ``T_q = ⌊T / block⌋·block`` are quantized::
 
-    (T_q · (D·b/8 + 2·2·D/G) + (T − T_q) · 2·D) / T
+    (T_q · (packed_bytes(D, b) + 2·2·D/G) + (T − T_q) · 2·D) / T
 
-(codes, an fp16 scale and minimum per group, the fp16 residual). Writes nothing into the checkpoint: the
-recipe's bits and groups reach the runtime through the plan (:class:`kvcompress.plan.StreamPlan`). The
+(codes, ``D·b/8`` bytes when the pieces pack evenly; an fp16 scale and minimum per group; the fp16
+residual). Writes nothing into the checkpoint: the recipe's bits and groups reach the runtime through the
+plan (:class:`kvcompress.plan.StreamPlan`). The
 packed layout (:class:`Packed`), :func:`dequantize` and the kernels live in :mod:`kvcompress.kernels.pack`.
 """
 
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvcompress.kernels.pack import Along, Packed, dequantize, quantize_pack
+from kvcompress.kernels.pack import Along, Packed, dequantize, packed_bytes, quantize_pack
 from kvcompress.methods.dense import FP16, gather_tokens
 
 __all__ = ["Packed", "QuantizedStore", "cat", "dequantize", "effective_group", "quantize"]
@@ -123,6 +125,11 @@ class QuantizedStore:
     ``block`` of tokens that are *settled* (no eviction policy will touch them again), the block is
     quantized. ``block`` is the residual window, or one group without a window (resolved by the plan,
     :class:`kvcompress.plan.StreamPlan`).
+
+    The first ``sink`` tokens (the attention sink, StreamingLLM arXiv 2309.17453) also keep a 16-bit copy
+    once quantized: the copy is what :meth:`read` returns for them, and they are left out of their block's
+    statistics (replaced by the next token before encoding), so their outliers widen no group. The layout
+    of the codes does not change; subclasses get the sink by overriding only the encoder and decoder.
     """
 
     @staticmethod
@@ -130,17 +137,26 @@ class QuantizedStore:
         """Refuse a stream this quantizer cannot hold (every width fits min–max groups)."""
 
     @staticmethod
-    def bytes_per_token(width: int, bits: int, along: str, group: int, block: int, context: int) -> float:
-        """Bytes per token of a ``width``-channel stream averaged over ``context`` tokens (module docstring)."""
-        quantized = context // block * block
+    def coded_bytes(width: int, bits: int, along: str, group: int, block: int) -> float:
+        """Bytes of one quantized token: codes plus an fp16 scale and minimum per group."""
         group = group if along == "tokens" else effective_group(width, group)
-        meta = 2 * FP16 * width / group  # keys: one (scale, min) per channel per group of tokens; values: per token
-        return (quantized * (width * bits / 8 + meta) + (context - quantized) * width * FP16) / context
+        return packed_bytes(width, bits) + 2 * FP16 * width / group  # keys: per channel; values: per token
 
-    def __init__(self, bits: int, group_size: int, along: str, block: int) -> None:
-        self.bits, self.group_size, self.along, self.block = bits, group_size, along, block
+    @classmethod
+    def bytes_per_token(cls, width: int, bits: int, along: str, group: int, block: int, context: int,
+                        sink: int = 0) -> float:
+        """Bytes per token of a ``width``-channel stream averaged over ``context`` tokens (module docstring),
+        plus the sink's 16-bit copy once its block is quantized."""
+        quantized = context // block * block
+        copy = sink * width * FP16 if quantized else 0
+        return (quantized * cls.coded_bytes(width, bits, along, group, block)
+                + (context - quantized) * width * FP16 + copy) / context
+
+    def __init__(self, bits: int, group_size: int, along: str, block: int, sink: int = 0) -> None:
+        self.bits, self.group_size, self.along, self.block, self.sink = bits, group_size, along, block, sink
         self.packed: Packed | None = None
         self.fp: torch.Tensor | None = None
+        self.sink_copy: torch.Tensor | None = None  # [B, H, sink, D] once the first block is quantized
         self.dtype = torch.float16
 
     @property
@@ -168,7 +184,12 @@ class QuantizedStore:
         ready = min(settled - self.quantized_length, self.fp.shape[-2]) // self.block * self.block
         if ready <= 0:
             return
-        block = self._encode(self.fp[..., :ready, :].detach().to(self.dtype))  # rounding has no gradient
+        x = self.fp[..., :ready, :].detach().to(self.dtype)  # rounding has no gradient
+        if self.sink and self.packed is None:
+            self.sink_copy = self.fp[..., :self.sink, :].clone()
+            x = torch.cat([x[..., self.sink:self.sink + 1, :].expand(*x.shape[:-2], self.sink, -1),
+                           x[..., self.sink:, :]], dim=-2)
+        block = self._encode(x)
         self.packed = block if self.packed is None else self._cat([self.packed, block])
         self.fp = self.fp[..., ready:, :].clone()  # a view would keep the whole flushed window allocated
 
@@ -201,6 +222,8 @@ class QuantizedStore:
             out = fp.new_empty(self.shape, dtype=self.dtype)
         if self.packed is not None:
             self._decode(self.packed, out[..., :tq, :])
+        if self.sink_copy is not None:
+            out[..., :self.sink, :] = self.sink_copy
         out[..., tq:, :] = fp
         return out
 
@@ -215,13 +238,15 @@ class QuantizedStore:
         self.fp = gather_tokens(self.fp, index)
 
     def nbytes(self) -> int:
-        """Packed codes, fp16 scales and minima, and the residual window."""
-        fp = 0 if self.fp is None else self.fp.numel() * self.fp.element_size()
-        return fp + (0 if self.packed is None else self.packed.nbytes())
+        """Packed codes, fp16 scales and minima, the residual window and the sink's copy."""
+        held = [t for t in (self.fp, self.sink_copy) if t is not None]
+        return sum(t.numel() * t.element_size() for t in held) + (0 if self.packed is None else self.packed.nbytes())
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder or select sequences (beam search)."""
         if self.fp is not None:
             self.fp = self.fp.index_select(0, index.to(self.fp.device))
+        if self.sink_copy is not None:
+            self.sink_copy = self.sink_copy.index_select(0, index.to(self.sink_copy.device))
         if self.packed is not None:
             self.packed = self._select(self.packed, index)

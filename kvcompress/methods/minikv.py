@@ -101,7 +101,7 @@ def layer_sensitivity(
     return scores
 
 
-def allocate_bits(sensitivity: list[float], avg_bits: float, choices: tuple[int, ...] = (2, 4, 8),
+def allocate_bits(sensitivity: list[float], avg_bits: float, choices: tuple[int, ...] = tuple(range(1, 9)),
                   widths: list[int] | None = None) -> list[int]:
     """Bits for each unit under an average budget (a unit: one layer's K or V, or a segment of one).
 

@@ -106,9 +106,11 @@ class KVCompressLayer(CacheLayerMixin):
         self.eviction = eviction
         self.workspace = workspace or Workspace()
         self.settled = 0
-        keys, values, method = self.plan.keys, self.plan.values, self.plan.method
-        self.key_store = make_store(keys.bits, keys.group, "tokens", keys.block, method, keys.segment)
-        self.value_store = make_store(values.bits, values.group, "channels", values.block, method, values.segment)
+        keys, values = self.plan.keys, self.plan.values
+        self.key_store = make_store(keys.bits, keys.group, "tokens", keys.block, keys.method, keys.segment,
+                                    keys.sink)
+        self.value_store = make_store(values.bits, values.group, "channels", values.block, values.method,
+                                      values.segment, values.sink)
         self.positions: torch.Tensor | None = None  # [B, 1 or H, T] int32 RoPE positions of stored tokens
         self.valid: torch.Tensor | None = None  # [B, 1 or H, T] bool, only once padding was seen
         self.seen = 0
@@ -135,12 +137,12 @@ class KVCompressLayer(CacheLayerMixin):
         """Whether :meth:`step` can hand out this layer's tokens in ``layout``.
 
         ``"dense"`` and ``"workspace"`` always; ``"packed"`` when both streams are plain KIVI stores (not
-        DecoQuant cores nor channel runs of several widths) and no padding flags are stored, which is what
-        the fused decode kernel reads.
+        DecoQuant cores, codebook indices nor channel runs of several widths) without a sink copy, and no
+        padding flags are stored, which is what the fused decode kernel reads.
         """
         if layout == "packed":
             stores = (self.key_store, self.value_store)
-            return self.valid is None and all(type(store) is QuantizedStore for store in stores)
+            return self.valid is None and all(type(store) is QuantizedStore and not store.sink for store in stores)
         return layout in ("dense", "workspace")
 
     def step(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None,
