@@ -200,8 +200,8 @@ def build_plan(recipe: Recipe, spec: ModelSpec, dtype: str = "float16") -> Plan:
         for name, stream in (("k", lay.keys), ("v", lay.values)):
             if stream.quantized:
                 quantizer(stream.method).check(f"layer {lay.layer}: rank_{name}", stream.rank, stream.block)
-            if stream.sink > stream.block:
-                raise KVCompressError(f"[quant] sink ({stream.sink}) must not exceed the flush block of layer "
+            if stream.quantized and stream.sink >= stream.block:
+                raise KVCompressError(f"[quant] sink ({stream.sink}) must be shorter than the flush block of layer "
                                       f"{lay.layer}'s {name} ({stream.block} tokens)")
     q = recipe.quant
     return Plan(model_type=spec.model_type, dtype=dtype, head_group=recipe.head_group(spec),

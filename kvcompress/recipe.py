@@ -65,6 +65,11 @@ class Quant:
     layer-discriminative bits); ``"channels"`` gives one width per segment of the latent's principal axes
     (``segment`` channels for keys, ``group_size`` for values), so bits follow the energy of each axis
     (see ``kvcompress.methods.channels``); the rotation then mixes channels only within runs of equal bits.
+    ``method``: the quantizer (``"kivi"`` min–max groups, ``"decoquant"``, ``"codebook"`` Lloyd–Max codes
+    with one norm per group); ``key_method`` gives the keys another one (empty: the same).
+    ``sink``: the first tokens keep a 16-bit copy once quantized (the attention sink).
+    ``key_bits`` / ``value_bits``: every layer's K and V widths, instead of allocating ``avg_bits``
+    (both 0: allocate).
     """
 
     enabled: bool = False
@@ -79,6 +84,8 @@ class Quant:
     allocation: str = "stream"
     segment: int = 16
     sink: int = 0
+    key_bits: int = 0
+    value_bits: int = 0
 
     @property
     def key_quantizer(self) -> str:
@@ -203,6 +210,9 @@ class Recipe:
                    f"residual_length ({q.residual_length}) must be a multiple of {name} ({size})")
         _check(q.residual_length >= 0, "residual_length must be >= 0")
         _check(q.sink >= 0, f"sink must be >= 0, got {q.sink}")
+        _check((q.key_bits == 0) == (q.value_bits == 0) and all(b in (0, *BITS) for b in (q.key_bits, q.value_bits)),
+               f"key_bits and value_bits must both be 0 (allocate from avg_bits) or both in 1-8, got "
+               f"{q.key_bits} and {q.value_bits}")
         lag.check()
         _check(self.calibration.max_tokens >= 1 and self.calibration.seq_len >= 1,
                "calibration max_tokens and seq_len must be >= 1")

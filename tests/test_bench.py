@@ -11,7 +11,19 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from kvcompress.evaluate.bench import QUANTO_MISSING, BenchSettings, bench, summary_table
+from kvcompress.compat import CACHE_ARG
+from kvcompress.evaluate.bench import (
+    BACKENDS,
+    HQQ_MISSING,
+    PEERS,
+    QUANTO_MISSING,
+    BenchSettings,
+    _installed,
+    _peer_system,
+    bench,
+    summary_table,
+)
+from kvcompress.evaluate.perplexity import cache_bytes, tensor_bytes
 from kvcompress.evaluate.plots import _label_points, pareto_front, write_plots
 from kvcompress.evaluate.speed import PeakMemory
 from kvcompress.recipe import Recipe
@@ -103,25 +115,51 @@ def test_bench_cli_writes_results_and_json(llama_gqa, tmp_path, text):
     assert [r["name"] for r in printed["rows"]] == ["baseline (DynamicCache)", "q4"]
 
 
-PEER = "transformers QuantizedCache (quanto 2-bit)"
 QUICK = ("--recipes", "", "--contexts", "24", "--passkey-depths", "0", "--new-tokens", "3", "--repeats", "1")
-"""A bench of the baseline (and the peer) alone, one short context: seconds on a tiny model."""
+"""A bench of the baseline (and the peers) alone, one short context: seconds on a tiny model."""
+QUANTO_ROWS = [p.name for p in PEERS if p.backend == "quanto"]
+HQQ_ROWS = [p.name for p in PEERS if p.backend == "hqq"]
+
+
+def test_peer_table_states_each_setting_in_its_name():
+    settings = [(p.backend, p.nbits, p.q_group_size, p.axis_key, p.axis_value, p.residual_length) for p in PEERS]
+    assert settings == [("quanto", 4, 64, -1, 0, 128), ("quanto", 2, 64, -1, 0, 128), ("quanto", 4, 64, 0, 0, 128),
+                        ("quanto", 2, 32, -1, -1, 128), ("hqq", 4, 64, 1, 1, 128)]
+    assert [p.name for p in PEERS] == [
+        "QuantizedCache quanto 4-bit g64 axis_key=-1 axis_value=0 residual=128",
+        "QuantizedCache quanto 2-bit g64 axis_key=-1 axis_value=0 residual=128",
+        "QuantizedCache quanto 4-bit g64 axis_key=0 axis_value=0 residual=128",
+        "QuantizedCache quanto 2-bit g32 axis_key=-1 axis_value=-1 residual=128 (the old default row)",
+        "QuantizedCache hqq 4-bit g64 axis_key=1 axis_value=1 residual=128"]
+    for p in PEERS:  # what QuantizedCache is given is what the name says
+        assert p.config() == {"backend": p.backend, "nbits": p.nbits, "q_group_size": p.q_group_size,
+                              "residual_length": p.residual_length, "axis_key": p.axis_key,
+                              "axis_value": p.axis_value}
+        assert set(BACKENDS) >= {p.backend} and p.why
+
+
+def _fake_package(root: Path, monkeypatch, name: str, sub: str | None = None) -> None:
+    """An importable, empty package ``name`` (with an empty ``name.sub`` if given) first on ``sys.path``."""
+    package = root / name
+    (package / sub if sub else package).mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    if sub:
+        (package / sub / "__init__.py").write_text("")
+    names = {name, f"{name}.{sub}"} if sub else {name}
+    for module in names | {m for m in sys.modules if m.startswith(f"{name}.")}:
+        monkeypatch.setitem(sys.modules, module, None)  # undone last: the fakes imported here do not stay
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.syspath_prepend(str(root))
 
 
 def _fake_optimum(root: Path, monkeypatch, quanto: bool) -> None:
     """An importable ``optimum`` package first on ``sys.path``, with an empty ``optimum.quanto`` if asked."""
-    package = root / "optimum"
-    (package / "quanto" if quanto else package).mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    if quanto:
-        (package / "quanto" / "__init__.py").write_text("")
-    for name in [m for m in sys.modules if m == "optimum" or m.startswith("optimum.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(root))
+    _fake_package(root, monkeypatch, "optimum", "quanto" if quanto else None)
 
 
 @pytest.mark.parametrize("setup", ["no optimum", "optimum without quanto", "quanto transformers cannot use"])
-def test_bench_without_quanto_skips_the_peer_in_one_line(llama_gqa, tmp_path, monkeypatch, setup):
+def test_bench_without_quanto_skips_the_peers_in_one_line_each(llama_gqa, tmp_path, monkeypatch, setup):
+    monkeypatch.setitem(sys.modules, "hqq", None)  # as in CI, where hqq is not installed either
     if setup == "no optimum":
         monkeypatch.setitem(sys.modules, "optimum", None)  # `import optimum` fails, as on a fresh install
     else:
@@ -133,16 +171,97 @@ def test_bench_without_quanto_skips_the_peer_in_one_line(llama_gqa, tmp_path, mo
     out = tmp_path / "out"
     result = run_cli("bench", llama_gqa.path, *QUICK, "--out", out, "--json")
     assert result.exit_code == 0 and result.exception is None, result.stderr
-    printed = json.loads(result.stdout)  # the note went to stderr: stdout is only the JSON
+    printed = json.loads(result.stdout)  # the notes went to stderr: stdout is only the JSON
     assert json.loads((out / "results.json").read_text()) == printed
-    base, peer = printed["rows"]
+    base, *peers = printed["rows"]
     assert base["speed"]["24"]["decode_tokens_per_second"] > 0
-    assert (peer["name"], peer["kind"]) == (PEER, "peer") and "speed" not in peer
-    assert result.stderr.strip().splitlines() == [f"{PEER} skipped: {peer['error']}"]
-    if setup == "quanto transformers cannot use":
-        assert "pip install optimum-quanto" in peer["error"] and "\n" not in peer["error"]
+    assert [(p["name"], p["kind"]) for p in peers] == [(p.name, "peer") for p in PEERS]
+    assert all("speed" not in p and "ppl" not in p for p in peers)
+    assert result.stderr.strip().splitlines() == [f"{p['name']} skipped: {p['error']}" for p in peers]
+    quanto = [p for p in peers if p["name"] in QUANTO_ROWS]
+    assert len(quanto) == 4 and all(p["cache"]["backend"] == "quanto" for p in quanto)
+    for p in quanto:
+        if setup == "quanto transformers cannot use":
+            assert "pip install optimum-quanto" in p["error"] and "\n" not in p["error"]
+        else:
+            assert p["error"] == QUANTO_MISSING
+    assert [p["error"] for p in peers if p["name"] in HQQ_ROWS] == [HQQ_MISSING]
+    assert [row[0] for row in summary_table(printed)[1]] == ["baseline (DynamicCache)"]  # no failed row shown
+
+
+@pytest.mark.parametrize("setup", ["no hqq", "hqq transformers cannot use"])
+def test_bench_without_hqq_skips_its_row_in_one_line(llama_gqa, tmp_path, monkeypatch, setup):
+    monkeypatch.setitem(sys.modules, "optimum", None)
+    if setup == "no hqq":
+        monkeypatch.setitem(sys.modules, "hqq", None)
+    else:  # found, but QuantizedCache refuses it (too old, broken)
+        import transformers.cache_utils
+
+        _fake_package(tmp_path / "site", monkeypatch, "hqq")
+        monkeypatch.setattr(transformers.cache_utils, "is_hqq_available", lambda: False)
+    result = run_cli("bench", llama_gqa.path, *QUICK, "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 0 and result.exception is None, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["name"] for r in rows] == ["baseline (DynamicCache)", *(p.name for p in PEERS)]
+    (hqq,) = [r for r in rows if r["name"] in HQQ_ROWS]
+    assert hqq["kind"] == "peer" and hqq["cache"]["backend"] == "hqq" and "speed" not in hqq
+    if setup == "no hqq":
+        assert hqq["error"] == HQQ_MISSING
     else:
-        assert peer["error"] == QUANTO_MISSING
+        assert "pip install hqq" in hqq["error"] and "\n" not in hqq["error"]
+    assert f"{hqq['name']} skipped: {hqq['error']}" in result.stderr.strip().splitlines()
+    assert all(r["error"] == QUANTO_MISSING for r in rows if r["name"] in QUANTO_ROWS)
+
+
+def _expected_bytes(cfg, peer, tokens: int) -> int:
+    """Packed codes (nbits per element) and one float32 scale and shift (zero) per group, K and V, every layer."""
+    numel = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * tokens
+    return cfg.num_hidden_layers * 2 * (numel * peer.nbits // 8 + 2 * 4 * numel // peer.q_group_size)
+
+
+def _generic_bytes(cache) -> int:
+    """What ``cache_bytes`` counts for a transformers cache without ``kv_bytes``: the layers' tensor attributes."""
+    return sum(tensor_bytes(t) for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("peer", PEERS, ids=lambda p: p.name)
+def test_each_installed_peer_holds_exactly_its_codes_scales_and_shifts(llama_gqa, peer):
+    pytest.importorskip(BACKENDS[peer.backend][0])
+    model, tokens = llama_gqa.model, 64  # one quantization of the prompt, then an empty residual window
+    cache = _peer_system(model, peer).new_cache()
+    with torch.no_grad():
+        model(input_ids=torch.arange(10, 10 + tokens).unsqueeze(0), use_cache=True, **{CACHE_ARG: cache})
+    assert cache.get_seq_length() == tokens
+    assert cache_bytes(cache) == cache.kv_bytes() == _expected_bytes(model.config, peer, tokens)
+    if peer.backend == "quanto":  # nothing missed or counted twice against the plain count
+        assert _generic_bytes(cache) == cache.kv_bytes()
+    else:  # HQQ keeps (packed, meta) tuples, which the plain count misses
+        assert _generic_bytes(cache) == 0
+    with torch.no_grad():  # 16 more tokens stay in the float32 residual window
+        model(input_ids=torch.arange(10, 26).unsqueeze(0), use_cache=True, **{CACHE_ARG: cache},
+              position_ids=torch.arange(tokens, tokens + 16).unsqueeze(0))
+    cfg = model.config
+    window = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 16 * 4
+    assert cache.kv_bytes() == _expected_bytes(cfg, peer, tokens) + window
+
+
+def test_installed_peers_are_measured_like_the_recipes(llama_gqa, tmp_path, text):
+    installed = [p for p in PEERS if _installed(BACKENDS[p.backend][0])]
+    if not installed:
+        pytest.skip("neither optimum-quanto nor hqq is installed")
+    # 32-token prompts, 128-token blocks: multiples of q_group_size / kv_heads, as quanto's per-channel axis -1 needs
+    settings = BenchSettings(contexts=[32], text=text, ppl_context=256, ppl_tokens=256, block=128, passkey_depths=0,
+                             new_tokens=3, repeats=1)
+    results = bench(str(llama_gqa.path), [], settings)
+    rows = {r["name"]: r for r in results["rows"][1:]}
+    for p in installed:
+        row = rows[p.name]
+        assert "error" not in row, row["error"]
+        assert row["kind"] == "peer" and row["cache"] == p.config() and p.why in row["description"]
+        assert row["ppl"] > 1 and row["speed"]["32"]["decode_tokens_per_second"] > 0
+        # 256 tokens: the second block of 128 flushes everything into the quantized states, no residual window
+        assert row["ppl_tokens"] == 255
+        assert row["kv_bytes_per_token"] == _expected_bytes(llama_gqa.model.config, p, 256) / 256
 
 
 def _run_piped(code: str, *args: str) -> subprocess.CompletedProcess:
@@ -156,11 +275,12 @@ def _run_piped(code: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_bench_on_a_fresh_install_prints_only_its_own_lines_and_full_tables(llama_gqa, tmp_path):
     out = tmp_path / "out"
-    hide = "import sys; sys.modules['optimum'] = None; from kvcompress.cli import app; app()"
+    hide = "import sys; sys.modules['optimum'] = sys.modules['hqq'] = None; from kvcompress.cli import app; app()"
     proc = _run_piped(hide, "bench", str(llama_gqa.path), *QUICK, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    # one line of ours, nothing from the profiler (kineto's profiler_start, gpuGetDeviceCount failed)
-    assert proc.stderr.strip().splitlines() == [f"{PEER} skipped: {QUANTO_MISSING}"], proc.stderr
+    # one line of ours per peer, nothing from the profiler (kineto's profiler_start, gpuGetDeviceCount failed)
+    skipped = [f"{p.name} skipped: {QUANTO_MISSING if p.backend == 'quanto' else HQQ_MISSING}" for p in PEERS]
+    assert proc.stderr.strip().splitlines() == skipped, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert (out / "results.md").is_file() and (out / "decode_speed.png").is_file()
     head, rows = summary_table(results)
@@ -282,3 +402,15 @@ def test_point_labels_do_not_cover_each_other():
     assert all(frame.contains(b.x0, b.y0) and frame.contains(b.x1, b.y1) for b in boxes)
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert not any(b.contains(x, y) for b in boxes for x, y in marks)  # no label covers a point
+
+
+def test_a_length_quanto_per_channel_cannot_take_is_an_error_row_saying_so(llama_gqa, monkeypatch):
+    pytest.importorskip("optimum.quanto")
+    import kvcompress.evaluate.bench as bench_module
+
+    monkeypatch.setattr(bench_module, "PEERS", (PEERS[0], PEERS[2]))  # axis_key=-1, then both axes 0
+    settings = BenchSettings(contexts=[24], passkey_depths=0, new_tokens=3, repeats=1)  # 2 KV heads x 24 = 48
+    _, channel, token = bench(str(llama_gqa.path), [], settings)["rows"]
+    assert channel["error"].startswith("Group size (64) must be a divisor of (48)") and "\n" not in channel["error"]
+    assert "multiple of 64" in channel["error"] and "speed" not in channel
+    assert "error" not in token and token["speed"]["24"]["decode_tokens_per_second"] > 0

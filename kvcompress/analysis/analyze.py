@@ -181,7 +181,9 @@ def analyze(
         energy_k.append(sum(energy_kept(x, ranks_k[i]) for x in k_sig) / len(k_sig))
         energy_v.append(sum(energy_kept(x, ranks_v[i]) for x in v_sig) / len(v_sig))
 
-    uniform = recipe.quant.allocation == "stream" and recipe.quant.avg_bits in BITS
+    q = recipe.quant
+    fixed = q.allocation == "stream" and bool(q.key_bits and q.value_bits)  # every layer's K and V widths given
+    uniform = fixed or (q.allocation == "stream" and q.avg_bits in BITS)
     if sensitivity and not uniform:
         model = load_full(source)
         sens = layer_sensitivity(model, ids[:1], group_size=recipe.quant.group_size,
@@ -191,10 +193,11 @@ def analyze(
         method = SENSITIVITY_METHOD
     else:
         sens = [(0.0, 0.0)] * n
-        method = (f"not needed: every stream at {recipe.quant.avg_bits:g} bits" if uniform
-                  else "none (uniform bits)")
-    if by_channels:
-        q = recipe.quant
+        method = (f"not needed: keys at {q.key_bits}, values at {q.value_bits} bits" if fixed
+                  else f"not needed: every stream at {q.avg_bits:g} bits" if uniform else "none (uniform bits)")
+    if fixed:
+        bits_k, bits_v = [q.key_bits] * n, [q.value_bits] * n
+    elif by_channels:
         energies = [tuple(torch.stack([x.double()[:r].square() for x in sig]).mean(0) for sig, r in
                           ((k_sig, ranks_k[i]), (v_sig, ranks_v[i]))) for i, (k_sig, v_sig) in enumerate(spectra)]
         bits_k, bits_v = channel_bits(energies, sens, (q.segment_size("k"), q.segment_size("v")), q.avg_bits,

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache
+from transformers import DynamicCache, QuantizedCache
 
 import kvcompress
 from kvcompress.errors import KVCompressError
 from kvcompress.evaluate.passkey import make_prompts, passkey_accuracy
-from kvcompress.evaluate.perplexity import blocked_perplexity, text_ids
+from kvcompress.evaluate.perplexity import blocked_perplexity, tensor_bytes, text_ids
 from kvcompress.evaluate.speed import peak_generate, summarize, timed_generate
 from kvcompress.memory import baseline_bytes_per_token
 
@@ -46,7 +46,7 @@ class BenchSettings:
     repeats: int = 3
     dtype: str | None = None  # default: float16 on CUDA, float32 on the CPU
     device: str | None = None  # default: CUDA if available
-    peer: bool = True  # transformers' QuantizedCache (quanto, 2-bit) when optimum-quanto is installed
+    peer: bool = True  # the rows of PEERS: transformers' QuantizedCache, quanto and HQQ, where installed
 
 
 @dataclass
@@ -93,7 +93,7 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings,
     measure = _Measure(settings, tokenizer, baseline, settings.passkey_lengths or settings.contexts, tick)
     rows = [measure.quality(baseline)]
     if settings.peer:
-        rows.append(_peer_row(measure, _quantized_cache_peer(base_model)))
+        rows += [_peer_row(measure, peer) for peer in PEERS]
     root = Path(tempfile.mkdtemp(prefix="kvcompress-bench-"))  # recipe checkpoints, one at a time
     try:
         for spec, recipe in zip(recipes, parsed, strict=True):
@@ -189,34 +189,109 @@ class _Measure:
 
 
 QUANTO_MISSING = "optimum-quanto is not installed (pip install optimum-quanto)"
+HQQ_MISSING = "hqq is not installed (pip install hqq)"
 
 
-def _quanto_installed() -> bool:
-    """Whether ``optimum.quanto`` can be found; False, not an error, when ``optimum`` itself is absent."""
+@dataclass(frozen=True)
+class Peer:
+    """One setting of transformers' ``QuantizedCache``, passed to it as is.
+
+    What the axes mean depends on the backend, for a ``[batch, kv_heads, tokens, head_dim]`` state:
+
+    - quanto (``optimum.quanto.tensor.grouped.group``): ``0`` groups ``q_group_size`` consecutive
+      elements, i.e. along ``head_dim`` within one token (per token); ``-1`` groups ``q_group_size``
+      consecutive tokens of one channel (per channel), and so needs ``kv_heads * tokens`` to be a
+      multiple of ``q_group_size`` each time it quantizes (the prompt, then every residual flush).
+    - HQQ (``hqq.core.quantize.Quantizer.quantize``): ``1`` reshapes to ``[-1, q_group_size]``, per
+      token like quanto's ``0``; ``0`` reshapes to ``[q_group_size, -1]``, which groups elements
+      ``numel / q_group_size`` apart rather than the tokens of a channel.
+    """
+
+    backend: str  # QuantizedCache's `backend`: "quanto" or "hqq"
+    nbits: int
+    q_group_size: int
+    axis_key: int
+    axis_value: int
+    residual_length: int = 128
+    why: str = ""  # what the setting is, for the row's `description`
+    tag: str = ""  # appended to the name in parentheses
+
+    @property
+    def name(self) -> str:
+        name = (f"QuantizedCache {self.backend} {self.nbits}-bit g{self.q_group_size} axis_key={self.axis_key} "
+                f"axis_value={self.axis_value} residual={self.residual_length}")
+        return f"{name} ({self.tag})" if self.tag else name
+
+    def config(self) -> dict:
+        """The keyword arguments given to ``QuantizedCache`` besides the model config."""
+        return {"backend": self.backend, "nbits": self.nbits, "q_group_size": self.q_group_size,
+                "residual_length": self.residual_length, "axis_key": self.axis_key, "axis_value": self.axis_value}
+
+
+PEERS = (
+    Peer("quanto", 4, 64, -1, 0, why="keys per channel, values per token (KIVI's layout)"),
+    Peer("quanto", 2, 64, -1, 0, why="keys per channel, values per token (KIVI's layout)"),
+    Peer("quanto", 4, 64, 0, 0, why="keys and values per token (transformers' docs recommend axis 0 for quanto)"),
+    Peer("quanto", 2, 32, -1, -1, why="keys and values per channel", tag="the old default row"),
+    Peer("hqq", 4, 64, 1, 1, why="keys and values per token (transformers' docs recommend axis 1 for HQQ)"),
+)
+"""The peer rows ``bench`` measures, in order; each backend's rows are skipped when it is not installed."""
+
+BACKENDS = {"quanto": ("optimum.quanto", QUANTO_MISSING), "hqq": ("hqq", HQQ_MISSING)}
+"""Per backend: the module ``QuantizedCache`` needs, and the error of its rows when it cannot be found."""
+
+PEER_ERRORS = (ImportError, ValueError, RuntimeError, AssertionError)
+"""What a backend raises when it cannot run: too old or broken (ImportError), settings or shapes it rejects
+(ValueError, HQQ's AssertionError), an operation missing on this device (RuntimeError, NotImplementedError)."""
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be found; False, not an error, when a parent package (``optimum``) is absent."""
     try:
-        return importlib.util.find_spec("optimum.quanto") is not None
-    except ImportError:  # find_spec imports the parent package, and there is no `optimum`
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # find_spec imports the parent package, and there is none
         return False
 
 
-def _peer_row(measure: _Measure, peer: System) -> dict:
+def _held_bytes(value) -> int:
+    """Bytes of every tensor in ``value``, also inside tuples, lists and dicts (HQQ keeps ``(packed, meta)``)."""
+    if isinstance(value, torch.Tensor):
+        return tensor_bytes(value)
+    if isinstance(value, (tuple, list)):
+        return sum(_held_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_held_bytes(v) for v in value.values())
+    return 0
+
+
+class _CountedQuantizedCache(QuantizedCache):
+    """transformers' ``QuantizedCache``, unchanged, plus ``kv_bytes``: what :func:`cache_bytes` counts for a
+    transformers cache (each tensor a layer holds, quantized ones through their packed data, scales and shifts),
+    and also the tensors HQQ keeps in ``(packed, meta)`` tuples, which it would miss."""
+
+    def kv_bytes(self) -> int:
+        return sum(_held_bytes(v) for layer in self.layers for v in vars(layer).values())
+
+
+def _peer_system(model, peer: Peer) -> System:
+    cfg = peer.config()
+    return System(peer.name, "peer", model, lambda: _CountedQuantizedCache(config=model.config, **cfg),
+                  {"cache": cfg, "description": f"transformers' QuantizedCache: {peer.why}"})
+
+
+def _peer_row(measure: _Measure, peer: Peer) -> dict:
     """The peer measured, or its row with a one-line ``error`` saying why it could not run."""
-    reason = QUANTO_MISSING
-    if _quanto_installed():
+    module, reason = BACKENDS[peer.backend]
+    system = _peer_system(measure.baseline.model, peer)
+    if _installed(module):
         try:
-            return measure.everything(peer)
-        except (ImportError, ValueError, RuntimeError) as e:  # quanto too old, or rejects some shapes
-            reason = str(e).partition("\n")[0] or type(e).__name__
-    return {"name": peer.name, "kind": peer.kind, **peer.meta, "error": reason}
-
-
-def _quantized_cache_peer(model) -> System:
-    from transformers import QuantizedCache
-
-    cfg = {"backend": "quanto", "nbits": 2, "q_group_size": 32, "residual_length": 128, "axis_key": -1,
-           "axis_value": -1}
-    return System("transformers QuantizedCache (quanto 2-bit)", "peer", model,
-                  lambda: QuantizedCache(config=model.config, **cfg), {"cache": cfg})
+            return measure.everything(system)
+        except PEER_ERRORS as e:
+            reason = str(e).strip().partition("\n")[0] or type(e).__name__
+            if isinstance(e, ValueError) and peer.backend == "quanto" and -1 in (peer.axis_key, peer.axis_value):
+                reason += (f" (quanto's axis -1 needs KV heads x tokens to be a multiple of {peer.q_group_size} "
+                           "each time it quantizes: use contexts, passkey lengths and --ppl-context that are)")
+    return {"name": system.name, "kind": system.kind, **system.meta, "error": reason}
 
 
 def _ratios(row: dict, base: dict, fp16_bytes: int) -> None:

@@ -122,14 +122,14 @@ def cache_bytes(cache) -> int:
     tensors, counted through their packed data, scales and shifts)."""
     if hasattr(cache, "kv_bytes"):
         return int(cache.kv_bytes())
-    return sum(_tensor_bytes(t) for layer in cache.layers for t in vars(layer).values()
+    return sum(tensor_bytes(t) for layer in cache.layers for t in vars(layer).values()
                if isinstance(t, torch.Tensor))
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
+def tensor_bytes(t: torch.Tensor) -> int:
     if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):  # quantized tensor subclasses
         names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, name)) for name in names)
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
     return t.numel() * t.element_size()
 
 
