@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.kernels.pack import pack_codes, packed_bytes, unpack_codes
+from kvcompress.kernels.pack import pack_codes, packed_bytes, unpack_indices
 from kvcompress.methods.dense import FP16
 from kvcompress.methods.kivi import QuantizedStore, effective_group
 
@@ -167,14 +167,23 @@ def encode(x: torch.Tensor, bits: int, group: int, along: str = "channels",
 
 def decode(p: CodePacked, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
            points: torch.Tensor | None = None) -> torch.Tensor:
-    """``mean + scale · c[idx]`` back in ``[..., T, D]`` (into ``out`` if given)."""
+    """``mean + scale · c[idx]`` back in ``[..., T, D]`` (into ``out`` if given).
+
+    The table lookup writes straight into ``out`` when it is a contiguous float32 buffer (the CPU
+    workspace), and the normalization is applied there in place: no intermediate copy.
+    """
     table = _tables(p.bits, p.codes.device)[0] if points is None else points
     axis = -1 if p.along == "channels" else -2
-    x = _grouped(table.take(unpack_codes(p.codes, p.bits, p.dim).long()), p.group, p.along)
-    x.mul_(p.scale.float().unsqueeze(axis))
+    idx = unpack_indices(p.codes, p.bits, p.dim)
+    direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
+    x = out if direct else torch.empty(idx.shape, dtype=torch.float32, device=idx.device)
+    torch.index_select(table, 0, idx.view(-1).int(), out=x.view(-1))
+    g = _grouped(x, p.group, p.along)
+    g.mul_(p.scale.float().unsqueeze(axis))
     if p.mean is not None:
-        x.add_(p.mean.float().unsqueeze(axis))
-    x = x.reshape(*p.codes.shape[:-1], p.dim)
+        g.add_(p.mean.float().unsqueeze(axis))
+    if direct:
+        return x
     return x.to(dtype) if out is None else out.copy_(x)
 
 
