@@ -417,6 +417,15 @@ def evaluate(
                   f"{ppl['compressed']['kv_bytes_per_token']:,.0f} bytes/token, {ppl['x_smaller_than_fp16']:.2f}x "
                   f"smaller than an fp16 cache of this model ({ppl['fp16_kv_bytes_per_token']:,} bytes/token)",
                   highlight=False)
+        buckets = Table(title=f"against the source model, by position in the window: mean KL {ppl['kl']:.4f} nats, "
+                              f"top-1 agreement {ppl['top1']:.1%}")
+        for col in ("positions", "tokens", "KL (nats)", "top-1", "ppl ratio"):
+            buckets.add_column(col, justify="right")
+        for b in ppl["by_position"]:
+            if b["tokens"]:
+                buckets.add_row(f"{b['from']}-{b['to']}", str(b["tokens"]), f"{b['kl']:.4f}", f"{b['top1']:.1%}",
+                                f"x{b['ppl_ratio']:.4f}")
+        out.print(buckets)
     if keys is not None:
         base, comp = keys["baseline"], keys["compressed"]
         table = Table(title=f"passkey retrieval: {digits}-digit keys, {len(keys['depths'])} depths, seed {seed}")

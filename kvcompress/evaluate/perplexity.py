@@ -60,6 +60,32 @@ def text_ids(tokenizer, path: str | Path, max_tokens: int, block: int = 1) -> to
     return ids[:, :max_tokens]
 
 
+def _scored_blocks(model, ids: torch.Tensor, new_cache: Callable[[], object], context: int, block: int):
+    """Stream ``ids`` through a cache and yield, for every block: the predicted tokens' positions in their
+    window ``[n]``, the logits predicting them ``[n, V]`` (float32), those tokens ``[n]``, the cache, and whether
+    the block ends a window (``None`` instead of the cache otherwise)."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    n = ids.shape[1]
+    for start in range(0, n - 1, context):
+        window = ids[:, start:start + context]
+        if window.shape[1] < 2:
+            break
+        cache = new_cache()
+        prev_logits = None
+        for b0 in range(0, window.shape[1], block):
+            chunk = window[:, b0:b0 + block]
+            pos = torch.arange(b0, b0 + chunk.shape[1], device=device).unsqueeze(0)
+            logits = model(input_ids=chunk, position_ids=pos, use_cache=True, **{CACHE_ARG: cache}).logits.float()
+            preds = logits[:, :-1] if prev_logits is None else torch.cat([prev_logits, logits[:, :-1]], dim=1)
+            targets = chunk if prev_logits is not None else chunk[:, 1:]
+            first = b0 if prev_logits is not None else 1
+            prev_logits = logits[:, -1:]
+            last = b0 + chunk.shape[1] >= window.shape[1]
+            yield (torch.arange(first, b0 + chunk.shape[1]), preds[0], targets[0],
+                   (cache, window.shape[1], start) if last else None)
+
+
 @torch.no_grad()
 def blocked_perplexity(
     model,
@@ -88,32 +114,89 @@ def blocked_perplexity(
     """
     if context < 2 or block < 1:
         raise KVCompressError("context must be >= 2 and block >= 1")
-    device = next(model.parameters()).device
-    ids = ids.to(device)
     total_nll, scored, kv_per_token = 0.0, 0, 0.0
-    n = ids.shape[1]
-    for start in range(0, n - 1, context):
-        window = ids[:, start:start + context]
-        if window.shape[1] < 2:
-            break
-        cache = new_cache()
-        prev_logits = None
-        for b0 in range(0, window.shape[1], block):
-            chunk = window[:, b0:b0 + block]
-            pos = torch.arange(b0, b0 + chunk.shape[1], device=device).unsqueeze(0)
-            logits = model(input_ids=chunk, position_ids=pos, use_cache=True, **{CACHE_ARG: cache}).logits.float()
-            preds = logits[:, :-1] if prev_logits is None else torch.cat([prev_logits, logits[:, :-1]], dim=1)
-            targets = chunk if prev_logits is not None else chunk[:, 1:]
-            total_nll += float(F.cross_entropy(preds.reshape(-1, preds.shape[-1]), targets.reshape(-1),
-                                               reduction="sum"))
-            scored += targets.numel()
-            prev_logits = logits[:, -1:]
-        if start == 0 or window.shape[1] == context:  # a short tail window would overstate the per-token cost
-            kv_per_token = max(kv_per_token, cache_bytes(cache) / window.shape[1])
-        if progress:
-            progress(min(start + context, n), n)
+    for _, preds, targets, end in _scored_blocks(model, ids, new_cache, context, block):
+        total_nll += float(F.cross_entropy(preds, targets, reduction="sum"))
+        scored += targets.numel()
+        if end is not None:
+            kv_per_token = _window_bytes(kv_per_token, *end, context, progress, ids.shape[1])
     nll = total_nll / scored
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=scored, kv_bytes_per_token=kv_per_token)
+
+
+def _window_bytes(largest: float, cache, length: int, start: int, context: int, progress, total: int) -> float:
+    """The largest bytes per token so far, with this window's (a short tail window only when it is the
+    only one: it would overstate the per-token cost), and the progress callback."""
+    if start == 0 or length == context:
+        largest = max(largest, cache_bytes(cache) / length)
+    if progress:
+        progress(min(start + context, total), total)
+    return largest
+
+
+def position_edges(context: int) -> list[int]:
+    """Bucket edges over positions in a window: the last half, quarter and eighth apart, then the start
+    (``[0, 1k, 2k, 4k, 8k]`` at 8192, ``[0, 256, 512, 1024, 2048]`` at 2048)."""
+    return sorted({0, *(max(1, context >> k) for k in (3, 2, 1)), context})
+
+
+@dataclass
+class AgreementResult:
+    """Both models through their caches on the same windows: perplexities, and how far the compressed
+    model's next-token distribution is from the uncompressed one's, overall and per position bucket."""
+
+    compressed: PerplexityResult
+    baseline: PerplexityResult
+    kl: float  # mean KL(p_baseline || p_compressed) per scored token, nats
+    top1: float  # fraction of scored tokens whose argmax agrees
+    buckets: list[dict]  # per position bucket: "from", "to", "tokens", "kl", "top1", "ppl_ratio"
+
+
+@torch.no_grad()
+def agreement(model, base_model, ids: torch.Tensor, new_cache: Callable[[], object],
+              base_cache: Callable[[], object], context: int = 2048, block: int = 128,
+              progress: Callable[[int, int], None] | None = None) -> AgreementResult:
+    """Perplexity of both models and the KL divergence and top-1 agreement between them, block by block.
+
+    Both models read the same windows in the same blocks, each through its own cache, in lockstep (so both
+    are resident); nothing but running sums is kept. Positions are bucketed by :func:`position_edges`.
+    """
+    if context < 2 or block < 1:
+        raise KVCompressError("context must be >= 2 and block >= 1")
+    edges = position_edges(context)
+    k = len(edges) - 1
+    sums = {name: torch.zeros(k, dtype=torch.float64) for name in ("n", "kl", "top1", "nll", "base_nll")}
+    comp_bytes, base_bytes = 0.0, 0.0
+    streams = zip(_scored_blocks(model, ids, new_cache, context, block),
+                  _scored_blocks(base_model, ids, base_cache, context, block), strict=True)
+    for (pos, preds, targets, end), (_, base_preds, _, base_end) in streams:
+        logp, base_logp = preds.log_softmax(-1), base_preds.to(preds.device).log_softmax(-1)
+        bucket = torch.bucketize(pos, torch.tensor(edges[1:-1]), right=True)
+        per_token = {
+            "n": torch.ones(len(pos), dtype=torch.float64),
+            "kl": (base_logp.exp() * (base_logp - logp)).sum(-1).double().cpu(),
+            "top1": (preds.argmax(-1) == base_preds.argmax(-1).to(preds.device)).double().cpu(),
+            "nll": -logp.gather(-1, targets[:, None]).squeeze(-1).double().cpu(),
+            "base_nll": -base_logp.gather(-1, targets[:, None].to(base_logp.device)).squeeze(-1).double().cpu(),
+        }
+        for name, values in per_token.items():
+            sums[name].index_add_(0, bucket, values)
+        if end is not None:
+            comp_bytes = _window_bytes(comp_bytes, *end, context, progress, ids.shape[1])
+            base_bytes = _window_bytes(base_bytes, *base_end, context, None, ids.shape[1])
+    n = float(sums["n"].sum())
+
+    def result(nll: torch.Tensor, kv: float) -> PerplexityResult:
+        mean = float(nll.sum()) / n
+        return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=int(n), kv_bytes_per_token=kv)
+
+    buckets = [{"from": edges[i], "to": edges[i + 1], "tokens": int(sums["n"][i]),
+                "kl": float(sums["kl"][i] / sums["n"][i]) if sums["n"][i] else None,
+                "top1": float(sums["top1"][i] / sums["n"][i]) if sums["n"][i] else None,
+                "ppl_ratio": math.exp(float(sums["nll"][i] - sums["base_nll"][i]) / float(sums["n"][i]))
+                if sums["n"][i] else None} for i in range(k)]
+    return AgreementResult(result(sums["nll"], comp_bytes), result(sums["base_nll"], base_bytes),
+                           float(sums["kl"].sum()) / n, float(sums["top1"].sum()) / n, buckets)
 
 
 def cache_bytes(cache) -> int:
@@ -136,14 +219,16 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def compare(checkpoint: str | Path, text: str | Path, context: int = 2048, block: int = 128,
             max_tokens: int = 16384, source: str | None = None,
             progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Perplexity of a compressed checkpoint and of its source model, same windows, same run.
+    """Perplexity of a compressed checkpoint and of its source model, same windows, same run, and the KL
+    divergence and top-1 agreement of their next-token distributions (:func:`agreement`).
 
     Returns
     -------
     dict
         ``{"baseline": {"ppl", "kv_bytes_per_token"}, "compressed": {...}, "ratios": {"ppl", "kv_bytes"},
-        "context", "block", "tokens", "fp16_kv_bytes_per_token", "x_smaller_than_fp16"}``; the baseline holds
-        the run's dtype, ``x_smaller_than_fp16`` compares with an fp16 cache of the same model.
+        "kl", "top1", "by_position", "context", "block", "tokens", "fp16_kv_bytes_per_token",
+        "x_smaller_than_fp16"}``; the baseline holds the run's dtype, ``x_smaller_than_fp16`` compares with
+        an fp16 cache of the same model; ``by_position`` has one entry per position bucket.
     """
     from transformers import DynamicCache
 
@@ -159,14 +244,11 @@ def compare(checkpoint: str | Path, text: str | Path, context: int = 2048, block
         raise KVCompressError(f"--context {context} exceeds the model's {positions} positions")
     ids = text_ids(tokenizer, text, max_tokens, block)
     fp16 = baseline_bytes_per_token(ModelSpec.from_config(model.config.to_dict()))
-    comp = blocked_perplexity(model, ids, partial(make_cache, model), context, block,
-                              lambda d, n: tick("compressed", d, n))
-    manifest = model.kvcompress_manifest
-    dtype = model.dtype
-    del model  # free the compressed model before building the source model
-    base_model = load_source(manifest, source, dtype)
-    base = blocked_perplexity(base_model, ids, lambda: DynamicCache(config=base_model.config), context, block,
-                              lambda d, n: tick("baseline", d, n))
+    base_model = load_source(model.kvcompress_manifest, source, model.dtype)
+    both = agreement(model, base_model, ids, partial(make_cache, model),
+                     lambda: DynamicCache(config=base_model.config), context, block,
+                     lambda d, n: tick("compressed and source", d, n))
+    comp, base = both.compressed, both.baseline
     return {
         "context": context,
         "block": block,
@@ -174,6 +256,9 @@ def compare(checkpoint: str | Path, text: str | Path, context: int = 2048, block
         "baseline": {"ppl": base.ppl, "kv_bytes_per_token": base.kv_bytes_per_token},
         "compressed": {"ppl": comp.ppl, "kv_bytes_per_token": comp.kv_bytes_per_token},
         "ratios": {"ppl": comp.ppl / base.ppl, "kv_bytes": comp.kv_bytes_per_token / base.kv_bytes_per_token},
+        "kl": both.kl,
+        "top1": both.top1,
+        "by_position": both.buckets,
         "fp16_kv_bytes_per_token": fp16,
         "x_smaller_than_fp16": fp16 / comp.kv_bytes_per_token,
     }
