@@ -464,13 +464,14 @@ def bench(
     dtype: Annotated[str | None, typer.Option(help="float16 | bfloat16 | float32 (default: fp16 on CUDA, "
                                                    "fp32 on CPU).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
-    peer: Annotated[bool, typer.Option(help="Include transformers' QuantizedCache when quanto is installed.")] = True,
+    peer: Annotated[bool, typer.Option(help="Include the peer rows: transformers' QuantizedCache with quanto and "
+                                            "HQQ at their settings, where installed.")] = True,
     out_dir: Annotated[Path, typer.Option("--out", help="Where results.json and the plots go.")] = Path("bench"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Baseline vs recipes: KV bytes, perplexity, passkey, prefill and decode speed; results.json/.md, plots."""
 
-    from kvcompress.evaluate.bench import BenchSettings, check_settings, markdown_table
+    from kvcompress.evaluate.bench import BenchSettings, check_settings, markdown_table, skipped_lines
     from kvcompress.evaluate.bench import bench as run_bench
     from kvcompress.evaluate.passkey import parse_lengths
 
@@ -482,10 +483,8 @@ def bench(
     names = [r.strip() for r in recipes.split(",") if r.strip()]
     with progress_bar(as_json) as bar:
         results = run_bench(model, names, settings, progress=tracker(bar))
-    for row in results["rows"]:  # on stderr: stdout holds the report, or only the JSON
-        if "error" in row:
-            err.print(f"[yellow]{escape(row['name'])} skipped:[/] {escape(row['error'])}", highlight=False,
-                      soft_wrap=True)
+    for line in skipped_lines(results["rows"]):  # on stderr: stdout holds the report, or only the JSON
+        err.print(escape(line), style="yellow", highlight=False, soft_wrap=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(markdown_table(results))

@@ -21,6 +21,7 @@ from kvcompress.evaluate.bench import (
     _installed,
     _peer_system,
     bench,
+    skipped_lines,
     summary_table,
 )
 from kvcompress.evaluate.perplexity import cache_bytes, tensor_bytes
@@ -177,7 +178,8 @@ def test_bench_without_quanto_skips_the_peers_in_one_line_each(llama_gqa, tmp_pa
     assert base["speed"]["24"]["decode_tokens_per_second"] > 0
     assert [(p["name"], p["kind"]) for p in peers] == [(p.name, "peer") for p in PEERS]
     assert all("speed" not in p and "ppl" not in p for p in peers)
-    assert result.stderr.strip().splitlines() == [f"{p['name']} skipped: {p['error']}" for p in peers]
+    assert result.stderr.strip().splitlines() == skipped_lines(peers)  # one line per backend and reason
+    assert len(skipped_lines(peers)) == 2
     quanto = [p for p in peers if p["name"] in QUANTO_ROWS]
     assert len(quanto) == 4 and all(p["cache"]["backend"] == "quanto" for p in quanto)
     for p in quanto:
@@ -210,6 +212,7 @@ def test_bench_without_hqq_skips_its_row_in_one_line(llama_gqa, tmp_path, monkey
     else:
         assert "pip install hqq" in hqq["error"] and "\n" not in hqq["error"]
     assert f"{hqq['name']} skipped: {hqq['error']}" in result.stderr.strip().splitlines()
+    assert f"4 QuantizedCache quanto rows skipped: {QUANTO_MISSING}" in result.stderr.strip().splitlines()
     assert all(r["error"] == QUANTO_MISSING for r in rows if r["name"] in QUANTO_ROWS)
 
 
@@ -279,7 +282,8 @@ def test_bench_on_a_fresh_install_prints_only_its_own_lines_and_full_tables(llam
     proc = _run_piped(hide, "bench", str(llama_gqa.path), *QUICK, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     # one line of ours per peer, nothing from the profiler (kineto's profiler_start, gpuGetDeviceCount failed)
-    skipped = [f"{p.name} skipped: {QUANTO_MISSING if p.backend == 'quanto' else HQQ_MISSING}" for p in PEERS]
+    hqq = next(p for p in PEERS if p.backend == "hqq")
+    skipped = [f"4 QuantizedCache quanto rows skipped: {QUANTO_MISSING}", f"{hqq.name} skipped: {HQQ_MISSING}"]
     assert proc.stderr.strip().splitlines() == skipped, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert (out / "results.md").is_file() and (out / "decode_speed.png").is_file()

@@ -294,6 +294,17 @@ def _peer_row(measure: _Measure, peer: Peer) -> dict:
     return {"name": system.name, "kind": system.kind, **system.meta, "error": reason}
 
 
+def skipped_lines(rows: list[dict]) -> list[str]:
+    """One line per reason a row could not run: rows of one peer backend that failed alike share a line."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        if "error" in row:
+            family = row.get("cache", {}).get("backend", row["name"])
+            groups.setdefault((family, row["error"]), []).append(row["name"])
+    return [f"{names[0]} skipped: {error}" if len(names) == 1 else
+            f"{len(names)} QuantizedCache {family} rows skipped: {error}" for (family, error), names in groups.items()]
+
+
 def _ratios(row: dict, base: dict, fp16_bytes: int) -> None:
     if "kv_bytes_per_token" in row:
         row["x_smaller_than_fp16"] = fp16_bytes / row["kv_bytes_per_token"]
