@@ -466,6 +466,8 @@ def bench(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     peer: Annotated[bool, typer.Option(help="Include the peer rows: transformers' QuantizedCache with quanto and "
                                             "HQQ at their settings, where installed.")] = True,
+    only: Annotated[str | None, typer.Option(help="Run one part: quality (bytes, perplexity, passkey) or speed "
+                                                  "(prefill, decode, peak memory).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where results.json and the plots go.")] = Path("bench"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
@@ -478,7 +480,8 @@ def bench(
     settings = BenchSettings(contexts=parse_lengths(contexts), text=text, ppl_context=ppl_context,
                              ppl_tokens=ppl_tokens, passkey_depths=passkey_depths, new_tokens=new_tokens,
                              passkey_lengths=parse_lengths(passkey_lengths) if passkey_lengths else None,
-                             repeats=repeats, dtype=dtype, device=device, peer=peer)
+                             repeats=repeats, dtype=dtype, device=device, peer=peer,
+                             parts=(only,) if only else ("quality", "speed"))
     check_settings(settings)
     names = [r.strip() for r in recipes.split(",") if r.strip()]
     with progress_bar(as_json) as bar:

@@ -418,3 +418,22 @@ def test_a_length_quanto_per_channel_cannot_take_is_an_error_row_saying_so(llama
     assert channel["error"].startswith("Group size (64) must be a divisor of (48)") and "\n" not in channel["error"]
     assert "multiple of 64" in channel["error"] and "speed" not in channel
     assert "error" not in token and token["speed"]["24"]["decode_tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("only", ["quality", "speed"])
+def test_bench_runs_one_part_at_a_time(llama_gqa, tmp_path, text, only):
+    out = tmp_path / "out"
+    result = run_cli("bench", llama_gqa.path, "--recipes", _recipe(tmp_path, "q4", avg_bits=4.0), "--contexts", "24",
+                     "--text", text, "--ppl-tokens", "100", "--ppl-context", "50", "--passkey-depths", "0",
+                     "--new-tokens", "3", "--repeats", "1", "--no-peer", "--only", only, "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["name"] for r in rows] == ["baseline (DynamicCache)", "q4"]
+    for row in rows:
+        assert ("speed" in row) == (only == "speed")
+        assert ("kv_bytes_per_token" in row) == (only == "quality")
+
+
+def test_bench_refuses_an_unknown_part(llama_gqa, tmp_path):
+    result = run_cli("bench", llama_gqa.path, *QUICK, "--only", "memory", "--out", tmp_path / "out")
+    assert result.exit_code != 0 and "the parts of a bench run are quality and speed, got memory" in result.stderr

@@ -47,6 +47,7 @@ class BenchSettings:
     dtype: str | None = None  # default: float16 on CUDA, float32 on the CPU
     device: str | None = None  # default: CUDA if available
     peer: bool = True  # the rows of PEERS: transformers' QuantizedCache, quanto and HQQ, where installed
+    parts: tuple[str, ...] = ("quality", "speed")  # run one part at a time: ("quality",) or ("speed",)
 
 
 @dataclass
@@ -91,7 +92,7 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings,
     baseline = System("baseline (DynamicCache)", "baseline", base_model,
                       lambda: DynamicCache(config=base_model.config))
     measure = _Measure(settings, tokenizer, baseline, settings.passkey_lengths or settings.contexts, tick)
-    rows = [measure.quality(baseline)]
+    rows = [measure.quality(baseline)]  # only the row's name when quality is not a part of this run
     if settings.peer:
         rows += [_peer_row(measure, peer) for peer in PEERS]
     root = Path(tempfile.mkdtemp(prefix="kvcompress-bench-"))  # recipe checkpoints, one at a time
@@ -109,7 +110,8 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings,
             shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    rows[0]["speed"] = measure.baseline_speed()
+    if "speed" in settings.parts:
+        rows[0]["speed"] = measure.baseline_speed()
     fp16 = baseline_bytes_per_token(source.spec)
     for row in rows:
         _ratios(row, rows[0], fp16)
@@ -135,6 +137,8 @@ class _Measure:
 
     def quality(self, system: System) -> dict:
         row = {"name": system.name, "kind": system.kind, **system.meta}
+        if "quality" not in self.s.parts:
+            return row
         if self.ids is not None:
             ppl = blocked_perplexity(system.model, self.ids, system.new_cache, self.s.ppl_context, self.s.block,
                                      lambda d, n: self.tick(f"ppl {system.name}", d, n))
@@ -148,7 +152,8 @@ class _Measure:
 
     def everything(self, system: System) -> dict:
         row = self.quality(system)
-        row["speed"] = {str(c): self._paired_speed(system, c) for c in self.s.contexts}
+        if "speed" in self.s.parts:
+            row["speed"] = {str(c): self._paired_speed(system, c) for c in self.s.contexts}
         return row
 
     def _paired_speed(self, system: System, context: int) -> dict:
@@ -327,6 +332,8 @@ def check_settings(settings: BenchSettings) -> None:
         raise KVCompressError(f"text file not found: {settings.text}")
     if settings.repeats < 1 or settings.new_tokens < 3:
         raise KVCompressError("need --repeats >= 1 and --new-tokens >= 3")
+    if not settings.parts or set(settings.parts) - {"quality", "speed"}:
+        raise KVCompressError(f"the parts of a bench run are quality and speed, got {', '.join(settings.parts)}")
     if settings.dtype not in (None, "float16", "bfloat16", "float32"):
         raise KVCompressError(f"dtype must be float16, bfloat16 or float32, got {settings.dtype!r}")
 
