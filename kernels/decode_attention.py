@@ -48,14 +48,8 @@ def _check(
     return hq // hkv, k.num_tokens
 
 
-def decode_attention_ref(
-    q: torch.Tensor,
-    k: Packed | None,
-    v: Packed | None,
-    k_res: torch.Tensor,
-    v_res: torch.Tensor,
-    sm_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_attention_ref(q: torch.Tensor, k: Packed | None, v: Packed | None, k_res: torch.Tensor, v_res: torch.Tensor,
+                         sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention with dequantize + dense torch (the CPU path).
 
     Parameters
@@ -204,16 +198,9 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, n_split, DV,
     tl.store(lse_ptr + row, (m_max + tl.log2(total)) * 0.6931471805599453)
 
 
-def decode_attention_triton(
-    q: torch.Tensor,
-    k: Packed | None,
-    v: Packed | None,
-    k_res: torch.Tensor,
-    v_res: torch.Tensor,
-    sm_scale: float,
-    *,
-    split_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_attention_triton(q: torch.Tensor, k: Packed | None, v: Packed | None, k_res: torch.Tensor,
+                            v_res: torch.Tensor, sm_scale: float, *,
+                            split_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`decode_attention_ref` (same arguments, same outputs).
 
     ``split_size`` (tokens per program) overrides the heuristic, which aims at about

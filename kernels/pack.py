@@ -342,17 +342,8 @@ def quantize_pack_ref(
     return packed, scale.reshape(*lead, t // gt, d // gc), minimum.reshape(*lead, t // gt, d // gc)
 
 
-def unpack_dequantize_ref(
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    minimum: torch.Tensor,
-    bits: int,
-    group_size: int,
-    along: Along,
-    dim: int,
-    dtype: torch.dtype,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def unpack_dequantize_ref(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int, group_size: int,
+                          along: Along, dim: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Unpack codes and dequantize with vectorized torch (the CPU path).
 
     Parameters
@@ -628,17 +619,9 @@ def quantize_pack_triton(
     return codes, scale, minimum
 
 
-def unpack_dequantize_triton(
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    minimum: torch.Tensor,
-    bits: int,
-    group_size: int,
-    along: Along,
-    dim: int,
-    dtype: torch.dtype,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+def unpack_dequantize_triton(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int,
+                             group_size: int, along: Along, dim: int, dtype: torch.dtype,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of :func:`unpack_dequantize_ref` (same arguments, same output)."""
     *lead, t, _ = codes.shape
     gt, gc = group_shape((*lead, t, dim), bits, group_size, along)
