@@ -30,8 +30,8 @@ SVD_MODES = ("whitened", "weight")
 SCHEDULES = ("progressive", "uniform", "energy", "greedy")  # kvcompress.analysis.schedule implements each
 
 BITS = tuple(range(1, 9))  # code widths; 16 means a stream is not quantized
-# what `export` writes without --recipe: the shipped recipe with the largest compression within 1% perplexity
-# on the shared SmolLM2 (README Results)
+# what `export` writes without --recipe: within 1% perplexity on the shared SmolLM2, the fastest to decode and
+# the one the fused CUDA kernel reads (minikv-3bit is smaller within 1%, and slower; README Results)
 DEFAULT_RECIPE = "kivi-4bit"
 QUANT_METHODS = ("kivi", "decoquant", "codebook")  # kvcompress.methods.QUANTIZERS implements each
 ALLOCATIONS = ("stream", "channels")
