@@ -437,3 +437,17 @@ def test_bench_runs_one_part_at_a_time(llama_gqa, tmp_path, text, only):
 def test_bench_refuses_an_unknown_part(llama_gqa, tmp_path):
     result = run_cli("bench", llama_gqa.path, *QUICK, "--only", "memory", "--out", tmp_path / "out")
     assert result.exit_code != 0 and "the parts of a bench run are quality and speed, got memory" in result.stderr
+
+
+def test_bench_reports_kl_and_top1_beside_the_baseline(llama_gqa, tmp_path, text):
+    out = tmp_path / "out"
+    result = run_cli("bench", llama_gqa.path, "--recipes", _recipe(tmp_path, "q2", avg_bits=2.0), "--contexts", "24",
+                     "--text", text, "--ppl-tokens", "100", "--ppl-context", "50", "--passkey-depths", "0",
+                     "--new-tokens", "3", "--repeats", "1", "--no-peer", "--only", "quality", "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    base, q2 = json.loads(result.stdout)["rows"]
+    assert "kl" not in base  # the baseline against itself is not measured
+    assert q2["kl"] > 0 and 0 < q2["top1"] <= 1
+    assert sum(b["tokens"] for b in q2["by_position"]) == q2["ppl_tokens"]
+    head, rows = summary_table(json.loads(result.stdout))
+    assert head[5:7] == ["KL (nats)", "top-1"] and rows[1][5] == f"{q2['kl']:.4f}" and rows[0][5] == "-"

@@ -24,7 +24,7 @@ from transformers import DynamicCache, QuantizedCache
 import kvcompress
 from kvcompress.errors import KVCompressError
 from kvcompress.evaluate.passkey import make_prompts, passkey_accuracy
-from kvcompress.evaluate.perplexity import blocked_perplexity, tensor_bytes, text_ids
+from kvcompress.evaluate.perplexity import agreement, blocked_perplexity, tensor_bytes, text_ids
 from kvcompress.evaluate.speed import peak_generate, summarize, timed_generate
 from kvcompress.memory import baseline_bytes_per_token
 
@@ -139,10 +139,16 @@ class _Measure:
         row = {"name": system.name, "kind": system.kind, **system.meta}
         if "quality" not in self.s.parts:
             return row
-        if self.ids is not None:
+        if self.ids is not None and system is self.baseline:
             ppl = blocked_perplexity(system.model, self.ids, system.new_cache, self.s.ppl_context, self.s.block,
                                      lambda d, n: self.tick(f"ppl {system.name}", d, n))
             row |= {"ppl": ppl.ppl, "ppl_tokens": ppl.tokens, "kv_bytes_per_token": ppl.kv_bytes_per_token}
+        elif self.ids is not None:  # beside the baseline in lockstep: also the KL and top-1 agreement
+            both = agreement(system.model, self.baseline.model, self.ids, system.new_cache, self.baseline.new_cache,
+                             self.s.ppl_context, self.s.block, lambda d, n: self.tick(f"ppl {system.name}", d, n))
+            ppl = both.compressed
+            row |= {"ppl": ppl.ppl, "ppl_tokens": ppl.tokens, "kv_bytes_per_token": ppl.kv_bytes_per_token,
+                    "kl": both.kl, "top1": both.top1, "by_position": both.buckets}
         if self.prompts:
             keys = passkey_accuracy(system.model, self.tokenizer, self.prompts, system.new_cache,
                                     lambda d, n: self.tick(f"passkey {system.name}", d, n))
@@ -341,7 +347,9 @@ def check_settings(settings: BenchSettings) -> None:
 def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the results table (rows that failed are left out)."""
     contexts = list(results["rows"][0].get("speed", {}))
-    head = ["system", "KV bytes/token", "× smaller than fp16", "perplexity", "Δppl %", "passkey",
+    kl = any("kl" in row for row in results["rows"])  # runs before KL was measured have no such columns
+    head = ["system", "KV bytes/token", "× smaller than fp16", "perplexity", "Δppl %",
+            *(["KL (nats)", "top-1"] if kl else []), "passkey",
             *(f"decode tok/s @{c} (× baseline)" for c in contexts),
             *([f"peak MB @{contexts[-1]}"] if contexts else [])]
     rows = []
@@ -352,6 +360,8 @@ def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
                  f"{row['x_smaller_than_fp16']:.2f}" if "x_smaller_than_fp16" in row else "-",
                  f"{row['ppl']:.3f}" if "ppl" in row else "-",
                  f"{row['ppl_delta_pct']:+.2f}" if "ppl_delta_pct" in row else "-",
+                 *([f"{row['kl']:.4f}" if "kl" in row else "-", f"{row['top1']:.1%}" if "top1" in row else "-"]
+                   if kl else []),
                  f"{row['passkey_correct']}/{row['passkey_total']}" if "passkey" in row else "-"]
         for c in contexts:
             sp = row.get("speed", {}).get(c)
