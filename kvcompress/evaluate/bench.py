@@ -24,7 +24,7 @@ from transformers import DynamicCache, QuantizedCache
 import kvcompress
 from kvcompress.errors import KVCompressError
 from kvcompress.evaluate.passkey import make_prompts, passkey_accuracy
-from kvcompress.evaluate.perplexity import agreement, blocked_perplexity, tensor_bytes, text_ids
+from kvcompress.evaluate.perplexity import agreement, blocked_perplexity, text_ids
 from kvcompress.evaluate.speed import peak_generate, summarize, timed_generate
 from kvcompress.memory import baseline_bytes_per_token
 
@@ -264,29 +264,9 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _held_bytes(value) -> int:
-    """Bytes of every tensor in ``value``, also inside tuples, lists and dicts (HQQ keeps ``(packed, meta)``)."""
-    if isinstance(value, torch.Tensor):
-        return tensor_bytes(value)
-    if isinstance(value, (tuple, list)):
-        return sum(_held_bytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_held_bytes(v) for v in value.values())
-    return 0
-
-
-class _CountedQuantizedCache(QuantizedCache):
-    """transformers' ``QuantizedCache``, unchanged, plus ``kv_bytes``: what :func:`cache_bytes` counts for a
-    transformers cache (each tensor a layer holds, quantized ones through their packed data, scales and shifts),
-    and also the tensors HQQ keeps in ``(packed, meta)`` tuples, which it would miss."""
-
-    def kv_bytes(self) -> int:
-        return sum(_held_bytes(v) for layer in self.layers for v in vars(layer).values())
-
-
 def _peer_system(model, peer: Peer) -> System:
     cfg = peer.config()
-    return System(peer.name, "peer", model, lambda: _CountedQuantizedCache(config=model.config, **cfg),
+    return System(peer.name, "peer", model, lambda: QuantizedCache(config=model.config, **cfg),
                   {"cache": cfg, "description": f"transformers' QuantizedCache: {peer.why}"})
 
 

@@ -202,11 +202,22 @@ def agreement(model, base_model, ids: torch.Tensor, new_cache: Callable[[], obje
 def cache_bytes(cache) -> int:
     """Bytes held by a kvcompress cache (its ``kv_bytes``) or by a transformers cache: every tensor its
     layers hold (``DynamicCache`` keys and values; ``QuantizedCache`` residual windows and quantized
-    tensors, counted through their packed data, scales and shifts)."""
+    tensors, counted through their packed data, scales and shifts, also inside the ``(packed, meta)``
+    tuples HQQ keeps)."""
     if hasattr(cache, "kv_bytes"):
         return int(cache.kv_bytes())
-    return sum(tensor_bytes(t) for layer in cache.layers for t in vars(layer).values()
-               if isinstance(t, torch.Tensor))
+    return sum(_held_bytes(v) for layer in cache.layers for v in vars(layer).values())
+
+
+def _held_bytes(value) -> int:
+    """Bytes of every tensor in ``value``, also inside tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return tensor_bytes(value)
+    if isinstance(value, (tuple, list)):
+        return sum(_held_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_held_bytes(v) for v in value.values())
+    return 0
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
