@@ -1,5 +1,6 @@
 """The latent attention kernel in torch: GQA layout, causal block, padding, and query blocking."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -46,3 +47,20 @@ def test_query_blocks_give_the_same_result(monkeypatch):
     whole = attention.latent_attention(q, kt, v, valid, 0.3)
     monkeypatch.setattr(attention, "QUERY_BLOCK", 7)
     torch.testing.assert_close(attention.latent_attention(q, kt, v, valid, 0.3), whole)
+
+
+@pytest.mark.parametrize(("groups", "per_group"), [(2, 2), (1, 3), (3, 1)])  # a copy per group, a stride-0 view,
+def test_a_prompt_into_an_empty_cache_takes_fused_causal_attention(monkeypatch, groups, per_group):  # values as is
+    g = torch.Generator().manual_seed(groups)
+    q = torch.randn(1, groups * per_group * 2, 33, 16, generator=g)
+    kt = torch.randn(1, groups, per_group, 16, 33, generator=g)
+    v = torch.randn(1, groups, 33, 12, generator=g)
+    everything = torch.ones(1, groups, 33, dtype=torch.bool)
+    fused = attention.latent_attention(q, kt, v, None, 0.3)
+    torch.testing.assert_close(fused, _reference(q, kt, v, everything, 0.3))
+    calls = []
+    monkeypatch.setattr(attention, "fused_causal_attention", lambda *a: calls.append(a) or fused)
+    attention.latent_attention(q, kt, v, None, 0.3)
+    attention.latent_attention(q, kt, v, everything, 0.3)  # a padding mask: the score blocks
+    attention.latent_attention(q[:, :, 1:], kt, v, None, 0.3)  # earlier tokens in the cache: the score blocks
+    assert len(calls) == 1
