@@ -465,7 +465,9 @@ def bench(
                                                    "fp32 on CPU).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     peer: Annotated[bool, typer.Option(help="Include the peer rows: transformers' QuantizedCache with quanto and "
-                                            "HQQ at their settings, where installed.")] = True,
+                                            "HQQ at their settings, and llama.cpp, where installed.")] = True,
+    peers: Annotated[str | None, typer.Option(help="Comma-separated peer rows to run (default: all): "
+                                                   "quanto-4bit-g64-axis-1/0 style keys, or llama.cpp.")] = None,
     only: Annotated[str | None, typer.Option(help="Run one part: quality (bytes, perplexity, passkey) or speed "
                                                   "(prefill, decode, peak memory).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where results.json and the plots go.")] = Path("bench"),
@@ -481,6 +483,7 @@ def bench(
                              ppl_tokens=ppl_tokens, passkey_depths=passkey_depths, new_tokens=new_tokens,
                              passkey_lengths=parse_lengths(passkey_lengths) if passkey_lengths else None,
                              repeats=repeats, dtype=dtype, device=device, peer=peer,
+                             peers=tuple(p.strip() for p in peers.split(",") if p.strip()) if peers else None,
                              parts=(only,) if only else ("quality", "speed"))
     check_settings(settings)
     names = [r.strip() for r in recipes.split(",") if r.strip()]

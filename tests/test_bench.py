@@ -15,15 +15,19 @@ from kvcompress.compat import CACHE_ARG
 from kvcompress.evaluate.bench import (
     BACKENDS,
     HQQ_MISSING,
+    PEER_KEYS,
     PEERS,
     QUANTO_MISSING,
     BenchSettings,
     _installed,
     _peer_system,
     bench,
+    growth_slopes,
     skipped_lines,
+    slope_table,
     summary_table,
 )
+from kvcompress.evaluate.llamacpp import LLAMA_MISSING
 from kvcompress.evaluate.perplexity import cache_bytes, tensor_bytes
 from kvcompress.evaluate.plots import _label_points, pareto_front, write_plots
 from kvcompress.evaluate.speed import PeakMemory
@@ -82,7 +86,7 @@ def test_bench_measures_every_row(llama_gqa, tmp_path, text):
     assert base["speed"]["24"]["decode_ratio"] == 1.0
     assert 0 < q2["speed"]["40"]["decode_ratio"] < 100
     written = write_plots(results, tmp_path)
-    assert [p.name for p in written] == ["pareto.png", "decode_speed.png"]
+    assert [p.name for p in written] == ["pareto.png", "decode_speed.png", "peak_memory.png", "prefill.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
 
 
@@ -160,7 +164,8 @@ def _fake_optimum(root: Path, monkeypatch, quanto: bool) -> None:
 
 @pytest.mark.parametrize("setup", ["no optimum", "optimum without quanto", "quanto transformers cannot use"])
 def test_bench_without_quanto_skips_the_peers_in_one_line_each(llama_gqa, tmp_path, monkeypatch, setup):
-    monkeypatch.setitem(sys.modules, "hqq", None)  # as in CI, where hqq is not installed either
+    monkeypatch.setitem(sys.modules, "hqq", None)  # as in CI, where hqq and llama-cpp-python are not installed either
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
     if setup == "no optimum":
         monkeypatch.setitem(sys.modules, "optimum", None)  # `import optimum` fails, as on a fresh install
     else:
@@ -176,10 +181,11 @@ def test_bench_without_quanto_skips_the_peers_in_one_line_each(llama_gqa, tmp_pa
     assert json.loads((out / "results.json").read_text()) == printed
     base, *peers = printed["rows"]
     assert base["speed"]["24"]["decode_tokens_per_second"] > 0
-    assert [(p["name"], p["kind"]) for p in peers] == [(p.name, "peer") for p in PEERS]
+    assert [(p["name"], p["kind"]) for p in peers] == [(p.name, "peer") for p in PEERS] + [("llama.cpp", "peer")]
     assert all("speed" not in p and "ppl" not in p for p in peers)
     assert result.stderr.strip().splitlines() == skipped_lines(peers)  # one line per backend and reason
-    assert len(skipped_lines(peers)) == 2
+    assert len(skipped_lines(peers)) == 3
+    assert peers[-1]["error"] == LLAMA_MISSING and f"llama.cpp skipped: {LLAMA_MISSING}" in skipped_lines(peers)
     quanto = [p for p in peers if p["name"] in QUANTO_ROWS]
     assert len(quanto) == 4 and all(p["cache"]["backend"] == "quanto" for p in quanto)
     for p in quanto:
@@ -194,6 +200,7 @@ def test_bench_without_quanto_skips_the_peers_in_one_line_each(llama_gqa, tmp_pa
 @pytest.mark.parametrize("setup", ["no hqq", "hqq transformers cannot use"])
 def test_bench_without_hqq_skips_its_row_in_one_line(llama_gqa, tmp_path, monkeypatch, setup):
     monkeypatch.setitem(sys.modules, "optimum", None)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
     if setup == "no hqq":
         monkeypatch.setitem(sys.modules, "hqq", None)
     else:  # found, but QuantizedCache refuses it (too old, broken)
@@ -204,7 +211,7 @@ def test_bench_without_hqq_skips_its_row_in_one_line(llama_gqa, tmp_path, monkey
     result = run_cli("bench", llama_gqa.path, *QUICK, "--out", tmp_path / "out", "--json")
     assert result.exit_code == 0 and result.exception is None, result.stderr
     rows = json.loads(result.stdout)["rows"]
-    assert [r["name"] for r in rows] == ["baseline (DynamicCache)", *(p.name for p in PEERS)]
+    assert [r["name"] for r in rows] == ["baseline (DynamicCache)", *(p.name for p in PEERS), "llama.cpp"]
     (hqq,) = [r for r in rows if r["name"] in HQQ_ROWS]
     assert hqq["kind"] == "peer" and hqq["cache"]["backend"] == "hqq" and "speed" not in hqq
     if setup == "no hqq":
@@ -278,21 +285,24 @@ def _run_piped(code: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_bench_on_a_fresh_install_prints_only_its_own_lines_and_full_tables(llama_gqa, tmp_path):
     out = tmp_path / "out"
-    hide = "import sys; sys.modules['optimum'] = sys.modules['hqq'] = None; from kvcompress.cli import app; app()"
+    hide = ("import sys; sys.modules['optimum'] = sys.modules['hqq'] = sys.modules['llama_cpp'] = None; "
+            "from kvcompress.cli import app; app()")
     proc = _run_piped(hide, "bench", str(llama_gqa.path), *QUICK, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     # one line of ours per peer, nothing from the profiler (kineto's profiler_start, gpuGetDeviceCount failed)
     hqq = next(p for p in PEERS if p.backend == "hqq")
-    skipped = [f"4 QuantizedCache quanto rows skipped: {QUANTO_MISSING}", f"{hqq.name} skipped: {HQQ_MISSING}"]
+    skipped = [f"4 QuantizedCache quanto rows skipped: {QUANTO_MISSING}", f"{hqq.name} skipped: {HQQ_MISSING}",
+               f"llama.cpp skipped: {LLAMA_MISSING}"]
     assert proc.stderr.strip().splitlines() == skipped, proc.stderr
     results = json.loads((out / "results.json").read_text())
-    assert (out / "results.md").is_file() and (out / "decode_speed.png").is_file()
+    plots = [out / name for name in ("decode_speed.png", "peak_memory.png", "prefill.png")]
+    assert (out / "results.md").is_file() and all(p.is_file() for p in plots)
     head, rows = summary_table(results)
     lines = proc.stdout.splitlines()
     assert "…" not in proc.stdout and max(map(len, lines)) > 80  # the table is wider than 80 columns
     for cell in [*head, *rows[0]]:  # each header and cell whole, on one line
         assert any(cell in line for line in lines), cell
-    assert f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'decode_speed.png'}" in lines
+    assert f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(map(str, plots)) in lines
 
 
 def test_peak_memory_on_the_cpu_keeps_stderr_and_the_environment_clean():
@@ -311,6 +321,18 @@ def test_bench_rejects_bad_input(llama_gqa, tmp_path):
     assert_one_line_error(run_cli("bench", llama_gqa.path, "--contexts", "8"), "contexts")
     assert_one_line_error(run_cli("bench", llama_gqa.path, "--text", tmp_path / "missing.txt"), "not found")
     assert_one_line_error(run_cli("bench", llama_gqa.path, "--recipes", "no-such-recipe"), "recipe not found")
+    assert_one_line_error(run_cli("bench", llama_gqa.path, "--peers", "quanto-4bit,llama.cpp"),
+                          "unknown peer quanto-4bit", "llama.cpp", PEERS[0].key)
+
+
+def test_bench_peers_runs_only_the_rows_it_names(llama_gqa, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optimum", None)  # each row named is one error row: quick, and still named
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    settings = BenchSettings(contexts=[24], passkey_depths=0, new_tokens=3, repeats=1, peers=(PEERS[2].key,))
+    assert [r["name"] for r in bench(str(llama_gqa.path), [], settings)["rows"]][1:] == [PEERS[2].name]
+    settings.peers = (PEER_KEYS[-1], PEERS[0].key)
+    assert [r["name"] for r in bench(str(llama_gqa.path), [], settings)["rows"]][1:] == [PEERS[0].name, "llama.cpp"]
+    assert len(set(PEER_KEYS)) == len(PEERS) + 1
 
 
 def test_pareto_front_keeps_points_nothing_beats():
@@ -373,10 +395,27 @@ def test_decode_speed_plot_bars_for_one_context_lines_for_more(tmp_path, monkeyp
         assert [t.get_text() for t in ax.texts] == [f"{rate[n, 256]:.0f}" for n in names]
         assert "256 tokens" in ax.get_title()
     else:  # a line per system over the contexts, on a log axis
-        assert not ax.patches and ax.get_xscale() == "log"
+        assert not ax.patches and ax.get_xscale() == ax.get_yscale() == "log"
         assert [list(line.get_xdata()) for line in ax.lines] == [contexts] * len(names)
         assert [list(line.get_ydata()) for line in ax.lines] == [[rate[n, c] for c in contexts] for n in names]
         assert _legend(ax) == names
+
+
+def test_growth_slopes_fit_how_each_entry_grows_with_context():
+    contexts = [1024, 2048, 4096, 8192]
+    rows = [{"name": "quadratic prefill", "kind": "baseline",
+             "speed": {str(c): {"prefill_seconds": 3e-7 * c**2, "decode_tokens_per_second": 5e4 / c,
+                                "peak_memory_bytes": 2e5 + 40.0 * c} for c in contexts}},
+            {"name": "one context", "kind": "recipe", "speed": {"1024": {"prefill_seconds": 1.0}}},
+            {"name": "failed", "kind": "peer", "error": "not installed"}]
+    slopes = growth_slopes({"rows": rows})
+    assert set(slopes) == {"quadratic prefill"}  # one point fits no slope
+    fit = slopes["quadratic prefill"]
+    assert fit["prefill_seconds"] == pytest.approx(2.0) and fit["decode_tokens_per_second"] == pytest.approx(-1.0)
+    assert 0.2 < fit["peak_memory_bytes"] < 0.6  # a constant part flattens a linear growth
+    table = slope_table({"rows": rows}).splitlines()
+    assert table[2] == "| quadratic prefill | -1.00 | +2.00 | " + f"{fit['peak_memory_bytes']:+.2f} |"
+    assert slope_table({"rows": rows[1:]}) == ""
 
 
 def _legend(ax) -> list[str]:
@@ -414,7 +453,8 @@ def test_a_length_quanto_per_channel_cannot_take_is_an_error_row_saying_so(llama
 
     monkeypatch.setattr(bench_module, "PEERS", (PEERS[0], PEERS[2]))  # axis_key=-1, then both axes 0
     settings = BenchSettings(contexts=[24], passkey_depths=0, new_tokens=3, repeats=1)  # 2 KV heads x 24 = 48
-    _, channel, token = bench(str(llama_gqa.path), [], settings)["rows"]
+    _, channel, token, llama = bench(str(llama_gqa.path), [], settings)["rows"]
+    assert llama["name"] == "llama.cpp" and "error" in llama  # not a GGUF (or no llama-cpp-python)
     assert channel["error"].startswith("Group size (64) must be a divisor of (48)") and "\n" not in channel["error"]
     assert "multiple of 64" in channel["error"] and "speed" not in channel
     assert "error" not in token and token["speed"]["24"]["decode_tokens_per_second"] > 0

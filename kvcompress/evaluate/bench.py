@@ -8,7 +8,10 @@ slow drift of the machine cancels out.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import importlib.util
+import math
 import platform
 import shutil
 import tempfile
@@ -46,7 +49,8 @@ class BenchSettings:
     repeats: int = 3
     dtype: str | None = None  # default: float16 on CUDA, float32 on the CPU
     device: str | None = None  # default: CUDA if available
-    peer: bool = True  # the rows of PEERS: transformers' QuantizedCache, quanto and HQQ, where installed
+    peer: bool = True  # the rows of PEERS (transformers' QuantizedCache, quanto and HQQ) and llama.cpp's
+    peers: tuple[str, ...] | None = None  # which of them, by PEER_KEYS; None: all
     parts: tuple[str, ...] = ("quality", "speed")  # run one part at a time: ("quality",) or ("speed",)
 
 
@@ -94,7 +98,9 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings,
     measure = _Measure(settings, tokenizer, baseline, settings.passkey_lengths or settings.contexts, tick)
     rows = [measure.quality(baseline)]  # only the row's name when quality is not a part of this run
     if settings.peer:
-        rows += [_peer_row(measure, peer) for peer in PEERS]
+        rows += [_peer_row(measure, peer) for peer in PEERS if settings.peers is None or peer.key in settings.peers]
+        if settings.peers is None or LLAMA_KEY in settings.peers:
+            rows += _llama_rows(measure, model_path, source.spec, device)
     root = Path(tempfile.mkdtemp(prefix="kvcompress-bench-"))  # recipe checkpoints, one at a time
     try:
         for spec, recipe in zip(recipes, parsed, strict=True):
@@ -115,11 +121,12 @@ def bench(model_path: str, recipes: list[str], settings: BenchSettings,
     fp16 = baseline_bytes_per_token(source.spec)
     for row in rows:
         _ratios(row, rows[0], fp16)
-    return {"model": model_path, "device": _device_name(device), "dtype": dtype,
-            "versions": {"kvcompress": kvcompress.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__},
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-            "fp16_kv_bytes_per_token": fp16, "rows": rows}
+    results = {"model": model_path, "device": _device_name(device), "dtype": dtype,
+               "versions": {"kvcompress": kvcompress.__version__, "torch": torch.__version__,
+                            "transformers": transformers.__version__, **_peer_versions()},
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+               "fp16_kv_bytes_per_token": fp16, "rows": rows}
+    return results | {"growth": growth_slopes(results)}
 
 
 class _Measure:
@@ -228,6 +235,11 @@ class Peer:
     tag: str = ""  # appended to the name in parentheses
 
     @property
+    def key(self) -> str:
+        """How ``bench --peers`` names this row."""
+        return f"{self.backend}-{self.nbits}bit-g{self.q_group_size}-axis{self.axis_key}/{self.axis_value}"
+
+    @property
     def name(self) -> str:
         name = (f"QuantizedCache {self.backend} {self.nbits}-bit g{self.q_group_size} axis_key={self.axis_key} "
                 f"axis_value={self.axis_value} residual={self.residual_length}")
@@ -247,6 +259,10 @@ PEERS = (
     Peer("hqq", 4, 64, 1, 1, why="keys and values per token (transformers' docs recommend axis 1 for HQQ)"),
 )
 """The peer rows ``bench`` measures, in order; each backend's rows are skipped when it is not installed."""
+
+LLAMA_KEY = "llama.cpp"
+PEER_KEYS = (*(p.key for p in PEERS), LLAMA_KEY)
+"""What ``bench --peers`` takes: one key per QuantizedCache row, and one for all of llama.cpp's rows."""
 
 BACKENDS = {"quanto": ("optimum.quanto", QUANTO_MISSING), "hqq": ("hqq", HQQ_MISSING)}
 """Per backend: the module ``QuantizedCache`` needs, and the error of its rows when it cannot be found."""
@@ -285,6 +301,30 @@ def _peer_row(measure: _Measure, peer: Peer) -> dict:
     return {"name": system.name, "kind": system.kind, **system.meta, "error": reason}
 
 
+def _llama_rows(measure: _Measure, model_path: str, spec, device: torch.device) -> list[dict]:
+    """llama.cpp's rows (``kvcompress.evaluate.llamacpp``), or one row with the ``error`` saying why there are none."""
+    from kvcompress.evaluate import llamacpp
+
+    gguf = llamacpp.gguf_file(model_path)
+    if not llamacpp.installed():
+        reason = llamacpp.LLAMA_MISSING
+    elif gguf is None:
+        reason = "llama.cpp reads GGUF files, and MODEL is not one (nor a folder holding one)"
+    elif device.type != "cpu":
+        reason = f"llama.cpp runs on the CPU here, and this bench runs on {device.type}"
+    else:
+        s = measure.s
+        runs = llamacpp.LlamaBench(
+            gguf, spec.num_layers, spec.kv_width, measure.ids if "quality" in s.parts else None, s.ppl_context,
+            s.block, measure.speed_ids if "speed" in s.parts else None, s.contexts, s.new_tokens, s.repeats,
+            measure.tick)
+        try:
+            return runs.rows()
+        except (ValueError, RuntimeError) as e:  # a GGUF or a cache type this build cannot load
+            reason = str(e).strip().partition("\n")[0] or type(e).__name__
+    return [{"name": "llama.cpp", "kind": "peer", "cache": {"backend": "llama.cpp"}, "error": reason}]
+
+
 def skipped_lines(rows: list[dict]) -> list[str]:
     """One line per reason a row could not run: rows of one peer backend that failed alike share a line."""
     groups: dict[tuple[str, str], list[str]] = {}
@@ -296,9 +336,22 @@ def skipped_lines(rows: list[dict]) -> list[str]:
             f"{len(names)} QuantizedCache {family} rows skipped: {error}" for (family, error), names in groups.items()]
 
 
+def _peer_versions() -> dict[str, str]:
+    """Versions of the installed peer packages, by distribution name."""
+    found = {}
+    for dist in ("optimum-quanto", "hqq", "llama-cpp-python"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[dist] = importlib.metadata.version(dist)
+    return found
+
+
 def _ratios(row: dict, base: dict, fp16_bytes: int) -> None:
+    """Size against fp16, and perplexity against ``base``, or against the row's own ``reference_ppl`` (what
+    llama.cpp's rows are measured against)."""
     if "kv_bytes_per_token" in row:
         row["x_smaller_than_fp16"] = fp16_bytes / row["kv_bytes_per_token"]
+    if "ppl" in row and "reference_ppl" in row:
+        base = {"ppl": row["reference_ppl"]}
     if "ppl" in row and "ppl" in base:
         row["ppl_ratio"] = row["ppl"] / base["ppl"]
         row["ppl_delta_pct"] = 100 * (row["ppl_ratio"] - 1)
@@ -320,6 +373,9 @@ def check_settings(settings: BenchSettings) -> None:
         raise KVCompressError("need --repeats >= 1 and --new-tokens >= 3")
     if not settings.parts or set(settings.parts) - {"quality", "speed"}:
         raise KVCompressError(f"the parts of a bench run are quality and speed, got {', '.join(settings.parts)}")
+    unknown = set(settings.peers or ()) - set(PEER_KEYS)
+    if unknown:
+        raise KVCompressError(f"unknown peer {', '.join(sorted(unknown))}: choose from {', '.join(PEER_KEYS)}")
     if settings.dtype not in (None, "float16", "bfloat16", "float32"):
         raise KVCompressError(f"dtype must be float16, bfloat16 or float32, got {settings.dtype!r}")
 
@@ -339,18 +395,61 @@ def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
         cells = [row["name"], f"{row['kv_bytes_per_token']:,.0f}" if "kv_bytes_per_token" in row else "-",
                  f"{row['x_smaller_than_fp16']:.2f}" if "x_smaller_than_fp16" in row else "-",
                  f"{row['ppl']:.3f}" if "ppl" in row else "-",
-                 f"{row['ppl_delta_pct']:+.2f}" if "ppl_delta_pct" in row else "-",
+                 _delta(row),
                  *([f"{row['kl']:.4f}" if "kl" in row else "-", f"{row['top1']:.1%}" if "top1" in row else "-"]
                    if kl else []),
                  f"{row['passkey_correct']}/{row['passkey_total']}" if "passkey" in row else "-"]
         for c in contexts:
             sp = row.get("speed", {}).get(c)
-            cells.append(f"{sp['decode_tokens_per_second']:.1f} (×{sp['decode_ratio']:.2f})" if sp else "-")
+            ratio = f" (×{sp['decode_ratio']:.2f})" if sp and "decode_ratio" in sp else ""
+            cells.append(f"{sp['decode_tokens_per_second']:.1f}{ratio}" if sp else "-")
         if contexts:
-            sp = row.get("speed", {}).get(contexts[-1])
-            cells.append(f"{sp['peak_memory_bytes'] / 1e6:.1f}" if sp else "-")
+            sp = row.get("speed", {}).get(contexts[-1], {})
+            cells.append(f"{sp['peak_memory_bytes'] / 1e6:.1f}" if "peak_memory_bytes" in sp else "-")
         rows.append(cells)
     return head, rows
+
+
+def _delta(row: dict) -> str:
+    """The perplexity change, saying what it is against when that is not the baseline row."""
+    if "ppl_delta_pct" not in row:
+        return "-"
+    against = f" vs {row['reference']}" if row.get("reference") else ""
+    return f"{row['ppl_delta_pct']:+.2f}{against}"
+
+
+GROWTH = (("decode_tokens_per_second", "decode tok/s"), ("prefill_seconds", "prefill s"),
+          ("peak_memory_bytes", "peak memory"))
+"""The speed entries whose growth with context :func:`growth_slopes` fits, and their column names."""
+
+
+def growth_slopes(results: dict) -> dict[str, dict[str, float]]:
+    """Per system and entry of :data:`GROWTH`, the least-squares slope of ``log y`` on ``log context``: ``y``
+    grows as ``context ** slope`` (1 is linear, 2 quadratic, -1 halves when the context doubles). Only
+    systems timed at two contexts or more have slopes."""
+    slopes: dict[str, dict[str, float]] = {}
+    for row in results["rows"]:
+        for key, _ in GROWTH:
+            points = [(math.log(int(c)), math.log(sp[key])) for c, sp in row.get("speed", {}).items()
+                      if sp.get(key, 0) > 0]
+            if len(points) < 2:
+                continue
+            mx = sum(x for x, _ in points) / len(points)
+            my = sum(y for _, y in points) / len(points)
+            slope = (sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points))
+            slopes.setdefault(row["name"], {})[key] = slope
+    return slopes
+
+
+def slope_table(results: dict) -> str:
+    """:func:`growth_slopes` as a Markdown table, or an empty string when no system has slopes."""
+    slopes = growth_slopes(results)
+    if not slopes:
+        return ""
+    lines = ["| system | " + " | ".join(f"{name} ∝ context^" for _, name in GROWTH) + " |", "|" + "---|" * 4]
+    for name, fits in slopes.items():
+        lines.append(f"| {name} | " + " | ".join(f"{fits[k]:+.2f}" if k in fits else "-" for k, _ in GROWTH) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(results: dict) -> str:
@@ -358,4 +457,5 @@ def markdown_table(results: dict) -> str:
     head, rows = summary_table(results)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines) + "\n"
+    slopes = slope_table(results)
+    return "\n".join(lines) + "\n" + (f"\nGrowth with context (fitted log-log slope):\n\n{slopes}" if slopes else "")

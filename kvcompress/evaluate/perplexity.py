@@ -9,7 +9,7 @@ the cache. The baseline takes the same path with an uncompressed cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -163,13 +163,31 @@ def agreement(model, base_model, ids: torch.Tensor, new_cache: Callable[[], obje
     """
     if context < 2 or block < 1:
         raise KVCompressError("context must be >= 2 and block >= 1")
+    return agree(_scored_blocks(model, ids, new_cache, context, block),
+                 _scored_blocks(base_model, ids, base_cache, context, block), context, ids.shape[1], progress)
+
+
+def agree(blocks: Iterable[tuple], base_blocks: Iterable[tuple], context: int, total: int,
+          progress: Callable[[int, int], None] | None = None) -> AgreementResult:
+    """:func:`agreement` of two streams of scored blocks, in lockstep.
+
+    Parameters
+    ----------
+    blocks, base_blocks
+        The compressed and uncompressed streams over the same windows, each yielding per block what
+        ``_scored_blocks`` does: positions in the window ``[n]``, logits ``[n, V]``, target tokens ``[n]``,
+        and at the end of a window ``(cache, window length, window start)`` (else None), where ``cache``
+        is anything :func:`cache_bytes` measures.
+    context
+        The window, whose :func:`position_edges` bucket the positions.
+    total
+        Tokens in all windows (for ``progress``).
+    """
     edges = position_edges(context)
     k = len(edges) - 1
     sums = {name: torch.zeros(k, dtype=torch.float64) for name in ("n", "kl", "top1", "nll", "base_nll")}
     comp_bytes, base_bytes = 0.0, 0.0
-    streams = zip(_scored_blocks(model, ids, new_cache, context, block),
-                  _scored_blocks(base_model, ids, base_cache, context, block), strict=True)
-    for (pos, preds, targets, end), (_, base_preds, _, base_end) in streams:
+    for (pos, preds, targets, end), (_, base_preds, _, base_end) in zip(blocks, base_blocks, strict=True):
         logp, base_logp = preds.log_softmax(-1), base_preds.to(preds.device).log_softmax(-1)
         bucket = torch.bucketize(pos, torch.tensor(edges[1:-1]), right=True)
         per_token = {
@@ -182,8 +200,8 @@ def agreement(model, base_model, ids: torch.Tensor, new_cache: Callable[[], obje
         for name, values in per_token.items():
             sums[name].index_add_(0, bucket, values)
         if end is not None:
-            comp_bytes = _window_bytes(comp_bytes, *end, context, progress, ids.shape[1])
-            base_bytes = _window_bytes(base_bytes, *base_end, context, None, ids.shape[1])
+            comp_bytes = _window_bytes(comp_bytes, *end, context, progress, total)
+            base_bytes = _window_bytes(base_bytes, *base_end, context, None, total)
     n = float(sums["n"].sum())
 
     def result(nll: torch.Tensor, kv: float) -> PerplexityResult:

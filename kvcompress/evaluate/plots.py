@@ -18,14 +18,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+SPEED_PLOTS = (("decode_speed.png", "decode_tokens_per_second", "decode tokens/s", 1.0),
+               ("peak_memory.png", "peak_memory_bytes", "peak MB", 1e-6),
+               ("prefill.png", "prefill_seconds", "prefill seconds", 1.0))
+"""Per plot against context: file, the speed entry it shows, its axis label, and the factor to that unit."""
+
+
 def write_plots(results: dict, out: Path) -> list[Path]:
-    """Write ``pareto.png`` (perplexity vs KV bytes per token) and ``decode_speed.png`` (tokens/s vs context,
-    or one bar per system when a single context was timed).
+    """Write ``pareto.png`` (perplexity vs KV bytes per token) and, per entry of :data:`SPEED_PLOTS`, decode
+    tokens/s, peak memory and prefill time against context on log axes (one bar per system when a single
+    context was timed).
 
     Returns
     -------
     list of Path
-        The files written (the Pareto plot only when perplexity was measured).
+        The files written (the Pareto plot only when perplexity was measured; a speed plot only when some
+        system has its entry, e.g. llama.cpp's rows have no peak memory).
 
     Raises
     ------
@@ -44,32 +52,34 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     if rated:
         _pareto_plot(results, rated, plt, out / "pareto.png")
         written.append(out / "pareto.png")
-    timed = [r for r in rows if "speed" in r]
-    if timed:
-        _speed_plot(results, timed, plt, out / "decode_speed.png")
-        written.append(out / "decode_speed.png")
+    for name, key, label, unit in SPEED_PLOTS:
+        timed = [r for r in rows if any(key in sp for sp in r.get("speed", {}).values())]
+        if timed:
+            _speed_plot(results, timed, key, label, unit, plt, out / name)
+            written.append(out / name)
     return written
 
 
-def _speed_plot(results: dict, timed: list[dict], plt, path: Path) -> None:
-    """Decode tokens/s: a line per system over the contexts, or a bar per system when there is one context
-    (a line through a single point would be a lone dot per system)."""
-    contexts = sorted({int(c) for r in timed for c in r["speed"]})
+def _speed_plot(results: dict, timed: list[dict], key: str, label: str, unit: float, plt, path: Path) -> None:
+    """``key`` of each system's speed runs: a line per system over the contexts on log-log axes, or a bar
+    per system when there is one context (a line through a single point would be a lone dot per system)."""
+    contexts = sorted({int(c) for r in timed for c, sp in r["speed"].items() if key in sp})
     fig, ax = plt.subplots(figsize=(7, 4.5))
     where = f"on {results['device']}, {results['dtype']}"
     if len(contexts) == 1:
-        rates = [r["speed"][str(contexts[0])]["decode_tokens_per_second"] for r in timed]
-        bars = ax.bar(range(len(timed)), rates, color=[f"C{i}" for i in range(len(timed))])
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        values = [r["speed"][str(contexts[0])][key] * unit for r in timed]
+        bars = ax.bar(range(len(timed)), values, color=[f"C{i % 10}" for i in range(len(timed))])
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks(range(len(timed)), [r["name"] for r in timed], rotation=20, ha="right", fontsize=7)
-        _finish(fig, ax, "", "decode tokens/s", f"decode speed at {contexts[0]} tokens {where}", path)
+        _finish(fig, ax, "", label, f"{label} at {contexts[0]} tokens {where}", path)
         return
-    for r in timed:
-        mine = sorted(int(c) for c in r["speed"])
-        ax.plot(mine, [r["speed"][str(c)]["decode_tokens_per_second"] for c in mine], marker="o",
-                label=r["name"], lw=2.5 if r["kind"] == "baseline" else 1.2)
+    for i, r in enumerate(timed):
+        mine = sorted(int(c) for c, sp in r["speed"].items() if key in sp)
+        ax.plot(mine, [r["speed"][str(c)][key] * unit for c in mine], marker="o", label=r["name"],
+                color=f"C{i % 10}", ls="-" if i < 10 else "--", lw=2.5 if r["kind"] == "baseline" else 1.2)
     ax.set_xscale("log", base=2)
-    _finish(fig, ax, "context (tokens)", "decode tokens/s", f"decode speed {where}", path)
+    ax.set_yscale("log")
+    _finish(fig, ax, "context (tokens, log)", f"{label} (log)", f"{label} vs context {where}", path)
 
 
 _NEAR = 1.10
