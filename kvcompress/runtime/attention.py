@@ -20,7 +20,8 @@ attends over what the layer gives back, in the layout the step's path asks for; 
 own afterwards. :data:`DECODE_PATHS` is the one table of paths, consulted once per step: on CUDA the
 Triton decode-attention kernel attends over KIVI-packed codes directly where it covers the layout, on the
 CPU decode runs in the cache's reused workspace, one GEMM per stage (``kvcompress.runtime.latent_decode``), and
-everything else (prefill too) reads the cache dense in torch (de-quantize, reconstruct, attend).
+everything else (prefill too) reads the cache dense in torch (de-quantize, reconstruct, attend): a prompt
+into an empty cache through SDPA's fused causal kernel, later blocks in blocks of query rows.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-# Query rows scored at once in prefill. The [heads, rows, keys] scores and their softmax are the largest
-# transients of a long prefill (2 x 19 MB for SmolLM2 at 2048 keys), and 128 rows prefill no slower than 512.
+# Query rows scored at once in a prefill block after earlier ones (a first prompt goes through SDPA). The
+# [heads, rows, keys] scores and their softmax are the largest transients of a long blocked prefill (2 x 19 MB
+# for SmolLM2 at 2048 keys), and 128 rows prefill no slower than 512.
 QUERY_BLOCK = 128
 FUSED_DEVICES = ("cuda",)  # where decode reads packed codes through the Triton kernel
 
