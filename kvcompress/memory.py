@@ -29,11 +29,13 @@ def stream_bytes(width: int, bits: int, along: str, stream: StreamPlan, context:
 def compressed_bytes_per_token(spec: ModelSpec, plan: Plan, context: int) -> float:
     """Bytes per stored token of the compressed cache of ``plan`` at ``context`` tokens.
 
-    Latents or codes, scales and minima, residual windows, and positions. With eviction, positions are
-    kept per latent head; how many tokens eviction drops depends on the text and is not modelled here.
+    Latents or codes, scales and minima, residual windows, and positions where the plan keeps them
+    (:attr:`kvcompress.plan.Plan.stores_positions`). With eviction, positions are kept per latent head;
+    how many tokens eviction drops depends on the text and is not modelled here.
     """
     groups = plan.groups(spec)
-    total = float(len(plan.layers) * POSITION * (groups if plan.eviction is not None else 1))
+    per_layer = POSITION * (groups if plan.eviction is not None else 1) if plan.stores_positions else 0
+    total = float(len(plan.layers) * per_layer)
     for lay in plan.layers:
         for stream, along in ((lay.keys, "tokens"), (lay.values, "channels")):
             for width, bits in bit_runs(stream.bits, stream.rank, stream.segment):

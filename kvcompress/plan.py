@@ -101,6 +101,13 @@ class Plan:
         """Latent groups per layer."""
         return spec.num_kv_heads // self.head_group
 
+    @property
+    def stores_positions(self) -> bool:
+        """Whether the cache keeps each stored token's RoPE position: pre-RoPE key latents are rotated at
+        it when read, and eviction leaves gaps. Post-RoPE keys without eviction are stored already rotated,
+        token after token, so nothing reads a position and none is kept."""
+        return self.key_rope == "pre" or self.eviction is not None
+
     def to_manifest(self) -> dict:
         """The manifest fields of this plan (JSON types; see :meth:`from_manifest`)."""
         return {

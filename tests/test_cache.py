@@ -653,3 +653,33 @@ def test_workspace_reuses_one_buffer_and_grows_by_doubling():
     other = ws.take("values", (1, 2, 6, 4), torch.float32, torch.device("cpu"))
     assert other.data_ptr() != d.data_ptr()
     assert ws.take("keys", (1, 2, 6, 4), torch.float16, torch.device("cpu")).dtype == torch.float16
+
+
+@pytest.mark.parametrize(("key_rope", "lagkv"), [("post", False), ("pre", False), ("post", True)])
+def test_positions_are_kept_only_where_something_reads_them(llama_gqa, tmp_path, one_thread, key_rope, lagkv):
+    sections = {"lowrank": {"enabled": key_rope == "pre"},
+                "quant": {"enabled": True, "key_rope": key_rope, "avg_bits": 4.0, "group_size": 8,
+                          "residual_length": 8}}
+    if lagkv:
+        sections["lagkv"] = {"enabled": True, "sink_size": 4, "lag_size": 8, "keep_ratio": 0.5}
+    model = _export(llama_gqa, tmp_path, **sections)
+    plan = model.kvcompress_plan
+    assert plan.stores_positions == (key_rope == "pre" or lagkv)
+    ids = torch.randint(4, 300, (1, 37), generator=torch.Generator().manual_seed(9))
+    lean, kept = kvcompress.make_cache(model), KVCompressCache(list(plan.layers), plan.eviction, True)
+    with torch.no_grad():
+        out = [model.generate(input_ids=ids, past_key_values=c, max_new_tokens=6, do_sample=False)
+               for c in (lean, kept)]
+    assert torch.equal(out[0], out[1])  # the same tokens: nothing needed the positions that were not kept
+    tokens = lean.layers[0].stored_length
+    assert tokens == kept.layers[0].stored_length and (tokens < 42 if lagkv else tokens == 42)
+    per_layer = 0 if plan.stores_positions else 4 * tokens  # int32 positions, shared by the heads
+    assert kept.kv_bytes() - lean.kv_bytes() == per_layer * len(lean.layers)
+    spec = open_source(llama_gqa.path).spec
+    if not lagkv:  # the formula follows the live cache
+        assert lean.kv_bytes() == pytest.approx(compressed_bytes_per_token(spec, plan, tokens) * tokens)
+
+
+def test_an_evicting_layer_refuses_to_drop_positions():
+    with pytest.raises(ValueError, match="must keep positions"):
+        KVCompressLayer(eviction=LagKV(enabled=True), keep_positions=False)

@@ -52,7 +52,7 @@ def make_cache(model) -> KVCompressCache:
         One layer object per decoder layer, configured from the checkpoint's plan.
     """
     plan: Plan = model.kvcompress_plan
-    return KVCompressCache(list(plan.layers), plan.eviction)
+    return KVCompressCache(list(plan.layers), plan.eviction, plan.stores_positions)
 
 
 def compute_dtype(stored: str, device: str | torch.device | None = None) -> torch.dtype:

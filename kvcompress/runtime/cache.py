@@ -42,7 +42,8 @@ class DenseKV:
     keys, values
         ``[B, H, S, Dk]`` and ``[B, H, S, Dv]`` in the dtype of the stored tokens.
     positions
-        ``[B, 1 or H, S]`` int32 RoPE positions.
+        ``[B, 1 or H, S]`` int32 RoPE positions, or None when the layer keeps none (post-RoPE keys without
+        eviction, :attr:`kvcompress.plan.Plan.stores_positions`).
     valid
         ``[B, 1 or H, S]`` bool padding flags, or None when no padding was ever stored.
     workspace
@@ -52,7 +53,7 @@ class DenseKV:
 
     keys: torch.Tensor
     values: torch.Tensor
-    positions: torch.Tensor
+    positions: torch.Tensor | None
     valid: torch.Tensor | None
     workspace: Workspace | None = None
 
@@ -94,16 +95,22 @@ class KVCompressLayer(CacheLayerMixin):
         rotated at those positions when read, so positions stay true after eviction.
     workspace : Workspace, optional
         Scratch buffers for decode, shared by all layers of a cache (default: this layer's own).
+    keep_positions : bool
+        Keep each stored token's RoPE position (4 bytes per token, and per latent head once evicting). Only
+        pre-RoPE key latents and eviction need them (:attr:`kvcompress.plan.Plan.stores_positions`).
     """
 
     is_sliding = False
     is_compileable = False
 
     def __init__(self, plan: LayerPlan | None = None, eviction: LagKV | None = None,
-                 workspace: Workspace | None = None) -> None:
+                 workspace: Workspace | None = None, keep_positions: bool = True) -> None:
         super().__init__()
+        if eviction is not None and not keep_positions:
+            raise ValueError("an evicting layer must keep positions: kept tokens are no longer in order")
         self.plan = plan or layer_plan(LayerRecipe(0, 1, 1), Quant(enabled=False))
         self.eviction = eviction
+        self.keep_positions = keep_positions
         self.workspace = workspace or Workspace()
         self.settled = 0
         keys, values = self.plan.keys, self.plan.values
@@ -173,14 +180,15 @@ class KVCompressLayer(CacheLayerMixin):
             positions = torch.arange(self.seen, self.seen + t, device=key_states.device).expand(b, t)
         self.key_store.append(key_states)
         self.value_store.append(value_states)
-        self.positions = _cat(self.positions, positions.reshape(b, 1, t).to(torch.int32))
+        if self.keep_positions:
+            self.positions = _cat(self.positions, positions.reshape(b, 1, t).to(torch.int32))
+        self.seen += t
         if valid is not None or self.valid is not None:
             new_valid = valid if valid is not None else torch.ones(b, t, dtype=torch.bool, device=positions.device)
             old = self.valid
             if old is None:  # padding appears now: everything before was valid
                 old = torch.ones(b, 1, self.stored_length - t, dtype=torch.bool, device=new_valid.device)
             self.valid = _cat(old, new_valid.reshape(b, 1, t))
-        self.seen += t
         held = self._read(layout, key_states)
         self._evict()
         return held
@@ -237,8 +245,8 @@ class KVCompressLayer(CacheLayerMixin):
 
     @property
     def stored_length(self) -> int:
-        """Tokens held."""
-        return 0 if self.positions is None else self.positions.shape[-1]
+        """Tokens held (every token seen, unless it evicts)."""
+        return self.seen if self.positions is None else self.positions.shape[-1]
 
     @property
     def window_length(self) -> int:
@@ -262,7 +270,7 @@ class KVCompressLayer(CacheLayerMixin):
         return self.key_store.nbytes() + self.value_store.nbytes() + meta
 
     def reset(self) -> None:
-        self.__init__(self.plan, self.eviction, self.workspace)
+        self.__init__(self.plan, self.eviction, self.workspace, self.keep_positions)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for store in (self.key_store, self.value_store):
@@ -292,9 +300,9 @@ def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 class KVCompressCache(Cache):
     """A ``Cache`` of :class:`KVCompressLayer` objects, one per decoder layer, sharing one decode workspace."""
 
-    def __init__(self, plans: list[LayerPlan], eviction: LagKV | None = None) -> None:
+    def __init__(self, plans: list[LayerPlan], eviction: LagKV | None = None, keep_positions: bool = True) -> None:
         workspace = Workspace()
-        super().__init__(layers=[KVCompressLayer(p, eviction, workspace) for p in plans])
+        super().__init__(layers=[KVCompressLayer(p, eviction, workspace, keep_positions) for p in plans])
 
     def kv_bytes(self) -> int:
         """Bytes held by every layer together (what is really stored)."""
