@@ -79,6 +79,8 @@ def _speed_plot(results: dict, timed: list[dict], key: str, label: str, unit: fl
                 color=f"C{i % 10}", ls="-" if i < 10 else "--", lw=2.5 if r["kind"] == "baseline" else 1.2)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    fig.set_size_inches(10, 4.5)  # room for the legend beside the lines, which it would otherwise cover
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     _finish(fig, ax, "context (tokens, log)", f"{label} (log)", f"{label} vs context {where}", path)
 
 
@@ -174,7 +176,7 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    if ax.get_legend_handles_labels()[1]:  # bars are named on their axis instead
+    if ax.get_legend() is None and ax.get_legend_handles_labels()[1]:  # bars are named on their axis instead
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
