@@ -287,7 +287,6 @@ def plane_weights(bits: int, dim: int, device: torch.device) -> torch.Tensor:
     return weights.repeat_interleave(dim // per)
 
 
-@functools.cache
 def _fp16_floor(v: torch.Tensor) -> torch.Tensor:
     h = v.half()
     return torch.where(h.float() <= v, h, (v - v.abs() * _REL - _TINY).half())

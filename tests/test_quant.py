@@ -21,6 +21,7 @@ from kvcompress.kernels.pack import (
     pieces,
     plane_codes,
     plane_weights,
+    quantize_pack_ref,
     unpack_codes,
 )
 from kvcompress.methods.kivi import Packed, cat, dequantize, effective_group, quantize
@@ -229,3 +230,17 @@ def test_cat_rejects_mixed_layouts() -> None:
         cat([quantize(x, 4, 4, "tokens"), quantize(x, 2, 4, "tokens")])
     with pytest.raises(ValueError):
         cat([])
+
+
+def test_quantizing_leaves_no_tensor_behind():
+    import gc
+
+    def live() -> int:
+        gc.collect()
+        return sum(type(o) is torch.Tensor for o in gc.get_objects())
+
+    quantize_pack_ref(torch.randn(1, 2, 16, 8), 4, 8, "tokens")  # warm caches keyed by shape, not by tensor
+    before = live()
+    for seed in range(5):
+        quantize_pack_ref(torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(seed)), 4, 8, "tokens")
+    assert live() == before  # nothing of these calls is kept (a cache keyed by tensors would keep them)
