@@ -28,7 +28,7 @@ import kvcompress
 from kvcompress.errors import KVCompressError
 from kvcompress.evaluate.passkey import make_prompts, passkey_accuracy
 from kvcompress.evaluate.perplexity import agreement, blocked_perplexity, text_ids
-from kvcompress.evaluate.speed import peak_generate, summarize, timed_generate
+from kvcompress.evaluate.speed import peak_generate, summarize, summarize_against, timed_generate
 from kvcompress.memory import baseline_bytes_per_token
 
 Progress = Callable[[str, int, int], None]
@@ -180,11 +180,7 @@ class _Measure:
                 ours.append(pair[0])
                 base.append(pair[1])
         self.base_runs[context] += base
-        result, paired = summarize(ours), summarize(base)
-        result["peak_memory_bytes"] = self._peak(system, ids)
-        result["decode_ratio"] = result["decode_tokens_per_second"] / paired["decode_tokens_per_second"]
-        result["prefill_ratio"] = result["prefill_seconds"] / paired["prefill_seconds"]
-        return result
+        return summarize_against(ours, base) | {"peak_memory_bytes": self._peak(system, ids)}
 
     def baseline_speed(self) -> dict:
         """The baseline's own numbers: medians over every run it took beside the other systems."""

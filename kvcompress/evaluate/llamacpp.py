@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kvcompress.evaluate.perplexity import agree
-from kvcompress.evaluate.speed import Run, summarize
+from kvcompress.evaluate.speed import Run, summarize, summarize_against
 
 LLAMA_MISSING = "llama-cpp-python is not installed (pip install 'kvcompress[llamacpp]')"
 
@@ -225,7 +225,4 @@ class LlamaBench:
             ours.close()
             f16.close()
         f16_runs += theirs
-        result, paired = summarize(mine), summarize(theirs)
-        result["decode_ratio"] = result["decode_tokens_per_second"] / paired["decode_tokens_per_second"]
-        result["prefill_ratio"] = result["prefill_seconds"] / paired["prefill_seconds"]
-        return result
+        return summarize_against(mine, theirs)

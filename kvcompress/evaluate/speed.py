@@ -153,3 +153,12 @@ def summarize(runs: list[Run]) -> dict:
     return {"prefill_seconds": statistics.median(r.prefill_seconds for r in runs),
             "decode_tokens_per_second": statistics.median(r.decode_tokens_per_second for r in runs),
             "kv_bytes_per_token": runs[-1].kv_bytes_per_token, "runs": len(runs)}
+
+
+def summarize_against(runs: list[Run], beside: list[Run]) -> dict:
+    """:func:`summarize` of ``runs`` with its decode and prefill ratios to the ``beside`` runs, taken in turn
+    with them."""
+    result, other = summarize(runs), summarize(beside)
+    result["decode_ratio"] = result["decode_tokens_per_second"] / other["decode_tokens_per_second"]
+    result["prefill_ratio"] = result["prefill_seconds"] / other["prefill_seconds"]
+    return result
