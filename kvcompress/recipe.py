@@ -70,6 +70,8 @@ class Quant:
     ``sink``: the first tokens keep a 16-bit copy once quantized (the attention sink).
     ``key_bits`` / ``value_bits``: every layer's K and V widths, instead of allocating ``avg_bits``
     (both 0: allocate).
+    ``probe_bits``: the width at which ``analyze`` fake-quantizes each stream alone, with these quantizers,
+    to measure the sensitivity that allocates ``avg_bits``; near the widths allocated is best.
     """
 
     enabled: bool = False
@@ -86,6 +88,7 @@ class Quant:
     sink: int = 0
     key_bits: int = 0
     value_bits: int = 0
+    probe_bits: int = 2
 
     @property
     def key_quantizer(self) -> str:
@@ -210,6 +213,7 @@ class Recipe:
                    f"residual_length ({q.residual_length}) must be a multiple of {name} ({size})")
         _check(q.residual_length >= 0, "residual_length must be >= 0")
         _check(q.sink >= 0, f"sink must be >= 0, got {q.sink}")
+        _check(q.probe_bits in range(1, 9), f"probe_bits must be an integer from 1 to 8, got {q.probe_bits}")
         _check((q.key_bits == 0) == (q.value_bits == 0) and all(b in (0, *BITS) for b in (q.key_bits, q.value_bits)),
                f"key_bits and value_bits must both be 0 (allocate from avg_bits) or both in 1-8, got "
                f"{q.key_bits} and {q.value_bits}")

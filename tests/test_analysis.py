@@ -15,11 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvcompress.analysis import schedule as schedules
-from kvcompress.analysis.analyze import analyze
+from kvcompress.analysis.analyze import PROBE_SEED, analyze, sensitivity_probes
 from kvcompress.errors import KVCompressError
+from kvcompress.methods.codebook import decode as cb_decode
+from kvcompress.methods.codebook import encode as cb_encode
+from kvcompress.methods.kivi import dequantize, quantize
 from kvcompress.methods.lowrank import energy_kept, group_svd, whitening_factor
 from kvcompress.methods.minikv import allocate_bits
-from kvcompress.recipe import LayerRecipe, Recipe, load_recipe, recipe_from_dict
+from kvcompress.methods.rotation import random_orthogonal
+from kvcompress.recipe import LayerRecipe, Quant, Recipe, load_recipe, recipe_from_dict
 from kvcompress.sources import ModelSpec, open_source
 
 if sys.version_info >= (3, 11):
@@ -454,3 +458,28 @@ def test_every_shipped_recipe_loads_by_name_and_validates(path):
     rec = load_recipe(path.stem)  # installed as kvcompress.recipes
     rec.validate()
     assert rec.name == path.stem and rec.description
+
+
+def test_sensitivity_probes_round_trip_through_the_recipes_own_quantizers():
+    x = torch.randn(1, 2, 256 + 40, 16, generator=torch.Generator().manual_seed(0))  # a ragged tail of 40
+    q = Quant(method="codebook", key_method="kivi", group_size=16, key_group_size=128, probe_bits=3)
+    key_probe, value_probe, label = sensitivity_probes(q, 16)  # enabled or not, the probe quantizes
+    turn = random_orthogonal(16, PROBE_SEED).float()
+    xr = (x @ turn).half().float()  # the store holds float16
+    keys = dequantize(quantize(xr[..., :256, :], 3, 128, "tokens"), torch.float32)
+    values = cb_decode(cb_encode(xr[..., :256, :], 3, 16, "channels"))
+    for probe, head in ((key_probe, keys), (value_probe, values)):
+        got = probe(x)
+        assert torch.allclose(got[..., :256, :], head @ turn.T, atol=1e-5)
+        assert torch.allclose(got[..., 256:, :], xr[..., 256:, :] @ turn.T, atol=1e-5)  # the tail stays 16-bit
+    assert label.startswith("3-bit") and "codebook" in label and "rotated" in label
+    plain = sensitivity_probes(Quant(rotation="none", probe_bits=2), 16)[0](x)
+    assert torch.allclose(plain[..., :32, :], dequantize(quantize(x[..., :32, :].half().float(), 2, 32, "tokens"),
+                                                         torch.float32))
+
+
+def test_probe_bits_outside_1_to_8_are_refused():
+    rec = Recipe()
+    rec.quant.probe_bits = 9
+    with pytest.raises(KVCompressError, match="probe_bits"):
+        rec.validate()

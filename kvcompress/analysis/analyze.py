@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from kvcompress.analysis import schedule as schedules
 from kvcompress.analysis.calibration import attention_input_grams, calibration_ids
 from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
+from kvcompress.methods import make_store
 from kvcompress.methods.channels import channel_bits
 from kvcompress.methods.lowrank import (
     GroupSVD,
@@ -21,10 +22,10 @@ from kvcompress.methods.lowrank import (
     split_groups,
     whitening_factor,
 )
-from kvcompress.methods.minikv import METHOD as SENSITIVITY_METHOD
-from kvcompress.methods.minikv import allocate_bits, layer_sensitivity
-from kvcompress.plan import build_plan
-from kvcompress.recipe import BITS, LayerRecipe, Recipe
+from kvcompress.methods.minikv import Probe, allocate_bits, layer_sensitivity
+from kvcompress.methods.rotation import random_orthogonal
+from kvcompress.plan import StreamPlan, build_plan, layer_plan
+from kvcompress.recipe import BITS, LayerRecipe, Quant, Recipe
 from kvcompress.skeleton import load_full
 from kvcompress.sources import Source, attn_prefix
 
@@ -101,6 +102,40 @@ def _log_kappa(source: Source, layer: int, head_group: int) -> tuple[float, floa
         groups = split_groups(w, spec.num_kv_heads, spec.head_dim, head_group)
         logs.append(sum(math.log(condition_number(g)) for g in groups) / len(groups))  # geometric mean
     return logs[0], logs[1]
+
+
+PROBE_SEED = 104729  # the probes' rotation: any seeded orthogonal matrix is distributed as the export's
+
+
+def stream_probe(stream: StreamPlan, along: str, rotate: bool) -> Probe:
+    """Fake quantization of one stream as the cache would hold it: a fresh store of ``stream``'s quantizer
+    takes the tokens, quantizes every whole block (a ragged tail stays in 16 bits) and reads them back;
+    with ``rotate``, each head vector is turned by a seeded orthogonal matrix before and back after, as the
+    export's folded rotation and ``k_rot`` turn them."""
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        turn = random_orthogonal(x.shape[-1], PROBE_SEED).to(x) if rotate else None
+        store = make_store(stream.bits, stream.group, along, stream.block, stream.method, stream.segment,
+                           stream.sink)
+        store.append(x if turn is None else x @ turn)
+        store.flush(x.shape[-2])
+        y = store.read().to(x.dtype)
+        return y if turn is None else y @ turn.T
+
+    return probe
+
+
+def sensitivity_probes(quant: Quant, width: int) -> tuple[Probe, Probe, str]:
+    """The keys' and values' probes at ``quant.probe_bits`` with the recipe's quantizers, and a description."""
+    lay = layer_plan(LayerRecipe(0, width, width, quant.probe_bits, quant.probe_bits), replace(quant, enabled=True))
+    block = lay.keys.group  # every whole key group of the calibration text quantized, no residual window
+    keys, values = replace(lay.keys, block=block), replace(lay.values, block=block)
+    rotate = quant.rotation == "orthogonal"
+    label = (f"{quant.probe_bits}-bit fake quantization of one layer's K ({lay.keys.method}, groups of "
+             f"{lay.keys.group} tokens per channel) or V ({lay.values.method}, groups of {lay.values.group} "
+             f"channels) at a time{', rotated' if rotate else ''}, sink {quant.sink}; mean next-token KL "
+             "divergence against the exact model on calibration text")
+    return stream_probe(keys, "tokens", rotate), stream_probe(values, "channels", rotate), label
 
 
 def analyze(
@@ -186,11 +221,10 @@ def analyze(
     uniform = fixed or (q.allocation == "stream" and q.avg_bits in BITS)
     if sensitivity and not uniform:
         model = load_full(source)
-        sens = layer_sensitivity(model, ids[:1], group_size=recipe.quant.group_size,
-                                 key_group_size=recipe.quant.key_group,
+        key_probe, value_probe, method = sensitivity_probes(q, spec.head_dim)
+        sens = layer_sensitivity(model, ids[:1], key_probe, value_probe,
                                  on_layer=lambda i: tick("sensitivity", i + 1, n))
         del model
-        method = SENSITIVITY_METHOD
     else:
         sens = [(0.0, 0.0)] * n
         method = (f"not needed: keys at {q.key_bits}, values at {q.value_bits} bits" if fixed

@@ -1,10 +1,13 @@
 """Per-layer sensitivity to low-bit K/V and the layer-discriminative bit allocation built on it.
 
-Sensitivity of a stream (layer l's keys, or its values): fake-quantize that stream alone (KIVI
-grouping, 2 bits) while everything else stays exact, and measure the mean next-token
-KL(p_exact ‖ p_quantized) on calibration text. MiniKV (arXiv 2411.18077) varies its budget by layer
-with a fixed pyramid; we measure instead, keys and values apart (keys are usually far more
-sensitive), and spend bits where the measured damage is largest (see :func:`allocate_bits`).
+Sensitivity of a stream (layer l's keys, or its values): fake-quantize that stream alone while
+everything else stays exact, and measure the mean next-token KL(p_exact ‖ p_quantized) on calibration
+text. The caller says how each stream is fake-quantized (a :data:`Probe`); ``analyze`` round-trips it
+through the recipe's own quantizer at ``[quant] probe_bits``, rotated as the export rotates it, so the
+allocation sees the errors the cache will make (a KIVI probe misjudges codebook values, for one).
+MiniKV (arXiv 2411.18077) varies its budget by layer with a fixed pyramid; we measure instead, keys and
+values apart (keys are usually far more sensitive), and spend bits where the measured damage is largest
+(see :func:`allocate_bits`).
 
 Allocation: minimize ``Σ_u s_u · 4^-(b_u − b_min)`` (error energy falls about 4× per bit) subject to
 ``Σ_u w_u b_u ≤ avg_bits · Σ_u w_u``, greedily by damage reduction per extra bit and channel. Run by
@@ -23,24 +26,19 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvcompress.methods.kivi import dequantize, quantize
+Probe = Callable[[torch.Tensor], torch.Tensor]
+"""Fake quantization of one stream: post-RoPE keys or values ``[B, H, T, D]`` in, the same shape back."""
 
-METHOD = (
-    "2-bit fake quantization of one layer's K (per channel, 32-token groups, post-RoPE) or V (per token, "
-    "32-channel groups) at a time; mean next-token KL divergence against the exact model on calibration text"
-)
 ATTN_IMPL = "kvcompress_fake_quant"
 
 
 def _fake_quant_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA attention that round-trips this layer's K/V through the quantizer when the layer is marked."""
-    spec = getattr(module, "kvc_fake_quant", None)
-    if spec is not None:  # a batch of two copies: keys quantized in the first, values in the second
-        bits, key_group, value_group = spec
-        whole = key.shape[-2] // key_group * key_group  # keys group along tokens; a ragged tail stays exact
-        k_q = dequantize(quantize(key[:1, :, :whole], bits, key_group, "tokens"), key.dtype)
-        key = torch.cat([torch.cat([k_q, key[:1, :, whole:]], dim=-2), key[1:]])
-        value = torch.cat([value[:1], dequantize(quantize(value[1:], bits, value_group, "channels"), value.dtype)])
+    """SDPA attention that round-trips this layer's K/V through the probes when the layer is marked."""
+    probes = getattr(module, "kvc_fake_quant", None)
+    if probes is not None:  # a batch of two copies: keys quantized in the first, values in the second
+        key_probe, value_probe = probes
+        key = torch.cat([key_probe(key[:1]), key[1:]])
+        value = torch.cat([value[:1], value_probe(value[1:])])
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -51,9 +49,8 @@ AttentionInterface.register(ATTN_IMPL, _fake_quant_attention)
 def layer_sensitivity(
     model: nn.Module,
     ids: torch.Tensor,
-    bits: int = 2,
-    group_size: int = 32,
-    key_group_size: int = 32,
+    key_probe: Probe,
+    value_probe: Probe,
     on_layer: Callable[[int], None] | None = None,
 ) -> list[tuple[float, float]]:
     """Mean next-token KL divergence caused by quantizing each layer's K, then its V, alone.
@@ -66,10 +63,8 @@ def layer_sensitivity(
         A full causal LM in memory (float32).
     ids : torch.Tensor
         ``[1, seq_len]`` calibration token ids.
-    bits, group_size : int
-        Fake-quantization settings (``group_size`` for values).
-    key_group_size : int
-        Tokens per key group (``Quant.key_group``).
+    key_probe, value_probe : Probe
+        How a layer's keys and its values are fake-quantized.
     on_layer : callable, optional
         Called with the layer index after each layer is measured (progress).
     """
@@ -90,7 +85,7 @@ def layer_sensitivity(
     exact = run(hidden, 0, layer_inputs)
     scores = []
     for i, layer in enumerate(inner.layers):
-        layer.self_attn.kvc_fake_quant = (bits, key_group_size, group_size)
+        layer.self_attn.kvc_fake_quant = (key_probe, value_probe)
         approx = run(layer_inputs[i].expand(2, -1, -1), i)  # [K quantized, V quantized]
         del layer.self_attn.kvc_fake_quant
         kl = F.kl_div(approx, exact.expand(2, -1, -1), log_target=True, reduction="none").sum(-1).mean(-1)
