@@ -125,6 +125,11 @@ class TablePacked:
         """``T``, the number of tokens stored."""
         return self.codes.shape[-2]
 
+    def nbytes(self) -> int:
+        """Exact storage in bytes of codes, scale and mean (the table, shared by every token, left out)."""
+        held = (self.codes, self.scale) if self.mean is None else (self.codes, self.scale, self.mean)
+        return sum(t.numel() * t.element_size() for t in held)
+
 
 def group_shape(
     shape: torch.Size | tuple[int, ...], bits: int, group_size: int, along: Along

@@ -362,3 +362,11 @@ def test_decode_rejects_a_bad_sink() -> None:
         long_k, long_v = (x[..., :1, :].expand(1, 2, 17, -1) for x in (k_sink, v_sink))
         with pytest.raises(ValueError, match="sink shapes"):  # longer than the 16 quantized tokens
             impl(q, k, v, k_res, v_res, 1.0, long_k, long_v)
+
+
+def test_table_packed_bytes_are_the_stores_bytes() -> None:
+    _, k, v, *_ = _table_cache(2, 3, 1, 16, 0, 12, 20, "codebook", 3, 5, 0, v_group=10)
+    for p in (k, v):  # keys with a mean per group, values without
+        assert p.table_packed().nbytes() == p.nbytes() == sum(
+            t.numel() * t.element_size() for t in (p.codes, p.scale, p.mean) if t is not None)
+    assert k.mean is not None and v.mean is None
