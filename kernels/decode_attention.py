@@ -233,12 +233,11 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, n_split, DV,
     tl.store(lse_ptr + row, (m_max + tl.log2(total)) * 0.6931471805599453)
 
 
-def _operands(p: Codes) -> tuple[tuple[torch.Tensor | None, ...], dict[str, bool]]:
+def _operands(p: Codes) -> tuple[torch.Tensor | None, ...]:
     """Codes, scale, base (minimum or mean, or None) and table (or None) of one stream as the kernel reads
-    them, and its switches ``TABLE`` and ``BASE``."""
+    them (contiguous)."""
     base, table = (p.mean, p.table.float()) if isinstance(p, TablePacked) else (p.minimum, None)
-    tensors = tuple(None if t is None else t.contiguous() for t in (p.codes, p.scale, base, table))
-    return tensors, {"TABLE": table is not None, "BASE": base is not None}
+    return tuple(None if t is None else t.contiguous() for t in (p.codes, p.scale, base, table))
 
 
 def decode_attention_triton(q: torch.Tensor, k: Codes | None, v: Codes | None, k_res: torch.Tensor,
@@ -274,13 +273,13 @@ def decode_attention_triton(q: torch.Tensor, k: Codes | None, v: Codes | None, k
     if n_quant:
         k_per, block_kb = plane_tile(dk, pieces(k.bits)[0])  # packed rows dequantize in the widest piece's planes
         v_per, block_vb = plane_tile(dv, pieces(v.bits)[0])
-        k_ops, k_flags = _operands(k)
-        v_ops, v_flags = _operands(v)
+        kc, ks, kb, kt = _operands(k)
+        vc, vs, vb, vt = _operands(v)
         _quantized_partial_kernel[(b * hkv, n_quant)](
-            q, *k_ops, *v_ops, m, l, acc,
+            q, kc, ks, kb, kt, vc, vs, vb, vt, m, l, acc,
             tq, n_sink, split_size, n_split, qk_scale, n_rep, dk, dv, k.group_size, v.group_size,
             K_BITS=k.bits, V_BITS=v.bits, K_PER=k_per, V_PER=v_per,
-            K_TABLE=k_flags["TABLE"], V_TABLE=v_flags["TABLE"], K_BASE=k_flags["BASE"], V_BASE=v_flags["BASE"],
+            K_TABLE=kt is not None, V_TABLE=vt is not None, K_BASE=kb is not None, V_BASE=vb is not None,
             BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_KB=block_kb, BLOCK_VB=block_vb, num_warps=_PARTIAL_WARPS,
         )
     offset = n_quant
