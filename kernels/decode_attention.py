@@ -7,6 +7,12 @@ quantized tokens come first in the sequence, then the residual window; the resul
 order, since softmax attention is permutation invariant over keys. Keys and values may have any code width
 1–8 and any head dim: :func:`~.pack.load_dequant` dequantizes a packed row in the bit planes of its widest
 piece, gathering the narrower pieces into the same slots, and the queries are loaded in that channel order.
+
+Either stream may be min–max codes (:class:`~.pack.Packed`, KIVI) or codes that index a table of levels
+(:class:`~.pack.TablePacked`: ``mean + scale * table[code]``, the codebook of TurboQuant, arXiv 2504.19874);
+one kernel reads both, the choice being a compile-time switch per stream. An attention sink (StreamingLLM,
+arXiv 2309.17453) is 16-bit copies of the first quantized tokens that replace their codes: the kernel skips
+those codes and attends over the copies as one more dense segment, beside the residual window.
 """
 
 from __future__ import annotations
@@ -18,17 +24,19 @@ import triton
 import triton.language as tl
 
 from .dispatch import Dispatch
-from .pack import Packed, dequantize, load_dequant, pieces, plane_channels, plane_tile
+from .pack import Packed, TablePacked, dequantize, load_dequant, pieces, plane_channels, plane_tile
 
 _TARGET_PROGRAMS = 512  # enough chunk programs to fill a large GPU several times over
 _REGISTER_TILE = 4096  # elements of the [heads, tokens, dim] product held by one program
 _PARTIAL_WARPS = 8  # with the tile above: no register spills on sm_90 for head dims up to 128
 
 
-def _check(
-    q: torch.Tensor, k: Packed | None, v: Packed | None, k_res: torch.Tensor, v_res: torch.Tensor
-) -> tuple[int, int]:
-    """Validate shapes; return ``(n_rep, Tq)``."""
+Codes = Packed | TablePacked
+
+
+def _check(q: torch.Tensor, k: Codes | None, v: Codes | None, k_res: torch.Tensor, v_res: torch.Tensor,
+           k_sink: torch.Tensor | None, v_sink: torch.Tensor | None) -> tuple[int, int, int]:
+    """Validate shapes; return ``(n_rep, Tq, S)``: query heads per KV head, quantized and sink tokens."""
     b, hq, dk = q.shape
     _, hkv, tr, _ = k_res.shape
     if hq % hkv:
@@ -37,19 +45,39 @@ def _check(
         raise ValueError(f"residual shapes {tuple(k_res.shape)}, {tuple(v_res.shape)} do not match q")
     if (k is None) != (v is None):
         raise ValueError("keys and values must both be quantized or both be absent")
+    if (k_sink is None) != (v_sink is None) or (k_sink is not None and k is None):
+        raise ValueError("a sink needs both its keys and values, and quantized tokens for them to replace")
     if k is None or v is None:
-        return hq // hkv, 0
+        return hq // hkv, 0, 0
     if k.along != "tokens" or v.along != "channels":
         raise ValueError("keys must be quantized along tokens and values along channels")
     if k.codes.shape[:3] != (b, hkv, k.num_tokens) or v.codes.shape[:3] != (b, hkv, k.num_tokens):
         raise ValueError("quantized keys and values must be [B, Hkv, Tq, ...] with the same Tq")
     if k.dim != dk or v.dim != v_res.shape[-1]:
         raise ValueError("quantized and residual head dims differ")
-    return hq // hkv, k.num_tokens
+    if k_sink is None or v_sink is None:
+        return hq // hkv, k.num_tokens, 0
+    s = k_sink.shape[2]
+    if k_sink.shape != (b, hkv, s, dk) or v_sink.shape != (b, hkv, s, v.dim) or s > k.num_tokens:
+        raise ValueError(f"sink shapes {tuple(k_sink.shape)}, {tuple(v_sink.shape)} do not match the "
+                         f"{k.num_tokens} quantized tokens")
+    return hq // hkv, k.num_tokens, s
 
 
-def decode_attention_ref(q: torch.Tensor, k: Packed | None, v: Packed | None, k_res: torch.Tensor, v_res: torch.Tensor,
-                         sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _read(p: Codes | None, sink: torch.Tensor | None, res: torch.Tensor) -> torch.Tensor:
+    """Every token of one stream in float32 ``[B, H, T, D]``: the codes with the sink's copies over their
+    first tokens, then the residual window."""
+    if p is None:
+        return res.float()
+    x = dequantize(p)
+    if sink is not None:
+        x[..., :sink.shape[2], :] = sink
+    return torch.cat([x, res.float()], dim=2)
+
+
+def decode_attention_ref(q: torch.Tensor, k: Codes | None, v: Codes | None, k_res: torch.Tensor,
+                         v_res: torch.Tensor, sm_scale: float, k_sink: torch.Tensor | None = None,
+                         v_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention with dequantize + dense torch (the CPU path).
 
     Parameters
@@ -58,11 +86,15 @@ def decode_attention_ref(q: torch.Tensor, k: Packed | None, v: Packed | None, k_
         Queries ``[B, Hq, Dk]`` with ``Hq = Hkv * n_rep``.
     k, v
         Quantized keys ``[B, Hkv, Tq, Dk]`` (``along="tokens"``) and values ``[B, Hkv, Tq, Dv]``
-        (``along="channels"``), or both ``None``.
+        (``along="channels"``), each min–max codes (:class:`~.pack.Packed`) or table codes
+        (:class:`~.pack.TablePacked`), or both ``None``.
     k_res, v_res
         Float residual window ``[B, Hkv, Tr, Dk]`` and ``[B, Hkv, Tr, Dv]``; ``Tr`` may be 0.
     sm_scale
         Multiplier of ``q · k`` before the softmax.
+    k_sink, v_sink
+        Optional float copies ``[B, Hkv, S, Dk]`` and ``[B, Hkv, S, Dv]`` of the first ``S <= Tq`` quantized
+        tokens (the attention sink): they are attended instead of those tokens' codes.
 
     Returns
     -------
@@ -70,10 +102,9 @@ def decode_attention_ref(q: torch.Tensor, k: Packed | None, v: Packed | None, k_
         ``out`` float32 ``[B, Hq, Dv]`` and the natural-log ``lse`` float32 ``[B, Hq]`` of the scaled
         scores (``-inf`` with ``out == 0`` when there are no tokens).
     """
-    n_rep, _ = _check(q, k, v, k_res, v_res)
+    n_rep, _, _ = _check(q, k, v, k_res, v_res, k_sink, v_sink)
     b, hq, dk = q.shape
-    keys = torch.cat([*([dequantize(k)] if k is not None else []), k_res.float()], dim=2)
-    values = torch.cat([*([dequantize(v)] if v is not None else []), v_res.float()], dim=2)
+    keys, values = _read(k, k_sink, k_res), _read(v, v_sink, v_res)
     scores = torch.matmul(q.float().reshape(b, hq // n_rep, n_rep, dk), keys.transpose(-1, -2)) * sm_scale
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.exp(scores - lse[..., None]), values)
@@ -122,11 +153,13 @@ def _plane_columns(D, PER: tl.constexpr, BLOCK_B: tl.constexpr):
 
 @triton.jit
 def _quantized_partial_kernel(
-    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, m_ptr, l_ptr, acc_ptr,
-    T, split_size, n_split, qk_scale, N_REP, DK, DV, K_GROUP, V_GROUP,
+    q_ptr, kc_ptr, ks_ptr, kb_ptr, kt_ptr, vc_ptr, vs_ptr, vb_ptr, vt_ptr, m_ptr, l_ptr, acc_ptr,
+    T, skip, split_size, n_split, qk_scale, N_REP, DK, DV, K_GROUP, V_GROUP,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PER: tl.constexpr, V_PER: tl.constexpr,
+    K_TABLE: tl.constexpr, V_TABLE: tl.constexpr, K_BASE: tl.constexpr, V_BASE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_VB: tl.constexpr,
 ):
+    """Splits of the quantized tokens ``skip .. T - 1`` of one KV head (the first ``skip`` are the sink's)."""
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     k_cols, k_valid = _plane_columns(DK, K_PER, BLOCK_KB)  # packed rows come out in bit-plane order
@@ -135,14 +168,16 @@ def _quantized_partial_kernel(
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_VB * V_PER), tl.float32)
-    lo = split * split_size
+    lo = skip + split * split_size
     hi = tl.minimum(lo + split_size, T)
     for start in range(lo, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         valid = t < hi
         rows = bh * T + t
-        k = load_dequant(kc_ptr, ks_ptr, km_ptr, rows, valid, DK, K_GROUP, 1, K_BITS, K_PER, BLOCK_KB)
-        v = load_dequant(vc_ptr, vs_ptr, vm_ptr, rows, valid, DV, 1, V_GROUP, V_BITS, V_PER, BLOCK_VB)
+        k = load_dequant(kc_ptr, ks_ptr, kb_ptr, kt_ptr, rows, valid, DK, K_GROUP, 1, K_BITS, K_PER, BLOCK_KB,
+                         K_TABLE, K_BASE)
+        v = load_dequant(vc_ptr, vs_ptr, vb_ptr, vt_ptr, rows, valid, DV, 1, V_GROUP, V_BITS, V_PER, BLOCK_VB,
+                         V_TABLE, V_BASE)
         k = tl.reshape(k, (BLOCK_N, BLOCK_KB * K_PER))
         v = tl.reshape(v, (BLOCK_N, BLOCK_VB * V_PER))
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc)
@@ -198,15 +233,23 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, n_split, DV,
     tl.store(lse_ptr + row, (m_max + tl.log2(total)) * 0.6931471805599453)
 
 
-def decode_attention_triton(q: torch.Tensor, k: Packed | None, v: Packed | None, k_res: torch.Tensor,
-                            v_res: torch.Tensor, sm_scale: float, *,
+def _operands(p: Codes) -> tuple[torch.Tensor | None, ...]:
+    """Codes, scale, base (minimum or mean, or None) and table (or None) of one stream as the kernel reads
+    them (contiguous)."""
+    base, table = (p.mean, p.table.float()) if isinstance(p, TablePacked) else (p.minimum, None)
+    return tuple(None if t is None else t.contiguous() for t in (p.codes, p.scale, base, table))
+
+
+def decode_attention_triton(q: torch.Tensor, k: Codes | None, v: Codes | None, k_res: torch.Tensor,
+                            v_res: torch.Tensor, sm_scale: float, k_sink: torch.Tensor | None = None,
+                            v_sink: torch.Tensor | None = None, *,
                             split_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`decode_attention_ref` (same arguments, same outputs).
 
     ``split_size`` (tokens per program) overrides the heuristic, which aims at about
     ``_TARGET_PROGRAMS`` programs and whole tiles of tokens.
     """
-    n_rep, tq = _check(q, k, v, k_res, v_res)
+    n_rep, tq, n_sink = _check(q, k, v, k_res, v_res, k_sink, v_sink)
     b, hq, dk = q.shape
     hkv, tr, dv = k_res.shape[1], k_res.shape[2], v_res.shape[-1]
     out = q.new_zeros((b, hq, dv), dtype=torch.float32)
@@ -219,8 +262,9 @@ def decode_attention_triton(q: torch.Tensor, k: Packed | None, v: Packed | None,
     if split_size is None:
         per_head = triton.cdiv(tq + tr, max(1, _TARGET_PROGRAMS // (b * hkv)))
         split_size = block_n * triton.cdiv(per_head, block_n)
-    n_quant, n_dense = triton.cdiv(tq, split_size), triton.cdiv(tr, split_size)
-    n_split = n_quant + n_dense
+    dense = [(kd, vd) for kd, vd in ((k_sink, v_sink), (k_res, v_res)) if kd is not None and kd.shape[2]]
+    n_quant = triton.cdiv(tq - n_sink, split_size)
+    n_split = n_quant + sum(triton.cdiv(kd.shape[2], split_size) for kd, _ in dense)
     m = q.new_empty((b * hq, n_split), dtype=torch.float32)
     l = torch.empty_like(m)
     acc = q.new_empty((b * hq, n_split, dv), dtype=torch.float32)
@@ -229,23 +273,28 @@ def decode_attention_triton(q: torch.Tensor, k: Packed | None, v: Packed | None,
     if n_quant:
         k_per, block_kb = plane_tile(dk, pieces(k.bits)[0])  # packed rows dequantize in the widest piece's planes
         v_per, block_vb = plane_tile(dv, pieces(v.bits)[0])
+        kc, ks, kb, kt = _operands(k)
+        vc, vs, vb, vt = _operands(v)
         _quantized_partial_kernel[(b * hkv, n_quant)](
-            q, k.codes.contiguous(), k.scale.contiguous(), k.minimum.contiguous(),
-            v.codes.contiguous(), v.scale.contiguous(), v.minimum.contiguous(), m, l, acc,
-            tq, split_size, n_split, qk_scale, n_rep, dk, dv, k.group_size, v.group_size,
+            q, kc, ks, kb, kt, vc, vs, vb, vt, m, l, acc,
+            tq, n_sink, split_size, n_split, qk_scale, n_rep, dk, dv, k.group_size, v.group_size,
             K_BITS=k.bits, V_BITS=v.bits, K_PER=k_per, V_PER=v_per,
+            K_TABLE=kt is not None, V_TABLE=vt is not None, K_BASE=kb is not None, V_BASE=vb is not None,
             BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_KB=block_kb, BLOCK_VB=block_vb, num_warps=_PARTIAL_WARPS,
         )
-    if n_dense:
+    offset = n_quant
+    for kd, vd in dense:  # the sink's copies, then the residual window: one segment of splits each
+        n_dense = triton.cdiv(kd.shape[2], split_size)
         _dense_partial_kernel[(b * hkv, n_dense)](
-            q, k_res, v_res, m, l, acc, *k_res.stride(), *v_res.stride(),
-            hkv, tr, split_size, n_quant, n_split, qk_scale, n_rep, dk, dv,
+            q, kd, vd, m, l, acc, *kd.stride(), *vd.stride(),
+            hkv, kd.shape[2], split_size, offset, n_split, qk_scale, n_rep, dk, dv,
             BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=_PARTIAL_WARPS,
         )
+        offset += n_dense
     _merge_kernel[(b * hq,)](m, l, acc, out, lse, n_split, dv,
                              BLOCK_S=triton.next_power_of_2(n_split), BLOCK_DV=block_dv)
     return out, lse
 
 
 decode_attention = Dispatch(decode_attention_triton, decode_attention_ref,
-                            "Decode attention over quantized and residual tokens.")
+                            "Decode attention over quantized (min–max or table) codes, a sink and residual tokens.")

@@ -18,7 +18,9 @@ consecutive channels of a piece; on the CPU one ``and`` unpacks every plane at o
 bit offset (:func:`plane_codes`). The Triton kernels and the decode-attention kernel read this layout
 directly: the encode kernel writes one piece per launch, the decoders read a row in the bit planes of its
 widest piece and gather the narrower pieces into the same slots (:func:`load_dequant`). :class:`Packed` holds
-one such tensor with its layout, :func:`dequantize` reads it back.
+one such tensor with its layout, :func:`dequantize` reads it back. :class:`TablePacked` holds codes of the same
+layout that index a table of levels instead (codebook quantization, e.g. TurboQuant, arXiv 2504.19874):
+``mean + scale * table[code]`` per group, which :func:`load_dequant` reads too.
 
 Rounding: the minimum is rounded *down* and the scale *up* to float16, so every value of a group lies in
 ``[minimum, minimum + (2**bits - 1) * scale]`` and the reconstruction error is at most ``scale / 2`` (plus
@@ -84,6 +86,49 @@ class Packed:
     def nbytes(self) -> int:
         """Exact storage in bytes of codes, scale and minimum."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
+
+
+@dataclass
+class TablePacked:
+    """A ``[..., T, D]`` tensor as packed codes that index a table of levels: ``mean + scale * table[code]``.
+
+    The codes are packed as :class:`Packed`'s and grouped the same way; where a min–max group reconstructs
+    ``minimum + code * scale``, this one looks each code up in ``table`` (a codebook, e.g. the Lloyd–Max
+    points of TurboQuant, arXiv 2504.19874) before scaling, and adds a ``mean`` only if it has one.
+
+    Attributes
+    ----------
+    codes
+        uint8 ``[..., T, packed_bytes(D, bits)]``, as :attr:`Packed.codes`.
+    scale
+        float16 ``[..., T // group_size, D]`` for ``along="tokens"``, ``[..., T, D // group_size]`` for
+        ``along="channels"``.
+    mean
+        float16 of ``scale``'s shape, or None for no offset.
+    table
+        float32 ``[2**bits]``, the level of each code, on the codes' device.
+    bits, group_size, along, dim
+        As :class:`Packed`'s.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    mean: torch.Tensor | None
+    table: torch.Tensor
+    bits: int
+    group_size: int
+    along: Along
+    dim: int
+
+    @property
+    def num_tokens(self) -> int:
+        """``T``, the number of tokens stored."""
+        return self.codes.shape[-2]
+
+    def nbytes(self) -> int:
+        """Exact storage in bytes of codes, scale and mean (the table, shared by every token, left out)."""
+        held = (self.codes, self.scale) if self.mean is None else (self.codes, self.scale, self.mean)
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 def group_shape(
@@ -478,15 +523,18 @@ def _load_codes(codes_ptr, rows, row_mask, D, BITS: tl.constexpr, PER: tl.conste
 
 
 @triton.jit
-def load_dequant(codes_ptr, scale_ptr, min_ptr, rows, row_mask, D, GT, GC,
-                 BITS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr):
+def load_dequant(codes_ptr, scale_ptr, base_ptr, table_ptr, rows, row_mask, D, GT, GC,
+                 BITS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr,
+                 TABLE: tl.constexpr, BASE: tl.constexpr):
     """Dequantize whole packed rows of ``BITS``-wide codes to float32 ``[R, BLOCK_B, PER]``.
 
     Parameters
     ----------
-    codes_ptr, scale_ptr, min_ptr
-        Contiguous codes ``[n_rows, packed_bytes(D, BITS)]`` and float16 scale and minimum of
-        ``n_rows // GT`` by ``D // GC`` groups.
+    codes_ptr, scale_ptr, base_ptr
+        Contiguous codes ``[n_rows, packed_bytes(D, BITS)]`` and float16 scale and base (the minimum of a
+        :class:`Packed`, the mean of a :class:`TablePacked`) of ``n_rows // GT`` by ``D // GC`` groups.
+    table_ptr
+        float32 levels ``[2**BITS]`` when ``TABLE`` (else unused, may be None).
     rows, row_mask
         Flat row indices ``[R]`` (``n * T + t``) and which of them to load.
     D, GT, GC
@@ -495,19 +543,25 @@ def load_dequant(codes_ptr, scale_ptr, min_ptr, rows, row_mask, D, GT, GC,
         Code width, 1 to 8.
     PER, BLOCK_B
         The tile of the widest piece, ``plane_tile(D, pieces(BITS)[0])``.
+    TABLE
+        Whether the codes index ``table`` (a :class:`TablePacked`) or are the levels themselves.
+    BASE
+        Whether there is a base to add (``base_ptr`` is unused, and may be None, otherwise).
 
     Returns
     -------
     tensor
-        ``minimum + code * scale``; slot ``(b, j)`` holds channel ``plane_channels(D, PER, BLOCK_B)[0][b, j]``,
-        zeros where masked or invalid.
+        ``base + level * scale`` with ``level = table[code]`` or ``code``; slot ``(b, j)`` holds channel
+        ``plane_channels(D, PER, BLOCK_B)[0][b, j]``, zeros where masked or invalid.
     """
     q, mask = _load_codes(codes_ptr, rows, row_mask, D, BITS, PER, BLOCK_B)
     c, _ = plane_channels(D, PER, BLOCK_B)
     g = _group_index(rows, c, D, GT, GC)
     s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(min_ptr + g, mask=mask, other=0.0).to(tl.float32)
-    return m + q.to(tl.float32) * s
+    x = (tl.load(table_ptr + q, mask=mask, other=0.0) if TABLE else q.to(tl.float32)) * s
+    if BASE:
+        x = tl.load(base_ptr + g, mask=mask, other=0.0).to(tl.float32) + x
+    return x
 
 
 @triton.jit
@@ -559,7 +613,7 @@ def _decode_kernel(codes_ptr, scale_ptr, min_ptr, out_ptr, n_rows, D, GT, GC,
                    BITS: tl.constexpr, PER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
-    x = load_dequant(codes_ptr, scale_ptr, min_ptr, rows, row_mask, D, GT, GC, BITS, PER, BLOCK_B)
+    x = load_dequant(codes_ptr, scale_ptr, min_ptr, None, rows, row_mask, D, GT, GC, BITS, PER, BLOCK_B, False, True)
     c, valid = plane_channels(D, PER, BLOCK_B)
     tl.store(out_ptr + rows[:, None, None] * D + c[None, :, :], x.to(out_ptr.dtype.element_ty),
              mask=row_mask[:, None, None] & valid[None, :, :])
@@ -640,8 +694,10 @@ quantize_pack = Dispatch(quantize_pack_triton, quantize_pack_ref, "Quantize and 
 unpack_dequantize = Dispatch(unpack_dequantize_triton, unpack_dequantize_ref, "Unpack and dequantize.")
 
 
-def dequantize(p: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Reconstruct ``[..., T, D]`` as ``minimum + code * scale`` in ``dtype`` (:func:`unpack_dequantize`).
+def dequantize(p: Packed | TablePacked, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reconstruct ``[..., T, D]`` in ``dtype``: ``minimum + code * scale`` of a :class:`Packed`
+    (:func:`unpack_dequantize`), ``mean + scale * table[code]`` of a :class:`TablePacked` (torch).
 
     Parameters
     ----------
@@ -658,4 +714,14 @@ def dequantize(p: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor 
     torch.Tensor
         The dequantized tensor.
     """
-    return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype, out)
+    if isinstance(p, Packed):
+        return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype, out)
+    *lead, t, _ = p.codes.shape
+    gt, gc = group_shape((*lead, t, p.dim), p.bits, p.group_size, p.along)
+    x = p.table.float()[unpack_indices(p.codes, p.bits, p.dim).long()]
+    shape = (math.prod(lead), t // gt, 1, p.dim // gc, 1)
+    groups = x.view(shape[0], t // gt, gt, p.dim // gc, gc)
+    groups.mul_(p.scale.float().reshape(shape))
+    if p.mean is not None:
+        groups.add_(p.mean.float().reshape(shape))
+    return x.to(dtype) if out is None else out.copy_(x)

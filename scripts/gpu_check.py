@@ -8,8 +8,9 @@ Three sections, each written to ``results.json`` and ``results.md`` under ``--ou
   log beside the results). A test skipped on the GPU fails the section.
 - ``decode_timing``: the packed-KV decode-attention kernel against float16
   ``scaled_dot_product_attention`` over the same logical cache (Llama-3-8B-like heads, 8k/32k/128k tokens,
-  batch 1 and 8, 4 and 2 bits): microseconds per call (CUDA events, warm-up, median), bytes read, GB/s
-  against the device's peak, the speedup.
+  batch 1 and 8; min–max keys and values at 4 and 2 bits, and codebook-4x's layout: 4-bit min–max keys,
+  3-bit codebook values, a 4-token sink): microseconds per call (CUDA events, warm-up, median), bytes read,
+  GB/s against the device's peak, the speedup.
 - ``end_to_end``: ``generate`` on SmolLM2 in float16, the baseline (transformers' ``DynamicCache``) against
   the front recipes at 2k and 8k tokens, through ``kvcompress.evaluate.bench``: tokens/s ratio and peak
   CUDA memory. Skipped, with the reason recorded, when the model is absent or the time budget is spent.
@@ -31,7 +32,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ MODEL_DIR = Path("models/smollm2-135m-instruct-q4_1")
 MODEL_CANDIDATES = (REPO.parent / "shared" / MODEL_DIR, REPO / "shared" / MODEL_DIR)
 RECIPES = ("kivi-4bit", "lowrank-3bit", "full-stack")
 KERNEL_TESTS = "tests/test_kernels_gpu.py"
+# recipes/codebook-4x.toml's layout, timed beside the min-max ones: key bits and tokens per key group, value
+# bits and channels per value norm, 16-bit sink tokens
+CODEBOOK_4X = {"key_bits": 4, "key_group": 128, "value_bits": 3, "value_group": 64, "sink": 4}
 FLUSH_BYTES = 256 * 2**20  # written between timed calls: evicts the inputs from a 60 MB L2
 # HBM bandwidth in bytes/s by the vendors' datasheets; the first entry whose words all occur in the device name
 PEAK_BANDWIDTH = ((("H200",), 4.8e12), (("H100", "HBM3"), 3.35e12), (("H100", "SXM"), 3.35e12),
@@ -58,7 +62,7 @@ class Plan:
     head_dim: int
     contexts: tuple[int, ...]  # tokens in the timed cache
     batches: tuple[int, ...]
-    bits: tuple[int, ...]
+    bits: tuple[int, ...]  # min-max widths of keys and values; codebook-4x's layout is timed besides
     residual: int  # float16 residual window of the timed cache (the recipes' 128)
     group: int  # key and value group size (kivi-4bit's 32)
     warmup: int
@@ -210,7 +214,9 @@ class DecodeCase:
 
     tokens: int
     batch: int
-    bits: int
+    values: str  # "min-max" (KIVI) or "codebook" values; keys are min-max
+    key_bits: int
+    value_bits: int
     ours_us: float  # median microseconds per call
     sdpa_us: float
     ours_bytes: int  # bytes one call reads (and writes: query in, output out)
@@ -269,13 +275,29 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _timed_caches(plan: Plan, k, v, split: int) -> Iterator[tuple]:
+    """The packed caches timed over the same first ``split`` tokens, one at a time: ``(values, key bits, value
+    bits, keys, values, key sink, value sink)``, min-max at each of ``plan.bits``, then codebook-4x's layout
+    (its sink: exact copies of the first tokens)."""
+    from kvcompress.methods import codebook
+    from kvcompress.methods.kivi import quantize
+
+    for bits in plan.bits:
+        yield ("min-max", bits, bits, quantize(k[:, :, :split], bits, plan.group, "tokens"),
+               quantize(v[:, :, :split], bits, plan.group, "channels"), None, None)
+    cb = CODEBOOK_4X
+    yield ("codebook", cb["key_bits"], cb["value_bits"],
+           quantize(k[:, :, :split], cb["key_bits"], cb["key_group"], "tokens"),
+           codebook.encode(v[:, :, :split], cb["value_bits"], cb["value_group"], "channels").table_packed(),
+           k[:, :, :cb["sink"]], v[:, :, :cb["sink"]])
+
+
 def decode_timing(plan: Plan, device_name: str) -> dict:
     """Time the packed-KV decode attention against float16 SDPA over the same logical cache."""
     import torch
     import torch.nn.functional as F
 
     from kvcompress.kernels.decode_attention import decode_attention
-    from kvcompress.methods.kivi import quantize
 
     device = torch.device("cpu" if plan.dry_run else "cuda")
     timer = Timer(device, plan.warmup, plan.repeats)
@@ -305,33 +327,34 @@ def decode_timing(plan: Plan, device_name: str) -> dict:
             sdpa_bytes = _nbytes(k, v, q, q)  # K, V, query in, output out (float16)
             split = tokens - plan.residual
             k_res, v_res = k[:, :, split:], v[:, :, split:]
-            for bits in plan.bits:
-                kq, vq = quantize(k[:, :, :split], bits, plan.group, "tokens"), quantize(
-                    v[:, :, :split], bits, plan.group, "channels")
+            for values, key_bits, value_bits, kq, vq, k_sink, v_sink in _timed_caches(plan, k, v, split):
 
-                def ours(kq=kq, vq=vq, q=q, k_res=k_res, v_res=v_res):
-                    return decode_attention(q, kq, vq, k_res, v_res, sm_scale)
+                def ours(kq=kq, vq=vq, q=q, k_res=k_res, v_res=v_res, k_sink=k_sink, v_sink=v_sink):
+                    return decode_attention(q, kq, vq, k_res, v_res, sm_scale, k_sink, v_sink)
 
                 ours_s, (got, lse) = timer.median(ours), ours()
-                ours_bytes = kq.nbytes() + vq.nbytes() + _nbytes(k_res, v_res, q, got, lse)
+                sink_bytes = 0 if k_sink is None else _nbytes(k_sink, v_sink)
+                ours_bytes = kq.nbytes() + vq.nbytes() + sink_bytes + _nbytes(k_res, v_res, q, got, lse)
                 if not torch.isfinite(got).all():
-                    raise CheckError(f"decode attention gave non-finite output at {tokens} tokens, {bits} bits")
+                    raise CheckError(f"decode attention gave non-finite output at {tokens} tokens, {values} "
+                                     f"values, {key_bits}/{value_bits} bits")
                 ours_gbps, sdpa_gbps = ours_bytes / ours_s / 1e9, sdpa_bytes / sdpa_s / 1e9
                 cases.append(DecodeCase(
-                    tokens=tokens, batch=batch, bits=bits, ours_us=ours_s * 1e6, sdpa_us=sdpa_s * 1e6,
+                    tokens=tokens, batch=batch, values=values, key_bits=key_bits, value_bits=value_bits,
+                    ours_us=ours_s * 1e6, sdpa_us=sdpa_s * 1e6,
                     ours_bytes=ours_bytes, sdpa_bytes=sdpa_bytes, ours_gbps=ours_gbps, sdpa_gbps=sdpa_gbps,
                     ours_peak_fraction=ours_gbps * 1e9 / peak if peak else None,
                     sdpa_peak_fraction=sdpa_gbps * 1e9 / peak if peak else None,
                     speedup=sdpa_s / ours_s, bytes_ratio=sdpa_bytes / ours_bytes,
                     rel_diff_vs_sdpa=(torch.linalg.norm(got - want) / torch.linalg.norm(want)).item(),
                     calls=plan.repeats))
-                del kq, vq, got, lse
+                del kq, vq, k_sink, v_sink, got, lse
             del k, v, q, q4, k_res, v_res, want
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return {"status": "passed" if cases else "skipped", **({} if cases else {"reason": "no case was timed"}),
             "layout": {"kv_heads": hkv, "query_heads": hq, "head_dim": d, "residual": plan.residual,
-                       "group_size": plan.group},
+                       "group_size": plan.group, "codebook": CODEBOOK_4X},
             "peak_bandwidth_gbps": peak / 1e9 if peak else None, "copy_gbps": copy_gbps,
             "cases": [asdict(c) for c in cases], "skipped": skipped}
 
@@ -428,13 +451,17 @@ def markdown(results: dict) -> str:
     lines += ["", f"## Decode attention timing: {dt['status']}", ""]
     if "cases" in dt:
         lay, peak = dt["layout"], dt["peak_bandwidth_gbps"]
-        lines += [f"{lay['kv_heads']} KV heads of {lay['head_dim']}, {lay['query_heads']} query heads, groups of "
-                  f"{lay['group_size']}, {lay['residual']}-token float16 residual window. Peak bandwidth: "
+        cb = lay["codebook"]
+        lines += [f"{lay['kv_heads']} KV heads of {lay['head_dim']}, {lay['query_heads']} query heads, min-max "
+                  f"groups of {lay['group_size']}; codebook values (codebook-4x): keys in groups of "
+                  f"{cb['key_group']} tokens, a norm per {cb['value_group']} value channels, a {cb['sink']}-token "
+                  f"sink; {lay['residual']}-token float16 residual window. Peak bandwidth: "
                   f"{f'{peak:.0f} GB/s' if peak else 'unknown for this device'}; measured copy "
                   f"{dt['copy_gbps']:.0f} GB/s.", "",
-                  "| tokens | batch | bits | ours µs | SDPA µs | speedup | bytes ratio | ours GB/s (% peak) "
-                  "| SDPA GB/s (% peak) | rel. diff vs SDPA |", "|" + "---|" * 10]
-        lines += [f"| {c['tokens']} | {c['batch']} | {c['bits']} | {c['ours_us']:.1f} | {c['sdpa_us']:.1f} | "
+                  "| tokens | batch | values | K/V bits | ours µs | SDPA µs | speedup | bytes ratio "
+                  "| ours GB/s (% peak) | SDPA GB/s (% peak) | rel. diff vs SDPA |", "|" + "---|" * 11]
+        lines += [f"| {c['tokens']} | {c['batch']} | {c['values']} | {c['key_bits']}/{c['value_bits']} | "
+                  f"{c['ours_us']:.1f} | {c['sdpa_us']:.1f} | "
                   f"{c['speedup']:.2f} | {c['bytes_ratio']:.2f} | {c['ours_gbps']:.4g}{_pct(c['ours_peak_fraction'])} "
                   f"| {c['sdpa_gbps']:.4g}{_pct(c['sdpa_peak_fraction'])} | {c['rel_diff_vs_sdpa']:.3f} |"
                   for c in dt["cases"]]

@@ -444,15 +444,24 @@ def test_rotation_changes_the_stored_latent_not_the_product():
     assert torch.equal(rotate_latent(down, up, seed=3)[0], r_down)  # seeded: the same export twice
 
 
-def test_packed_decode_kernel_matches_the_torch_path(llama_gqa, tmp_path, one_thread, monkeypatch):
-    # the fused path (Triton decode attention over packed codes + residual) runs on CUDA only; here the
-    # Triton kernel runs in the interpreter on CPU tensors, forced in place of the CUDA check
+# post-RoPE full-width keys, one latent per KV head: the fused path's layouts
+FUSED_LAYOUTS = {
+    "kivi": {"enabled": True, "key_rope": "post", "avg_bits": 2.0, "group_size": 8, "residual_length": 8},
+    # recipes/codebook-4x.toml in small: 4-bit min-max keys, 3-bit codebook values with a norm per head vector,
+    # a sink, a residual window
+    "codebook-4x": {"enabled": True, "key_rope": "post", "method": "codebook", "key_method": "kivi", "key_bits": 4,
+                    "value_bits": 3, "group_size": 8, "key_group_size": 8, "residual_length": 8, "sink": 2},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(FUSED_LAYOUTS))
+def test_packed_decode_kernel_matches_the_torch_path(llama_gqa, tmp_path, one_thread, monkeypatch, layout):
+    # the fused path (Triton decode attention over packed codes, the sink's copies and the residual) runs on
+    # CUDA only; here the Triton kernel runs in the interpreter on CPU tensors, forced in place of the CUDA check
     from kvcompress.kernels.decode_attention import decode_attention_triton
     from kvcompress.runtime import attention
 
-    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False, "head_group": 1},
-                    quant={"enabled": True, "key_rope": "post", "avg_bits": 2.0, "group_size": 8,
-                           "residual_length": 8})
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False, "head_group": 1}, quant=FUSED_LAYOUTS[layout])
     ids = torch.randint(4, 300, (1, 30), generator=torch.Generator().manual_seed(6))
 
     def decode_logits() -> list[torch.Tensor]:
@@ -468,13 +477,14 @@ def test_packed_decode_kernel_matches_the_torch_path(llama_gqa, tmp_path, one_th
         calls = []
 
         def fused(*args):
-            calls.append(1)
+            calls.append(args[6] is not None)  # a sink handed over
             return decode_attention_triton(*args)
 
         monkeypatch.setattr(attention, "decode_attention", fused)
         monkeypatch.setattr(attention, "FUSED_DEVICES", ("cpu",))
         kernel_path = decode_logits()
     assert len(calls) == 10 * model.config.num_hidden_layers
+    assert all(calls) == bool(FUSED_LAYOUTS[layout].get("sink"))
     for a, b in zip(torch_path, kernel_path, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -483,9 +493,7 @@ def test_one_table_picks_the_decode_path(llama_gqa, tmp_path, one_thread, monkey
     from kvcompress.runtime import attention
     assert [path.name for path in attention.DECODE_PATHS] == ["fused", "workspace", "generic"]
     assert attention.DECODE_PATHS[-1] is attention.GENERIC and all(path.when for path in attention.DECODE_PATHS)
-    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False, "head_group": 1},
-                    quant={"enabled": True, "key_rope": "post", "avg_bits": 2.0, "group_size": 8,
-                           "residual_length": 8})
+    model = _export(llama_gqa, tmp_path, lowrank={"enabled": False, "head_group": 1}, quant=FUSED_LAYOUTS["kivi"])
     attn, cache = model.model.layers[0].self_attn, kvcompress.make_cache(model)
     layer, one, block = cache.layers[0], torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 3, 16)
 
@@ -499,6 +507,10 @@ def test_one_table_picks_the_decode_path(llama_gqa, tmp_path, one_thread, monkey
         monkeypatch.setattr(attention, "FUSED_DEVICES", ("cpu",))
         assert picked(one) == "fused"
         assert picked(one, layer=KVCompressLayer()) == "workspace"  # dense stores: nothing packed to read
+        decoquant = {"enabled": True, "method": "decoquant", "group_size": 8, "residual_length": 8}
+        for quant, path in ((FUSED_LAYOUTS["codebook-4x"], "fused"), (decoquant, "workspace")):
+            other = KVCompressLayer(layer_plan(LayerRecipe(0, 16, 8, 4, 4), Quant(**quant)))
+            assert picked(one, layer=other) == path, quant
     assert picked(one) == "fused"  # gradients bar only the in-place workspace path
     monkeypatch.undo()
     assert picked(one) == "generic"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 import kvcompress
 from kvcompress.checkpoint.export import export
 from kvcompress.errors import KVCompressError
-from kvcompress.kernels.pack import unpack_codes
+from kvcompress.kernels.decode_attention import decode_attention_ref, decode_attention_triton
+from kvcompress.kernels.pack import Packed, TablePacked, unpack_codes
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import QUANTIZERS, CodebookStore, QuantizedStore, make_store
 from kvcompress.methods.codebook import CodePacked, cat, decode, encode, lloyd_max
@@ -339,15 +341,50 @@ def _layer(**quant) -> KVCompressLayer:
     return KVCompressLayer(layer_plan(LayerRecipe(0, 16, 8, 2, 4), q))
 
 
-def test_packed_decode_is_refused_for_codebook_stores_and_sinks():
-    assert _layer().can_read("packed")  # plain KIVI: the fused kernel's layout
-    for quant in ({"method": "codebook"}, {"key_method": "codebook"}, {"method": "codebook", "key_method": "kivi"},
-                  {"sink": 2}, {"method": "codebook", "sink": 2}):
+def test_packed_decode_reads_kivi_and_codebook_stores_with_a_sink():
+    codebook_4x = {"method": "codebook", "key_method": "kivi", "sink": 2}  # its layout, in small
+    for quant in ({}, {"method": "codebook"}, {"key_method": "codebook"}, {"method": "codebook", "key_method": "kivi"},
+                  {"sink": 2}, {"method": "codebook", "sink": 2}, codebook_4x):
         layer = _layer(**quant)
-        assert not layer.can_read("packed"), quant
-        assert layer.can_read("dense") and layer.can_read("workspace")
-        with pytest.raises(ValueError, match="KIVI"):
-            layer.step(torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 8), layout="packed")
+        assert layer.can_read("packed") and layer.can_read("dense") and layer.can_read("workspace"), quant
+        held = layer.step(torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 8), layout="packed")
+        assert held.keys is None and held.key_sink is None  # nothing packed before this step's flush
+        held = layer.step(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 8), layout="packed")
+        kinds = {"kivi": Packed, "codebook": TablePacked}
+        assert type(held.keys) is kinds[quant.get("key_method") or quant.get("method", "kivi")], quant
+        assert type(held.values) is kinds[quant.get("method", "kivi")], quant
+        assert held.keys.num_tokens == 8 and held.key_residual.shape[-2] == 2
+        sink = quant.get("sink", 0)
+        assert (held.key_sink is None) == (held.value_sink is None) == (sink == 0)
+        if sink:
+            assert torch.equal(held.key_sink, layer.key_store.sink_copy) and held.value_sink.shape[-2] == sink
+    plan = layer_plan(LayerRecipe(0, 16, 8, 2, 4), Quant(enabled=True, group_size=8, residual_length=8, sink=2))
+    lopsided = KVCompressLayer(dataclasses.replace(plan, values=dataclasses.replace(plan.values, sink=0)))
+    assert not lopsided.can_read("packed")  # the kernel replaces the same first tokens of both streams
+    with pytest.raises(ValueError, match="one sink"):
+        lopsided.step(torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 8), layout="packed")
+
+
+@pytest.mark.parametrize("key_method", ["kivi", "codebook"])
+def test_the_packed_read_attends_like_the_dense_read(key_method):
+    # codebook-4x's layout in small (codebook values, KIVI keys, a sink, a residual window): the decode kernel
+    # and its twin over what a layer hands out packed agree with attention over the same layer's dense read
+    layers = [_layer(method="codebook", key_method=key_method, sink=3) for _ in range(2)]
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(2, 2, 30, 16, generator=g) * 2, torch.randn(2, 2, 30, 8, generator=g)
+    q = torch.randn(2, 6, 16, generator=g)
+    for layer in layers:
+        layer.step(k[:, :, :29], v[:, :, :29])  # packs 24 tokens, sink included; 5 stay in the window
+    packed = layers[0].step(k[:, :, 29:], v[:, :, 29:], layout="packed")
+    dense = layers[1].step(k[:, :, 29:], v[:, :, 29:])
+    assert packed.keys.num_tokens == 24 and packed.key_residual.shape[-2] == 6 and packed.key_sink.shape[-2] == 3
+    keys, values = dense.keys.repeat_interleave(3, dim=1), dense.values.repeat_interleave(3, dim=1)
+    scores = torch.einsum("bhd,bhtd->bht", q, keys) * 0.25
+    want = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), values)
+    args = (q, packed.keys, packed.values, packed.key_residual, packed.value_residual, 0.25, packed.key_sink,
+            packed.value_sink)
+    torch.testing.assert_close(decode_attention_ref(*args)[0], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode_attention_triton(*args, split_size=8)[0], want, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_stores_follow_the_per_stream_quantizers():
@@ -395,7 +432,7 @@ def test_codebook_values_kivi_keys_and_a_sink_export_load_and_generate(llama_gqa
     for layer in cache.layers:
         assert type(layer.key_store) is QuantizedStore and type(layer.value_store) is CodebookStore
         assert layer.key_store.quantized_length == 40 and layer.key_store.sink_copy.shape[-2] == 2
-        assert not layer.can_read("packed")
+        assert layer.can_read("packed")  # on CUDA, decode reads the codes through the Triton kernel
     assert (logits - exact).abs().max() < TRACKS[bits] * exact.abs().max()
     assert cache.kv_bytes() == pytest.approx(40 * compressed_bytes_per_token(spec, plan, 40))
 

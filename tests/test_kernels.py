@@ -25,6 +25,7 @@ from kvcompress.kernels.dispatch import Dispatch
 from kvcompress.kernels.lowrank_rope import lowrank_rope, lowrank_rope_ref, lowrank_rope_triton
 from kvcompress.kernels.pack import (
     WIDTHS,
+    TablePacked,
     packed_bytes,
     quantize_pack,
     quantize_pack_ref,
@@ -33,6 +34,7 @@ from kvcompress.kernels.pack import (
     unpack_dequantize_ref,
     unpack_dequantize_triton,
 )
+from kvcompress.methods import codebook
 from kvcompress.methods.kivi import Packed, dequantize, quantize
 
 LAYOUTS = [
@@ -168,9 +170,15 @@ def _cache(b: int, hkv: int, n_rep: int, tq: int, tr: int, dk: int, dv: int, k_b
 def _dense(q: torch.Tensor, k: Packed | None, v: Packed | None, k_res: torch.Tensor, v_res: torch.Tensor,
            sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax(q Kᵀ) V with K/V repeated per query head."""
-    n_rep = q.shape[1] // k_res.shape[1]
     keys = torch.cat([dequantize(k), k_res], dim=2) if k is not None else k_res
     values = torch.cat([dequantize(v), v_res], dim=2) if v is not None else v_res
+    return _attend(q, keys, values, sm_scale)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q Kᵀ) V and the log-sum-exp over float keys and values ``[B, Hkv, T, D]``, per query head."""
+    n_rep = q.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(n_rep, dim=1), values.repeat_interleave(n_rep, dim=1)
     scores = torch.einsum("bhd,bhtd->bht", q, keys) * sm_scale
     out = torch.einsum("bht,bhtd->bhd", torch.softmax(scores, dim=-1), values)
@@ -236,3 +244,129 @@ def test_decode_rejects_bad_shapes() -> None:
         decode_attention_triton(q, k, None, k_res, v_res, 1.0)
     with pytest.raises(ValueError):
         decode_attention_ref(q, v, k, k_res, v_res, 1.0)  # swapped layouts
+
+
+# --------------------------------------------------------------------------- codebook codes and the sink
+
+
+def _table_cache(b: int, hkv: int, n_rep: int, tq: int, tr: int, dk: int, dv: int, k_kind: str, k_bits: int,
+                 v_bits: int, sink: int, v_group: int = 64, seed: int = 0) -> tuple:
+    """Queries; keys as KIVI min–max codes (``k_kind="kivi"``, groups of 8 tokens) or codebook indices with a
+    mean and deviation per 8 tokens (``"codebook"``); values as codebook indices with a norm per ``v_group``
+    channels (:mod:`kvcompress.methods.codebook`); the 16-bit residual; ``sink`` float16 copies of the first
+    tokens (None for 0). Keys and values are the store's own: ``CodePacked`` and ``Packed``."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * n_rep, dk, generator=g)
+    keys = torch.randn(b, hkv, tq, dk, generator=g) * 2 + torch.randn(dk, generator=g)  # channel offsets
+    k = quantize(keys, k_bits, 8, "tokens") if k_kind == "kivi" else codebook.encode(keys, k_bits, 8, "tokens")
+    v = codebook.encode(torch.randn(b, hkv, tq, dv, generator=g), v_bits, v_group, "channels")
+    k_res = torch.randn(b, hkv, tr, dk, generator=g) * 2
+    v_res = torch.randn(b, hkv, tr, dv, generator=g)
+    k_sink = (torch.randn(b, hkv, sink, dk, generator=g) * 4).half() if sink else None  # outliers: the sink's
+    v_sink = torch.randn(b, hkv, sink, dv, generator=g).half() if sink else None
+    return q, k, v, k_res, v_res, k_sink, v_sink
+
+
+def _kernel_codes(p: Packed | codebook.CodePacked) -> Packed | TablePacked:
+    return p.table_packed() if isinstance(p, codebook.CodePacked) else p
+
+
+def _decoded(p: Packed | codebook.CodePacked, sink: torch.Tensor | None) -> torch.Tensor:
+    """The store's own reading: :func:`codebook.decode` or the min–max dequantize, the sink over the first tokens."""
+    x = codebook.decode(p) if isinstance(p, codebook.CodePacked) else dequantize(p)
+    if sink is not None:
+        x[..., :sink.shape[2], :] = sink.float()
+    return x
+
+
+TABLE_CASES = [
+    # b, hkv, n_rep, tq, tr, dk, dv, key kind, k_bits, v_bits, sink, split_size
+    # codebook-4x's layout at every value width: 4-bit min–max keys, a norm per 64-channel head vector, a sink
+    *[(1, 2, 2, 16, 5, 64, 64, "kivi", 4, bits, 4, None) for bits in WIDTHS],
+    # codebook keys too, every width, odd head dims (zero-padded pieces), no sink
+    *[(1, 2, 3, 16, 3, 13, 7, "codebook", bits, 9 - bits, 0, 8) for bits in WIDTHS],
+    (2, 1, 4, 24, 0, 64, 64, "kivi", 4, 3, 4, None),  # no residual window
+    (1, 2, 2, 24, 7, 64, 64, "kivi", 2, 3, 0, None),  # no sink
+    (1, 1, 1, 8, 2, 16, 16, "codebook", 3, 2, 8, None),  # the sink replaces every quantized token
+    (1, 2, 2, 40, 9, 24, 40, "codebook", 4, 3, 3, 5),  # many splits, the sink in the first of them
+    (1, 1, 4, 16, 1, 128, 128, "kivi", 4, 3, 4, None),  # Llama-like head dim, two norms per head vector
+]
+
+
+@pytest.mark.parametrize(("b", "hkv", "n_rep", "tq", "tr", "dk", "dv", "kind", "k_bits", "v_bits", "sink", "split"),
+                         TABLE_CASES)
+def test_decode_triton_matches_ref_over_table_codes_and_a_sink(b: int, hkv: int, n_rep: int, tq: int, tr: int,
+                                                               dk: int, dv: int, kind: str, k_bits: int,
+                                                               v_bits: int, sink: int, split: int | None) -> None:
+    q, k, v, k_res, v_res, k_sink, v_sink = _table_cache(b, hkv, n_rep, tq, tr, dk, dv, kind, k_bits, v_bits, sink)
+    args = (q, _kernel_codes(k), _kernel_codes(v), k_res, v_res, 0.25, k_sink, v_sink)
+    out, lse = decode_attention_triton(*args, split_size=split)
+    ref_out, ref_lse = decode_attention_ref(*args)
+    assert out.shape == (b, hkv * n_rep, dv) and lse.shape == (b, hkv * n_rep)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    assert torch.equal(decode_attention(*args)[0], ref_out)  # CPU tensors dispatch to the twin
+
+
+@pytest.mark.parametrize(("b", "hkv", "n_rep", "tq", "tr", "dk", "dv", "kind", "k_bits", "v_bits", "sink", "split"),
+                         TABLE_CASES)
+def test_decode_ref_over_table_codes_matches_dense_over_the_stores_decode(
+        b: int, hkv: int, n_rep: int, tq: int, tr: int, dk: int, dv: int, kind: str, k_bits: int, v_bits: int,
+        sink: int, split: int | None) -> None:
+    q, k, v, k_res, v_res, k_sink, v_sink = _table_cache(b, hkv, n_rep, tq, tr, dk, dv, kind, k_bits, v_bits, sink,
+                                                         seed=5)
+    out, lse = decode_attention_ref(q, _kernel_codes(k), _kernel_codes(v), k_res, v_res, 0.3, k_sink, v_sink)
+    keys = torch.cat([_decoded(k, k_sink), k_res], dim=2)
+    values = torch.cat([_decoded(v, v_sink), v_res], dim=2)
+    dense_out, dense_lse = _attend(q, keys, values, 0.3)
+    torch.testing.assert_close(out, dense_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, dense_lse, atol=1e-5, rtol=1e-5)
+    if sink:  # the sink's copies are attended, not the codes they replace
+        without = decode_attention_ref(q, _kernel_codes(k), _kernel_codes(v), k_res, v_res, 0.3)[1]
+        assert not torch.allclose(lse, without, atol=1e-3)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    st.sampled_from(WIDTHS),
+    st.sampled_from(WIDTHS),
+    st.sampled_from(["kivi", "codebook"]),
+    st.integers(1, 3),  # query heads per KV head
+    st.integers(1, 3),  # key groups of 8 tokens
+    st.integers(0, 4),  # residual tokens
+    st.integers(0, 7),  # sink tokens
+    st.sampled_from([(8, 8), (5, 12), (16, 9)]),  # head dims of keys and values
+    st.integers(0, 2**31 - 1),
+)
+def test_decode_triton_matches_ref_on_random_table_layouts(k_bits: int, v_bits: int, kind: str, n_rep: int,
+                                                           groups: int, tr: int, sink: int, dims: tuple,
+                                                           seed: int) -> None:
+    dk, dv = dims
+    q, k, v, k_res, v_res, k_sink, v_sink = _table_cache(1, 2, n_rep, 8 * groups, tr, dk, dv, kind, k_bits, v_bits,
+                                                         sink, v_group=dv, seed=seed)
+    args = (q, _kernel_codes(k), _kernel_codes(v), k_res, v_res, 0.4, k_sink, v_sink)
+    for got, want in zip(decode_attention_triton(*args, split_size=4), decode_attention_ref(*args), strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_decode_rejects_a_bad_sink() -> None:
+    q, k, v, k_res, v_res, k_sink, v_sink = _table_cache(1, 2, 2, 16, 3, 16, 8, "kivi", 4, 3, 2)
+    k, v = _kernel_codes(k), _kernel_codes(v)
+    for impl in (decode_attention_ref, decode_attention_triton):
+        with pytest.raises(ValueError, match="sink needs"):
+            impl(q, k, v, k_res, v_res, 1.0, k_sink, None)  # keys without values
+        with pytest.raises(ValueError, match="sink needs"):
+            impl(q, None, None, k_res, v_res, 1.0, k_sink, v_sink)  # nothing quantized to replace
+        with pytest.raises(ValueError, match="sink shapes"):
+            impl(q, k, v, k_res, v_res, 1.0, k_sink, v_sink[..., :4])  # value dim 4, not 8
+        long_k, long_v = (x[..., :1, :].expand(1, 2, 17, -1) for x in (k_sink, v_sink))
+        with pytest.raises(ValueError, match="sink shapes"):  # longer than the 16 quantized tokens
+            impl(q, k, v, k_res, v_res, 1.0, long_k, long_v)
+
+
+def test_table_packed_bytes_are_the_stores_bytes() -> None:
+    _, k, v, *_ = _table_cache(2, 3, 1, 16, 0, 12, 20, "codebook", 3, 5, 0, v_group=10)
+    for p in (k, v):  # keys with a mean per group, values without
+        assert p.table_packed().nbytes() == p.nbytes() == sum(
+            t.numel() * t.element_size() for t in (p.codes, p.scale, p.mean) if t is not None)
+    assert k.mean is not None and v.mean is None

@@ -2,7 +2,8 @@
 
 ``scripts/gpu-check`` runs this file on a GPU with ``TRITON_INTERPRET=0`` and fails if any case here is
 skipped. Layouts: SmolLM2-135M (3 KV heads of 64 channels, 9 query heads) and a Llama-3-8B-like one (8 KV
-heads of 128 channels, 32 query heads), 4096 quantized tokens plus a ragged residual window. The twins run
+heads of 128 channels, 32 query heads), 4096 quantized tokens plus a ragged residual window; decode attention
+over min–max codes, and over codebook values with a sink (the codebook recipes' layout). The twins run
 on CPU copies of the inputs, so a kernel is never compared with itself (on CUDA, ``dequantize`` inside
 ``decode_attention_ref`` would dispatch to Triton). Freed CUDA memory is filled with NaN before each test,
 so an output element that a kernel leaves unwritten shows.
@@ -30,6 +31,7 @@ from test_lowrank_rope import _inputs as lowrank_inputs
 from kvcompress.kernels.decode_attention import decode_attention, decode_attention_ref, decode_attention_triton
 from kvcompress.kernels.lowrank_rope import lowrank_rope, lowrank_rope_ref, lowrank_rope_triton
 from kvcompress.kernels.pack import (
+    TablePacked,
     quantize_pack,
     quantize_pack_ref,
     quantize_pack_triton,
@@ -37,6 +39,7 @@ from kvcompress.kernels.pack import (
     unpack_dequantize_ref,
     unpack_dequantize_triton,
 )
+from kvcompress.methods import codebook
 from kvcompress.methods.kivi import Packed, quantize
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -91,7 +94,10 @@ def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32, scale: fl
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
 
 
-def _to_device(p: Packed) -> Packed:
+def _to_device(p: Packed | TablePacked) -> Packed | TablePacked:
+    if isinstance(p, TablePacked):
+        return dataclasses.replace(p, codes=p.codes.to(DEVICE), scale=p.scale.to(DEVICE), table=p.table.to(DEVICE),
+                                   mean=None if p.mean is None else p.mean.to(DEVICE))
     return dataclasses.replace(p, codes=p.codes.to(DEVICE), scale=p.scale.to(DEVICE),
                                minimum=p.minimum.to(DEVICE))
 
@@ -168,6 +174,45 @@ def test_decode_attention_matches_twin(layout: Layout, dtype: torch.dtype, k_bit
     torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-4, rtol=1e-5)
 
 
+SINK = 4  # the codebook recipes' sink
+
+
+def _codebook_inputs(layout: Layout, dtype: torch.dtype, k_bits: int, v_bits: int, key_method: str,
+                     seed: int) -> tuple:
+    """CPU queries; keys as KIVI codes (groups of 32 tokens) or codebook indices (mean and deviation per 32
+    tokens); codebook values with a norm per 64 channels; a residual window; the sink's 16-bit copies."""
+    b, hkv, d = BATCH, layout.kv_heads, layout.head_dim
+    q = _randn(b, layout.query_heads, d, seed=seed, dtype=dtype)
+    keys = _randn(b, hkv, TOKENS, d, seed=seed + 1, scale=2.0)
+    k = (quantize(keys, k_bits, 32, "tokens") if key_method == "kivi"
+         else codebook.encode(keys, k_bits, 32, "tokens").table_packed())
+    v = codebook.encode(_randn(b, hkv, TOKENS, d, seed=seed + 2), v_bits, 64, "channels").table_packed()
+    k_res = _randn(b, hkv, RESIDUAL, d, seed=seed + 3, dtype=dtype, scale=2.0)
+    v_res = _randn(b, hkv, RESIDUAL, d, seed=seed + 4, dtype=dtype)
+    k_sink = _randn(b, hkv, SINK, d, seed=seed + 5, dtype=dtype, scale=6.0)
+    v_sink = _randn(b, hkv, SINK, d, seed=seed + 6, dtype=dtype)
+    return q, k, v, k_res, v_res, k_sink, v_sink
+
+
+@pytest.mark.parametrize(("k_bits", "v_bits", "key_method"), [(4, 3, "kivi"), (2, 2, "kivi"), (3, 4, "codebook")],
+                         ids=["codebook-4x", "codebook-2bit", "codebook-keys"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_decode_attention_over_codebook_codes_and_a_sink_matches_twin(layout: Layout, dtype: torch.dtype,
+                                                                      k_bits: int, v_bits: int, key_method: str
+                                                                      ) -> None:
+    """As the min–max case: the same 16-bit inputs, float32 accumulation, agreement to about 1e-4."""
+    inputs = _codebook_inputs(layout, dtype, k_bits, v_bits, key_method, _seed(layout, dtype, k_bits, v_bits))
+    q, k, v, k_res, v_res, k_sink, v_sink = inputs
+    sm_scale = layout.head_dim**-0.5
+    out, lse = decode_attention_triton(q.to(DEVICE), _to_device(k), _to_device(v), k_res.to(DEVICE),
+                                       v_res.to(DEVICE), sm_scale, k_sink.to(DEVICE), v_sink.to(DEVICE))
+    want_out, want_lse = decode_attention_ref(q, k, v, k_res, v_res, sm_scale, k_sink, v_sink)
+    assert out.shape == want_out.shape and lse.shape == want_lse.shape
+    torch.testing.assert_close(out.cpu(), want_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-4, rtol=1e-5)
+
+
 # B, latent groups G, KV heads per group g, rank r, head_dim: all heads in one group, and 2 groups of 4
 LOWRANK = {"smollm2": (1, 3, 144, 64), "llama3-8b": (2, 4, 384, 128)}
 
@@ -203,6 +248,11 @@ def test_dispatch_picks_triton_on_cuda() -> None:
     assert torch.equal(unpack_dequantize(*args), unpack_dequantize_triton(*args))
     q, k, v, k_res, v_res = _decode_inputs(layout, dtype, 4, 2, seed=2)
     inputs = (q.to(DEVICE), _to_device(k), _to_device(v), k_res.to(DEVICE), v_res.to(DEVICE), 0.125)
+    assert all(torch.equal(a, b) for a, b in zip(decode_attention(*inputs), decode_attention_triton(*inputs),
+                                                 strict=True))
+    q, k, v, k_res, v_res, k_sink, v_sink = _codebook_inputs(layout, dtype, 4, 3, "kivi", seed=4)
+    inputs = (q.to(DEVICE), _to_device(k), _to_device(v), k_res.to(DEVICE), v_res.to(DEVICE), 0.125,
+              k_sink.to(DEVICE), v_sink.to(DEVICE))
     assert all(torch.equal(a, b) for a, b in zip(decode_attention(*inputs), decode_attention_triton(*inputs),
                                                  strict=True))
     rope = [a.to(DEVICE) if torch.is_tensor(a) else a

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.kernels.pack import pack_codes, packed_bytes, unpack_indices
+from kvcompress.kernels.pack import TablePacked, pack_codes, packed_bytes, unpack_indices
 from kvcompress.methods.dense import FP16
 from kvcompress.methods.kivi import QuantizedStore, effective_group
 
@@ -132,6 +132,12 @@ class CodePacked:
         """The same layout with ``fn`` applied to every tensor (e.g. a batch selection)."""
         return CodePacked(fn(self.codes), fn(self.scale), None if self.mean is None else fn(self.mean),
                           self.bits, self.group, self.along, self.dim)
+
+    def table_packed(self) -> TablePacked:
+        """These codes as the decode-attention kernel reads them: the same tensors, the Lloyd–Max points as
+        the table (``mean + scale · c[idx]``, as :func:`decode`)."""
+        return TablePacked(self.codes, self.scale, self.mean, _tables(self.bits, self.codes.device)[0],
+                           self.bits, self.group, self.along, self.dim)
 
 
 def _grouped(x: torch.Tensor, group: int, along: str) -> torch.Tensor:

@@ -18,10 +18,11 @@ Per head group of ``g`` KV heads (``G`` groups per layer):
 Each step hands the new latents to the cache layer (``kvcompress.runtime.cache.KVCompressLayer.step``) and
 attends over what the layer gives back, in the layout the step's path asks for; the layer evicts on its
 own afterwards. :data:`DECODE_PATHS` is the one table of paths, consulted once per step: on CUDA the
-Triton decode-attention kernel attends over KIVI-packed codes directly where it covers the layout, on the
-CPU decode runs in the cache's reused workspace, one GEMM per stage (``kvcompress.runtime.latent_decode``), and
-everything else (prefill too) reads the cache dense in torch (de-quantize, reconstruct, attend): a prompt
-into an empty cache through SDPA's fused causal kernel, later blocks in blocks of query rows.
+Triton decode-attention kernel attends over packed KIVI or codebook codes directly where it covers the
+layout, on the CPU decode runs in the cache's reused workspace, one GEMM per stage
+(``kvcompress.runtime.latent_decode``), and everything else (prefill too) reads the cache dense in torch
+(de-quantize, reconstruct, attend): a prompt into an empty cache through SDPA's fused causal kernel, later
+blocks in blocks of query rows.
 """
 
 from __future__ import annotations
@@ -187,9 +188,9 @@ class LatentAttention(nn.Module):
                 and self.k_norm is None)
 
     def _fused_decode(self, q: torch.Tensor, held: PackedKV) -> torch.Tensor:
-        """One query token against packed codes plus the 16-bit residual: ``[B, Hq, 1, r_v]``."""
+        """One query token against packed codes, the sink's copies and the 16-bit residual: ``[B, Hq, 1, r_v]``."""
         out, _ = decode_attention(q[:, :, 0], held.keys, held.values, held.key_residual, held.value_residual,
-                                  self.scaling)
+                                  self.scaling, held.key_sink, held.value_sink)
         return out.to(q.dtype).unsqueeze(2)
 
     def _workspace_decode(self, q: torch.Tensor, held: DenseKV) -> torch.Tensor:
@@ -258,10 +259,11 @@ DECODE_PATHS: tuple[DecodePath, ...] = (
     DecodePath(
         "fused", "packed",
         "On a device in FUSED_DEVICES (CUDA), with rotated full-width keys and one latent per KV head "
-        "(key_rope = 'post', head_group = 1), and a layer that holds both streams KIVI-packed with no padding: "
-        "the Triton kernel attends over the packed codes and the residual window without de-quantizing them "
-        "to memory. Pre-RoPE latent keys would need their reconstruction and RoPE fused in as well, which no "
-        "kernel does yet.",
+        "(key_rope = 'post', head_group = 1), and a layer that holds each stream as KIVI min-max or codebook "
+        "codes (any width 1-8), with or without a sink, and no padding: the Triton kernel attends over the "
+        "packed codes, the sink's 16-bit copies and the residual window without de-quantizing them to memory. "
+        "Pre-RoPE latent keys would need their reconstruction and RoPE fused in as well, which no kernel does "
+        "yet.",
         LatentAttention._fused_fits, LatentAttention._fused_decode),
     DecodePath(
         "workspace", "workspace",

@@ -8,9 +8,9 @@ once the policy has settled them.
 
 Attention (``kvcompress.runtime.attention``) talks to a layer through :meth:`KVCompressLayer.step`: it hands over
 the new tokens and asks for everything held in one :data:`Layout` (dense tensors, de-quantized into the
-shared workspace, or KIVI-packed codes plus the residual window, where :meth:`KVCompressLayer.can_read`
-says the layer has them). The layer then runs its own eviction step; what it holds afterwards is really
-gone for later tokens.
+shared workspace, or packed codes plus the sink's copies and the residual window, where
+:meth:`KVCompressLayer.can_read` says the layer has them). The layer then runs its own eviction step;
+what it holds afterwards is really gone for later tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcompress.methods import DenseStore, QuantizedStore, make_store
+from kvcompress.kernels.pack import TablePacked
+from kvcompress.methods import CodebookStore, DenseStore, QuantizedStore, make_store
+from kvcompress.methods.codebook import CodePacked
 from kvcompress.methods.kivi import Packed
 from kvcompress.methods.lagkv import compress_step, scored_chunks
 from kvcompress.plan import LayerPlan, layer_plan
@@ -29,6 +31,7 @@ from kvcompress.recipe import LagKV, LayerRecipe, Quant
 from kvcompress.runtime.workspace import Workspace
 
 Layout = Literal["dense", "workspace", "packed"]
+PACKED_STORES = (QuantizedStore, CodebookStore)  # the stores whose codes the decode kernel reads (exact types)
 """How :meth:`KVCompressLayer.step` hands out what a layer holds: ``"dense"`` and ``"workspace"`` give a
 :class:`DenseKV` (fresh tensors, or the cache's reused workspace buffers), ``"packed"`` a :class:`PackedKV`."""
 
@@ -60,21 +63,28 @@ class DenseKV:
 
 @dataclass(frozen=True)
 class PackedKV:
-    """Everything a layer holds in KIVI layout: packed codes first, then the 16-bit residual window.
+    """Everything a layer holds as the decode kernel reads it: packed codes first, then the 16-bit residual
+    window; the sink's 16-bit copies stand in for the first packed tokens.
 
     Attributes
     ----------
     keys, values
-        Packed keys (``along="tokens"``) and values (``along="channels"``), or both None while nothing is
-        packed.
+        Packed keys (``along="tokens"``) and values (``along="channels"``), each KIVI min–max codes
+        (:class:`Packed`) or codebook indices with their table (:class:`TablePacked`), or both None while
+        nothing is packed.
     key_residual, value_residual
         ``[B, H, Tr, Dk]`` and ``[B, H, Tr, Dv]``: the tokens after the packed ones, in the compute dtype.
+    key_sink, value_sink
+        ``[B, H, S, Dk]`` and ``[B, H, S, Dv]``: 16-bit copies of the first ``S`` packed tokens, which
+        replace their codes (the attention sink), or None without one.
     """
 
-    keys: Packed | None
-    values: Packed | None
+    keys: Packed | TablePacked | None
+    values: Packed | TablePacked | None
     key_residual: torch.Tensor
     value_residual: torch.Tensor
+    key_sink: torch.Tensor | None = None
+    value_sink: torch.Tensor | None = None
 
 
 class KVCompressLayer(CacheLayerMixin):
@@ -143,13 +153,14 @@ class KVCompressLayer(CacheLayerMixin):
     def can_read(self, layout: Layout) -> bool:
         """Whether :meth:`step` can hand out this layer's tokens in ``layout``.
 
-        ``"dense"`` and ``"workspace"`` always; ``"packed"`` when both streams are plain KIVI stores (not
-        DecoQuant cores, codebook indices nor channel runs of several widths) without a sink copy, and no
-        padding flags are stored, which is what the fused decode kernel reads.
+        ``"dense"`` and ``"workspace"`` always; ``"packed"`` when each stream is a plain KIVI store or a
+        codebook store (:data:`PACKED_STORES`: not DecoQuant cores nor channel runs of several widths), both
+        with the same sink, and no padding flags are stored, which is what the fused decode kernel reads.
         """
         if layout == "packed":
-            stores = (self.key_store, self.value_store)
-            return self.valid is None and all(type(store) is QuantizedStore and not store.sink for store in stores)
+            keys, values = self.key_store, self.value_store
+            return (self.valid is None and all(type(store) in PACKED_STORES for store in (keys, values))
+                    and keys.sink == values.sink)
         return layout in ("dense", "workspace")
 
     def step(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None,
@@ -197,8 +208,10 @@ class KVCompressLayer(CacheLayerMixin):
         keys, values = self.key_store, self.value_store
         if layout == "packed":
             if not self.can_read("packed"):
-                raise ValueError("this layer's stores are not both plain KIVI stores without padding")
-            return PackedKV(keys.packed, values.packed, keys.residual(), values.residual())
+                raise ValueError("this layer's stores are not both KIVI or codebook stores with one sink and "
+                                 "no padding")
+            return PackedKV(_kernel_codes(keys), _kernel_codes(values), keys.residual(), values.residual(),
+                            keys.sink_copy, values.sink_copy)
         if layout == "workspace":
             return DenseKV(_read_into(keys, self.workspace, "keys", like),
                            _read_into(values, self.workspace, "values", like), self.positions, self.valid,
@@ -279,6 +292,12 @@ class KVCompressLayer(CacheLayerMixin):
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
         if self.valid is not None:
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+
+
+def _kernel_codes(store: QuantizedStore) -> Packed | TablePacked | None:
+    """A store's packed tokens as the decode kernel reads them: codebook indices get their table."""
+    packed = store.packed
+    return packed.table_packed() if isinstance(packed, CodePacked) else packed
 
 
 def _read_into(store, workspace: Workspace, name: str, like: torch.Tensor) -> torch.Tensor:
