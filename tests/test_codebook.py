@@ -19,7 +19,7 @@ from kvcompress.kernels.decode_attention import decode_attention_ref, decode_att
 from kvcompress.kernels.pack import Packed, TablePacked, unpack_codes
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import QUANTIZERS, CodebookStore, QuantizedStore, make_store
-from kvcompress.methods.codebook import CodePacked, cat, decode, encode, lloyd_max
+from kvcompress.methods.codebook import CodePacked, _lookup_table, cat, decode, encode, lloyd_max
 from kvcompress.plan import Plan, build_plan, layer_plan
 from kvcompress.recipe import LayerRecipe, Quant, Recipe
 from kvcompress.runtime.cache import KVCompressLayer
@@ -199,6 +199,76 @@ def test_a_constant_group_decodes_to_its_float16_mean_or_zero():
     assert torch.equal(decode(encode(x, 3, 16, "tokens")), x)
     zero = torch.zeros(4, 64)
     assert torch.equal(decode(encode(zero, 2, 64, "channels")), zero)
+
+
+def _decode_reference(p: CodePacked, points: torch.Tensor | None = None) -> torch.Tensor:
+    """The decode written out: the float32 points at the unpacked indices, times the scale, then plus the mean."""
+    c = torch.tensor(lloyd_max(p.bits)[0], dtype=torch.float32) if points is None else points
+    x = c[unpack_codes(p.codes, p.bits, p.dim).long()]
+    if p.along == "channels":
+        return (x.unflatten(-1, (-1, p.group)) * p.scale.float().unsqueeze(-1)).flatten(-2)
+    x = x.unflatten(-2, (-1, p.group)) * p.scale.float().unsqueeze(-2)
+    return (x + p.mean.float().unsqueeze(-2)).flatten(-3, -2)
+
+
+def _bits_of(x: torch.Tensor) -> torch.Tensor:
+    """float32 values as their bit patterns: equal means bit for bit (signed zeros and NaNs included)."""
+    return x.view(torch.int32)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 6, 7, 50, 64, 66, 128])  # lookups of 4, 2 and 1 channels
+@pytest.mark.parametrize("along", ["channels", "tokens"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_decode_is_bit_for_bit_the_points_times_the_scale_plus_the_mean(bits, along, dim):
+    x = _gauss(2, 3, 16, dim, seed=bits * 1000 + dim) * 5.0 + 1.5
+    x[0, 0, :, 0] = 0.0  # a zero group or token: zero scale
+    p = encode(x, bits, 64 if along == "channels" else 8, along)
+    want = _bits_of(_decode_reference(p))
+    assert torch.equal(_bits_of(decode(p)), want)
+    for offset in (0, 1, 2, 4):  # into float32 buffers whose start splits no lookup element, or every one
+        buf = torch.full((want.numel() + offset,), math.nan)
+        out = buf[offset:].view(want.shape)
+        assert decode(p, out=out) is out and torch.equal(_bits_of(out), want)
+    workspace = torch.full((2, 3, 20, dim), math.nan)  # the front of a workspace that also takes a residual
+    decode(p, out=workspace[..., :16, :])
+    assert torch.equal(_bits_of(workspace[..., :16, :]), want) and workspace[..., 16:, :].isnan().all()
+    half = torch.empty(want.shape, dtype=torch.float16)
+    assert decode(p, torch.float16, out=half) is half
+    assert torch.equal(half, want.view(torch.float32).half())
+    assert torch.equal(decode(p, torch.float16), half)
+
+
+@pytest.mark.parametrize("dim", [50, 64, 66])
+@pytest.mark.parametrize("along", ["channels", "tokens"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_store_reads_are_bit_for_bit_the_decode_formula(bits, along, dim):
+    store = CodebookStore(bits, KEY_GROUP if along == "tokens" else 64, along, BLOCK)
+    x = _gauss(2, 3, 21, dim, seed=bits + dim)
+    store.append(x)
+    store.flush(21)
+    want = _bits_of(_decode_reference(store.packed))
+    assert torch.equal(_bits_of(store.read()[..., :16, :]), want)
+    workspace = torch.full((2, 3, 24, dim), math.nan)
+    store.read(workspace[..., :21, :])
+    assert torch.equal(_bits_of(workspace[..., :16, :]), want)
+    assert torch.equal(workspace[..., 16:21, :], x[..., 16:, :].half().float())
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_decode_with_a_smaller_codebook_is_bit_for_bit_the_formula(bits):
+    points = torch.sort(_gauss(max(1, 2**bits - 3), seed=bits)).values
+    for along, group, dim in (("channels", 8, 64), ("tokens", 4, 66), ("channels", 7, 7)):
+        p = encode(_gauss(3, 8, dim, seed=dim), bits, group, along, points=points)
+        assert torch.equal(_bits_of(decode(p, points=points)), _bits_of(_decode_reference(p, points)))
+
+
+def test_lookup_tables_are_kept_per_width_and_element_only():
+    # the cached tables hold the codebook's points, never data: reads of any data and shape add none
+    _lookup_table.cache_clear()
+    for seed, (dim, tokens) in enumerate([(64, 8), (64, 24), (66, 8), (7, 16), (64, 8)]):
+        for along in ("channels", "tokens"):
+            decode(encode(_gauss(2, tokens, dim, seed=seed), 2, 8, along))
+    assert _lookup_table.cache_info().currsize == 3  # 2-bit lookups of 4, 2 and 1 channels
 
 
 def test_cat_concatenates_token_blocks():

@@ -23,6 +23,7 @@ from kvcompress.kernels.pack import (
     plane_weights,
     quantize_pack_ref,
     unpack_codes,
+    unpack_indices,
 )
 from kvcompress.methods.kivi import Packed, cat, dequantize, effective_group, quantize
 
@@ -108,6 +109,25 @@ def test_unpack_reads_every_row_width(bits: int, n_bytes: int) -> None:
     packed = pack_codes(codes, bits)
     assert torch.equal(unpack_planes(packed, bits), codes)
     assert torch.equal(unpack_planes(packed[:, 1:4], bits), codes[:, 1:4])  # a non-contiguous view
+
+
+@pytest.mark.parametrize("dim", [1, 7, 16, 32, 50, 64, 66, 96, 136])
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_unpack_indices_gives_the_codes_from_any_lane_width_and_offset(bits: int, dim: int) -> None:
+    # dims whose pieces are whole 8-, 4-, 2- or 1-byte lanes (1-bit codes at 64, 32, 16 and 50 channels), rows
+    # at byte offsets that allow each lane width, and leading dims in any order
+    codes = torch.randint(0, 2**bits, (2, 3, 5, dim), generator=torch.Generator().manual_seed(dim), dtype=torch.uint8)
+    codes[0, 0, 0] = 2**bits - 1  # all bits set
+    packed = pack_codes(codes, bits)
+    nb = packed.shape[-1]
+    for offset in (0, 1, 2, 4, 8):
+        wide = torch.zeros((2, 3, 5, nb + 16), dtype=torch.uint8)
+        wide[..., offset:offset + nb] = packed
+        got = unpack_indices(wide[..., offset:offset + nb], bits, dim)
+        assert got.dtype == torch.uint8 and got.shape == codes.shape and torch.equal(got, codes)
+    assert torch.equal(unpack_indices(packed.transpose(0, 1), bits, dim), codes.transpose(0, 1))
+    assert torch.equal(unpack_indices(packed[:, 1:, 2:], bits, dim), codes[:, 1:, 2:])
+    assert unpack_indices(packed[..., :0, :], bits, dim).shape == (2, 3, 0, dim)
 
 
 def test_pack_layout_is_bit_planes() -> None:
