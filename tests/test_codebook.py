@@ -516,3 +516,15 @@ def test_codebook_values_kivi_keys_and_a_sink_export_load_and_generate(llama_gqa
     assert cache.kv_bytes() == pytest.approx(stored * compressed_bytes_per_token(spec, plan, stored))
     again = model.generate(prompt, max_new_tokens=12, do_sample=False)
     assert torch.equal(out, again)
+
+
+def test_the_stored_norm_is_the_least_squares_scale_for_the_chosen_indices():
+    x = _gauss(256, 64, seed=3)
+    p = encode(x, 3, 64, "channels")
+    c = decode(CodePacked(p.codes, torch.ones_like(p.scale), None, 3, 64, "channels", 64))  # the points c[idx]
+    best = (c * x).sum(-1, keepdim=True) / c.square().sum(-1, keepdim=True)
+    assert torch.allclose(p.scale.float(), best, rtol=F16_REL, atol=0)
+    err = (decode(p) - x).square().sum(-1)
+    for factor in (0.98, 1.02):  # any other scale for the same indices does worse
+        assert ((c * (p.scale.float() * factor) - x).square().sum(-1) > err).all()
+    assert err.mean() / 64 < lloyd_max(3)[1]  # below the codebook's distortion on Gaussian vectors

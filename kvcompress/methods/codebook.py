@@ -12,8 +12,12 @@ vector of ``g`` channels (a head vector, or ``group_size`` channels of one):
 * ``idx_j = argmin_i |y_j − c_i|`` over the ``2^b`` points ``c`` of the Lloyd–Max codebook of ``N(0, 1)``
   (Max 1960; Lloyd 1982): the fixed point of ``t_i = (c_i + c_{i+1}) / 2`` and
   ``c_i = E[Y | t_{i−1} < Y < t_i] = (φ(t_{i−1}) − φ(t_i)) / (Φ(t_i) − Φ(t_{i−1}))`` (:func:`lloyd_max`);
-* ``x̂ = s · c[idx]``. The mean squared error per coordinate is the codebook's distortion times
-  ``s²``: 0.3634, 0.1175, 0.03454, 0.009497 for ``b`` = 1..4 (TurboQuant Thm. 1 quotes ≈ 0.36, 0.117, 0.03, 0.009).
+* ``x̂ = σ · c[idx]`` with the stored scale ``σ = ⟨x, c[idx]⟩ / ‖c[idx]‖²``, the least-squares one for
+  the chosen indices (``s`` itself when ``c[idx]`` reproduces ``y``). The mean squared error per coordinate
+  is then a little below the codebook's distortion times ``s²`` (0.3634, 0.1175, 0.03454, 0.009497 for
+  ``b`` = 1..4; TurboQuant Thm. 1 quotes ≈ 0.36, 0.117, 0.03, 0.009): on 64-dimensional Gaussian vectors
+  1.3%, 3.4%, 5.2% and 6.7% below it, and perplexity through ``codebook-4x``'s values alone on the
+  WikiText-2 tuning slice ×1.0057 → ×1.0033 (README, Measured).
 
 The rotation is the latent rotation of :mod:`kvcompress.methods.rotation`, already folded into the
 weights (or ``k_rot`` for post-RoPE keys), so this store sees rotated vectors and adds no run-time cost
@@ -163,12 +167,14 @@ def encode(x: torch.Tensor, bits: int, group: int, along: str = "channels",
     axis = -1 if along == "channels" else -2
     mean = None if along == "channels" else v.mean(dim=axis, keepdim=True).to(torch.float16)
     centred = v if mean is None else v - mean.float()
-    scale = centred.square().mean(dim=axis, keepdim=True).sqrt().to(torch.float16)
-    s = scale.float()
+    s = centred.square().mean(dim=axis, keepdim=True).sqrt().to(torch.float16).float()
     y = torch.where(s > 0, centred / s.clamp_min(1e-30), 0.0)
-    idx = torch.bucketize(y, edges.to(x.device)).reshape(x.shape)  # the nearest point: between the midpoints
-    return CodePacked(pack_codes(idx, bits), scale.squeeze(axis), None if mean is None else mean.squeeze(axis),
-                      bits, group, along, d)
+    grouped_idx = torch.bucketize(y, edges.to(x.device))  # the nearest point: between the midpoints
+    c = points.to(x.device)[grouped_idx]
+    # the scale that minimizes |centred - scale * c|^2 for these indices (the RMS when c reproduces y)
+    scale = ((centred * c).sum(dim=axis, keepdim=True) / c.square().sum(dim=axis, keepdim=True)).to(torch.float16)
+    return CodePacked(pack_codes(grouped_idx.reshape(x.shape), bits), scale.squeeze(axis),
+                      None if mean is None else mean.squeeze(axis), bits, group, along, d)
 
 
 # A lookup element: ``k`` float32 points of consecutive channels, moved by one gather as one wider number
