@@ -484,7 +484,7 @@ def test_packed_decode_kernel_matches_the_torch_path(llama_gqa, tmp_path, one_th
         monkeypatch.setattr(attention, "FUSED_DEVICES", ("cpu",))
         kernel_path = decode_logits()
     assert len(calls) == 10 * model.config.num_hidden_layers
-    assert all(calls) == bool(FUSED_LAYOUTS[layout].get("sink"))
+    assert set(calls) == {bool(FUSED_LAYOUTS[layout].get("sink"))}
     for a, b in zip(torch_path, kernel_path, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 

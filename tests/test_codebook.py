@@ -221,7 +221,8 @@ def _bits_of(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_decode_is_bit_for_bit_the_points_times_the_scale_plus_the_mean(bits, along, dim):
     x = _gauss(2, 3, 16, dim, seed=bits * 1000 + dim) * 5.0 + 1.5
-    x[0, 0, :, 0] = 0.0  # a zero group or token: zero scale
+    x[0, 0, :, 0] = 0.0  # a zero channel: a zero scale for keys
+    x[0, 1, 3, :] = 0.0  # a zero token: zero norms for values
     p = encode(x, bits, 64 if along == "channels" else 8, along)
     want = _bits_of(_decode_reference(p))
     assert torch.equal(_bits_of(decode(p)), want)
@@ -528,3 +529,10 @@ def test_the_stored_norm_is_the_least_squares_scale_for_the_chosen_indices():
     for factor in (0.98, 1.02):  # any other scale for the same indices does worse
         assert ((c * (p.scale.float() * factor) - x).square().sum(-1) > err).all()
     assert err.mean() / 64 < lloyd_max(3)[1]  # below the codebook's distortion on Gaussian vectors
+
+
+def test_a_zero_vector_with_a_zero_point_in_the_codebook_stores_a_zero_norm():
+    points = torch.tensor([-1.0, 0.0, 1.0])  # c[idx] is all 0 for a zero vector: the scale must not be 0 / 0
+    p = encode(torch.zeros(3, 8), 2, 8, "channels", points=points)
+    assert torch.equal(p.scale, torch.zeros_like(p.scale))
+    assert torch.equal(decode(p, points=points), torch.zeros(3, 8))

@@ -109,12 +109,14 @@ PROBE_SEED = 104729  # the probes' rotation: any seeded orthogonal matrix is dis
 
 def stream_probe(stream: StreamPlan, along: str, rotate: bool) -> Probe:
     """Fake quantization of one stream as the cache would hold it: a fresh store of ``stream``'s quantizer
-    takes the tokens, quantizes every whole block (a ragged tail stays in 16 bits) and reads them back;
+    takes the tokens, quantizes every whole flush block (a ragged tail stays in 16 bits) and reads them back;
     with ``rotate``, each head vector is turned by a seeded orthogonal matrix before and back after, as the
     export's folded rotation and ``k_rot`` turn them."""
 
+    rotation = random_orthogonal(stream.rank, PROBE_SEED) if rotate else None
+
     def probe(x: torch.Tensor) -> torch.Tensor:
-        turn = random_orthogonal(x.shape[-1], PROBE_SEED).to(x) if rotate else None
+        turn = None if rotation is None else rotation.to(x)
         store = make_store(stream.bits, stream.group, along, stream.block, stream.method, stream.segment,
                            stream.sink)
         store.append(x if turn is None else x @ turn)
@@ -128,14 +130,12 @@ def stream_probe(stream: StreamPlan, along: str, rotate: bool) -> Probe:
 def sensitivity_probes(quant: Quant, width: int) -> tuple[Probe, Probe, str]:
     """The keys' and values' probes at ``quant.probe_bits`` with the recipe's quantizers, and a description."""
     lay = layer_plan(LayerRecipe(0, width, width, quant.probe_bits, quant.probe_bits), replace(quant, enabled=True))
-    block = lay.keys.group  # every whole key group of the calibration text quantized, no residual window
-    keys, values = replace(lay.keys, block=block), replace(lay.values, block=block)
     rotate = quant.rotation == "orthogonal"
     label = (f"{quant.probe_bits}-bit fake quantization of one layer's K ({lay.keys.method}, groups of "
              f"{lay.keys.group} tokens per channel) or V ({lay.values.method}, groups of {lay.values.group} "
-             f"channels) at a time{', rotated' if rotate else ''}, sink {quant.sink}; mean next-token KL "
+             f"channels) at a time{', head vectors rotated' if rotate else ''}, sink {quant.sink}; mean next-token KL "
              "divergence against the exact model on calibration text")
-    return stream_probe(keys, "tokens", rotate), stream_probe(values, "channels", rotate), label
+    return stream_probe(lay.keys, "tokens", rotate), stream_probe(lay.values, "channels", rotate), label
 
 
 def analyze(

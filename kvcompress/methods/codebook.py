@@ -7,13 +7,14 @@ Gaussian to within a fraction of a percent). So one fixed scalar codebook fits e
 vector, and the only per-vector metadata is its norm; there are no per-group minima or scales. Per
 vector of ``g`` channels (a head vector, or ``group_size`` channels of one):
 
-* ``s = ‖x‖ / √g`` (the RMS, float16: it cannot overflow where the norm could), ``y = x / s``
+* ``s = ‖x‖ / √g`` (the RMS, in float16: it cannot overflow where the norm could), ``y = x / s``
   (coordinates ≈ ``N(0, 1)``);
 * ``idx_j = argmin_i |y_j − c_i|`` over the ``2^b`` points ``c`` of the Lloyd–Max codebook of ``N(0, 1)``
   (Max 1960; Lloyd 1982): the fixed point of ``t_i = (c_i + c_{i+1}) / 2`` and
   ``c_i = E[Y | t_{i−1} < Y < t_i] = (φ(t_{i−1}) − φ(t_i)) / (Φ(t_i) − Φ(t_{i−1}))`` (:func:`lloyd_max`);
 * ``x̂ = σ · c[idx]`` with the stored scale ``σ = ⟨x, c[idx]⟩ / ‖c[idx]‖²``, the least-squares one for
-  the chosen indices (``s`` itself when ``c[idx]`` reproduces ``y``). The mean squared error per coordinate
+  the chosen indices (``s`` itself when ``c[idx]`` reproduces ``y``; at most a few times ``s``, kept
+  within the float16 range). The mean squared error per coordinate
   is then a little below the codebook's distortion times ``s²`` (0.3634, 0.1175, 0.03454, 0.009497 for
   ``b`` = 1..4; TurboQuant Thm. 1 quotes ≈ 0.36, 0.117, 0.03, 0.009): on 64-dimensional Gaussian vectors
   1.3%, 3.4%, 5.2% and 6.7% below it, and perplexity through ``codebook-4x``'s values alone on the
@@ -105,9 +106,9 @@ class CodePacked:
     codes
         uint8 ``[..., T, packed_bytes(D, bits)]``: indices, packed as :func:`kvcompress.kernels.pack.pack_codes`.
     scale
-        float16: per token, the RMS of each group of ``group`` channels (``along="channels"``,
-        ``[..., T, D // group]``); per channel, the standard deviation over each group of ``group`` tokens
-        (``along="tokens"``, ``[..., T // group, D]``).
+        float16, the least-squares scale of the chosen points (about the RMS): per token, of each group of
+        ``group`` channels (``along="channels"``, ``[..., T, D // group]``); per channel, of the centred
+        values over each group of ``group`` tokens (``along="tokens"``, ``[..., T // group, D]``).
     mean
         float16 ``[..., T // group, D]``, the per-channel mean of each token group (``along="tokens"``), or None.
     bits, group, along, dim
@@ -139,7 +140,8 @@ class CodePacked:
 
     def table_packed(self) -> TablePacked:
         """These codes as the decode-attention kernel reads them: the same tensors, the Lloyd–Max points as
-        the table (``mean + scale · c[idx]``, as :func:`decode`)."""
+        the table (``mean + scale · c[idx]``, as :func:`decode`); codes encoded with other ``points`` would
+        need those points as the table, which the stores never use."""
         return TablePacked(self.codes, self.scale, self.mean, _tables(self.bits, self.codes.device)[0],
                            self.bits, self.group, self.along, self.dim)
 
@@ -154,10 +156,10 @@ def encode(x: torch.Tensor, bits: int, group: int, along: str = "channels",
            points: torch.Tensor | None = None) -> CodePacked:
     """Quantize ``x`` (``[..., T, D]``) into codebook indices with one normalization per group.
 
-    ``along="channels"`` (values): a float16 RMS per ``group`` channels of each token, ``y = x / rms``.
-    ``along="tokens"`` (keys): a float16 mean and standard deviation per channel over ``group`` tokens,
-    ``y = (x − mean) / std``. Each ``y_j`` is coded by the nearest point of the Lloyd–Max codebook of
-    ``bits`` (or of ``points``, ascending).
+    ``along="channels"`` (values): per ``group`` channels of each token, ``y = x / rms``.
+    ``along="tokens"`` (keys): per channel over ``group`` tokens, a float16 mean and ``y = (x − mean) / std``.
+    Each ``y_j`` is coded by the nearest point ``c`` of the Lloyd–Max codebook of ``bits`` (or of
+    ``points``, ascending), and the float16 scale stored is the least-squares one for those points.
     """
     d = x.shape[-1]
     if along == "channels":
@@ -172,7 +174,9 @@ def encode(x: torch.Tensor, bits: int, group: int, along: str = "channels",
     grouped_idx = torch.bucketize(y, edges.to(x.device))  # the nearest point: between the midpoints
     c = points.to(x.device)[grouped_idx]
     # the scale that minimizes |centred - scale * c|^2 for these indices (the RMS when c reproduces y)
-    scale = ((centred * c).sum(dim=axis, keepdim=True) / c.square().sum(dim=axis, keepdim=True)).to(torch.float16)
+    cc = c.square().sum(dim=axis, keepdim=True)  # 0 only for a codebook with a 0 point and y all 0
+    scale = torch.where(cc > 0, (centred * c).sum(dim=axis, keepdim=True) / cc.clamp_min(1e-30), 0.0)
+    scale = scale.clamp_max(torch.finfo(torch.float16).max).to(torch.float16)
     return CodePacked(pack_codes(grouped_idx.reshape(x.shape), bits), scale.squeeze(axis),
                       None if mean is None else mean.squeeze(axis), bits, group, along, d)
 
@@ -270,8 +274,8 @@ def cat(parts: Sequence[CodePacked]) -> CodePacked:
 class CodebookStore(QuantizedStore):
     """Settled tokens as Lloyd–Max codebook indices, grouped as KIVI groups them.
 
-    Keys (``along="tokens"``): per channel, a float16 mean and standard deviation over ``group_size``
-    tokens. Values (``along="channels"``): per token, a float16 RMS over ``group_size`` channels. Same
+    Keys (``along="tokens"``): per channel, a float16 mean and scale over ``group_size``
+    tokens. Values (``along="channels"``): per token, a float16 norm over ``group_size`` channels. Same
     interface, flush blocks and residual window as :class:`~kvcompress.methods.kivi.QuantizedStore`.
     """
 

@@ -31,9 +31,10 @@ from kvcompress.recipe import LagKV, LayerRecipe, Quant
 from kvcompress.runtime.workspace import Workspace
 
 Layout = Literal["dense", "workspace", "packed"]
-PACKED_STORES = (QuantizedStore, CodebookStore)  # the stores whose codes the decode kernel reads (exact types)
 """How :meth:`KVCompressLayer.step` hands out what a layer holds: ``"dense"`` and ``"workspace"`` give a
 :class:`DenseKV` (fresh tensors, or the cache's reused workspace buffers), ``"packed"`` a :class:`PackedKV`."""
+
+PACKED_STORES = (QuantizedStore, CodebookStore)  # the stores whose codes the decode kernel reads (exact types)
 
 
 @dataclass(frozen=True)
@@ -155,12 +156,13 @@ class KVCompressLayer(CacheLayerMixin):
 
         ``"dense"`` and ``"workspace"`` always; ``"packed"`` when each stream is a plain KIVI store or a
         codebook store (:data:`PACKED_STORES`: not DecoQuant cores nor channel runs of several widths), both
-        with the same sink, and no padding flags are stored, which is what the fused decode kernel reads.
+        with the same sink and flush block (so both hold the same packed tokens), and no padding flags are
+        stored, which is what the fused decode kernel reads.
         """
         if layout == "packed":
             keys, values = self.key_store, self.value_store
             return (self.valid is None and all(type(store) in PACKED_STORES for store in (keys, values))
-                    and keys.sink == values.sink)
+                    and keys.sink == values.sink and keys.block == values.block)
         return layout in ("dense", "workspace")
 
     def step(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None,
@@ -210,7 +212,7 @@ class KVCompressLayer(CacheLayerMixin):
             if not self.can_read("packed"):
                 raise ValueError("this layer's stores are not both KIVI or codebook stores with one sink and "
                                  "no padding")
-            return PackedKV(_kernel_codes(keys), _kernel_codes(values), keys.residual(), values.residual(),
+            return PackedKV(kernel_codes(keys.packed), kernel_codes(values.packed), keys.residual(), values.residual(),
                             keys.sink_copy, values.sink_copy)
         if layout == "workspace":
             return DenseKV(_read_into(keys, self.workspace, "keys", like),
@@ -294,9 +296,8 @@ class KVCompressLayer(CacheLayerMixin):
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
 
 
-def _kernel_codes(store: QuantizedStore) -> Packed | TablePacked | None:
+def kernel_codes(packed: Packed | CodePacked | None) -> Packed | TablePacked | None:
     """A store's packed tokens as the decode kernel reads them: codebook indices get their table."""
-    packed = store.packed
     return packed.table_packed() if isinstance(packed, CodePacked) else packed
 
 
