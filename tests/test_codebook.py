@@ -434,6 +434,11 @@ def test_packed_decode_reads_kivi_and_codebook_stores_with_a_sink():
     assert not lopsided.can_read("packed")  # the kernel replaces the same first tokens of both streams
     with pytest.raises(ValueError, match="one sink"):
         lopsided.step(torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 8), layout="packed")
+    # without a residual window each stream flushes its own group: keys every 16 tokens, values every 8
+    unaligned = layer_plan(LayerRecipe(0, 16, 8, 2, 4), Quant(enabled=True, group_size=8, key_group_size=16,
+                                                              residual_length=0))
+    assert unaligned.keys.block == 16 and unaligned.values.block == 8
+    assert not KVCompressLayer(unaligned).can_read("packed")  # the kernel needs the same packed tokens in both
 
 
 @pytest.mark.parametrize("key_method", ["kivi", "codebook"])
