@@ -54,7 +54,7 @@ def test_a_prompt_into_an_empty_cache_takes_fused_causal_attention(monkeypatch, 
     g = torch.Generator().manual_seed(groups)
     q = torch.randn(1, groups * per_group * 2, 33, 16, generator=g)
     kt = torch.randn(1, groups, per_group, 16, 33, generator=g)
-    v = torch.randn(1, groups, 33, 12, generator=g)
+    v = torch.randn(1, groups, 33, 16, generator=g)
     everything = torch.ones(1, groups, 33, dtype=torch.bool)
     fused = attention.latent_attention(q, kt, v, None, 0.3)
     torch.testing.assert_close(fused, _reference(q, kt, v, everything, 0.3))
@@ -63,4 +63,8 @@ def test_a_prompt_into_an_empty_cache_takes_fused_causal_attention(monkeypatch, 
     attention.latent_attention(q, kt, v, None, 0.3)
     attention.latent_attention(q, kt, v, everything, 0.3)  # a padding mask: the score blocks
     attention.latent_attention(q[:, :, 1:], kt, v, None, 0.3)  # earlier tokens in the cache: the score blocks
+    # values wider than the keys (a joint latent): SDPA would take its math path and hold all scores
+    wide = torch.randn(1, groups, 33, 48, generator=g)
+    want = _reference(q, kt, wide, everything, 0.3)
+    torch.testing.assert_close(attention.latent_attention(q, kt, wide, None, 0.3), want)
     assert len(calls) == 1
