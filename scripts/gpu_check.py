@@ -288,7 +288,7 @@ def _timed_caches(plan: Plan, k, v, split: int) -> Iterator[tuple]:
     cb = CODEBOOK_4X
     yield ("codebook", cb["key_bits"], cb["value_bits"],
            quantize(k[:, :, :split], cb["key_bits"], cb["key_group"], "tokens"),
-           codebook.encode(v[:, :, :split], cb["value_bits"], cb["value_group"], "channels").table_packed(),
+           codebook.encode(v[:, :, :split], cb["value_bits"], cb["value_group"], "channels"),
            k[:, :, :cb["sink"]], v[:, :, :cb["sink"]])
 
 

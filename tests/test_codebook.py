@@ -19,7 +19,7 @@ from kvcompress.kernels.decode_attention import decode_attention_ref, decode_att
 from kvcompress.kernels.pack import Packed, TablePacked, unpack_codes
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import QUANTIZERS, CodebookStore, QuantizedStore, make_store
-from kvcompress.methods.codebook import CodePacked, _lookup_table, cat, decode, encode, lloyd_max
+from kvcompress.methods.codebook import _lookup_table, cat, decode, encode, lloyd_max
 from kvcompress.plan import Plan, build_plan, layer_plan
 from kvcompress.recipe import LayerRecipe, Quant, Recipe
 from kvcompress.runtime.cache import KVCompressLayer
@@ -146,10 +146,10 @@ def test_norms_and_indices_reproduce_the_vector_when_the_codebook_has_its_points
     assert points.numel() <= 2**bits
     x = v * scale
     p = encode(x, bits, g, "channels", points=points)
-    assert p.group == g and p.scale.dtype == torch.float16
+    assert p.group_size == g and p.scale.dtype == torch.float16
     # the stored indices are exactly those of the points, and the decode is x up to the float16 norm
     assert torch.equal(points[unpack_codes(p.codes, bits, v.shape[-1]).long()], v)
-    y = decode(p, points=points)
+    y = decode(p)
     assert torch.allclose(y, x, rtol=F16_REL, atol=0)
     n = x.reshape(x.shape[0], -1, g).square().mean(-1).sqrt()  # the RMS per group: the norm over sqrt(g)
     assert torch.allclose(p.scale.float(), n, rtol=F16_REL, atol=0)
@@ -187,7 +187,7 @@ def test_keys_layout_reproduces_float16_means_and_the_centred_part_up_to_the_flo
     assert p.mean is not None and p.mean.shape == p.scale.shape == (x.shape[0] // group, x.shape[1])
     assert torch.equal(p.mean.float(), means.expand_as(p.mean))
     assert torch.equal(points[unpack_codes(p.codes, bits, v.shape[-1]).long()], v)  # the points' indices
-    y = decode(p, points=points)
+    y = decode(p)
     centred = x - means
     tol = F16_REL * centred.abs() + 2.0**-20 * (means.abs() + devs)  # the deviation's rounding; float32 sums
     assert ((y - x).abs() <= tol).all()
@@ -201,13 +201,13 @@ def test_a_constant_group_decodes_to_its_float16_mean_or_zero():
     assert torch.equal(decode(encode(zero, 2, 64, "channels")), zero)
 
 
-def _decode_reference(p: CodePacked, points: torch.Tensor | None = None) -> torch.Tensor:
+def _decode_reference(p: TablePacked, points: torch.Tensor | None = None) -> torch.Tensor:
     """The decode written out: the float32 points at the unpacked indices, times the scale, then plus the mean."""
     c = torch.tensor(lloyd_max(p.bits)[0], dtype=torch.float32) if points is None else points
     x = c[unpack_codes(p.codes, p.bits, p.dim).long()]
     if p.along == "channels":
-        return (x.unflatten(-1, (-1, p.group)) * p.scale.float().unsqueeze(-1)).flatten(-2)
-    x = x.unflatten(-2, (-1, p.group)) * p.scale.float().unsqueeze(-2)
+        return (x.unflatten(-1, (-1, p.group_size)) * p.scale.float().unsqueeze(-1)).flatten(-2)
+    x = x.unflatten(-2, (-1, p.group_size)) * p.scale.float().unsqueeze(-2)
     return (x + p.mean.float().unsqueeze(-2)).flatten(-3, -2)
 
 
@@ -260,7 +260,7 @@ def test_decode_with_a_smaller_codebook_is_bit_for_bit_the_formula(bits):
     points = torch.sort(_gauss(max(1, 2**bits - 3), seed=bits)).values
     for along, group, dim in (("channels", 8, 64), ("tokens", 4, 66), ("channels", 7, 7)):
         p = encode(_gauss(3, 8, dim, seed=dim), bits, group, along, points=points)
-        assert torch.equal(_bits_of(decode(p, points=points)), _bits_of(_decode_reference(p, points)))
+        assert torch.equal(_bits_of(decode(p)), _bits_of(_decode_reference(p, points)))
 
 
 def test_lookup_tables_are_kept_per_width_and_element_only():
@@ -277,7 +277,7 @@ def test_cat_concatenates_token_blocks():
     for along, group in (("tokens", 8), ("channels", 8)):
         whole = encode(x, 3, group, along)
         parts = cat([encode(x[..., i:i + 8, :], 3, group, along) for i in (0, 8, 16)])
-        assert isinstance(parts, CodePacked) and parts.num_tokens == 24
+        assert isinstance(parts, TablePacked) and parts.num_tokens == 24
         assert torch.equal(decode(parts), decode(whole))
         assert parts.nbytes() == whole.nbytes()
 
@@ -317,7 +317,7 @@ def test_codebook_store_round_trips_every_width_and_counts_bytes_by_the_formula(
             blocks = [encode(x[..., i:i + BLOCK, :].half().float(), bits, group, along) for i in range(0, tq, BLOCK)]
             assert torch.equal(got[..., :tq, :], decode(cat(blocks)))
             assert store.packed.codes.shape == (b, h, tq, _pieces_bytes(dim, bits))
-            assert store.packed.group == eff
+            assert store.packed.group_size == eff
     err = (store.read() - x).square().mean().item()
     assert err < 1.5 * lloyd_max(bits)[1] + 1e-5 if along == "channels" and eff >= 7 else err < 1.5
 
@@ -527,7 +527,7 @@ def test_codebook_values_kivi_keys_and_a_sink_export_load_and_generate(llama_gqa
 def test_the_stored_norm_is_the_least_squares_scale_for_the_chosen_indices():
     x = _gauss(256, 64, seed=3)
     p = encode(x, 3, 64, "channels")
-    c = decode(CodePacked(p.codes, torch.ones_like(p.scale), None, 3, 64, "channels", 64))  # the points c[idx]
+    c = decode(dataclasses.replace(p, scale=torch.ones_like(p.scale)))  # the points c[idx]
     best = (c * x).sum(-1, keepdim=True) / c.square().sum(-1, keepdim=True)
     assert torch.allclose(p.scale.float(), best, rtol=F16_REL, atol=0)
     err = (decode(p) - x).square().sum(-1)
@@ -540,4 +540,4 @@ def test_a_zero_vector_with_a_zero_point_in_the_codebook_stores_a_zero_norm():
     points = torch.tensor([-1.0, 0.0, 1.0])  # c[idx] is all 0 for a zero vector: the scale must not be 0 / 0
     p = encode(torch.zeros(3, 8), 2, 8, "channels", points=points)
     assert torch.equal(p.scale, torch.zeros_like(p.scale))
-    assert torch.equal(decode(p, points=points), torch.zeros(3, 8))
+    assert torch.equal(decode(p), torch.zeros(3, 8))

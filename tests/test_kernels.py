@@ -25,6 +25,7 @@ from kvcompress.kernels.dispatch import Dispatch
 from kvcompress.kernels.lowrank_rope import lowrank_rope, lowrank_rope_ref, lowrank_rope_triton
 from kvcompress.kernels.pack import (
     WIDTHS,
+    TablePacked,
     packed_bytes,
     quantize_pack,
     quantize_pack_ref,
@@ -35,7 +36,6 @@ from kvcompress.kernels.pack import (
 )
 from kvcompress.methods import codebook
 from kvcompress.methods.kivi import Packed, dequantize, quantize
-from kvcompress.runtime.cache import kernel_codes
 
 LAYOUTS = [
     # shape, bits, group_size, along
@@ -254,7 +254,7 @@ def _table_cache(b: int, hkv: int, n_rep: int, tq: int, tr: int, dk: int, dv: in
     """Queries; keys as KIVI min–max codes (``k_kind="kivi"``, groups of 8 tokens) or codebook indices with a
     mean and deviation per 8 tokens (``"codebook"``); values as codebook indices with a norm per ``v_group``
     channels (:mod:`kvcompress.methods.codebook`); the 16-bit residual; ``sink`` float16 copies of the first
-    tokens (None for 0). Keys and values are the store's own: ``CodePacked`` and ``Packed``."""
+    tokens (None for 0). Keys and values are the stores' own: ``TablePacked`` and ``Packed``."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hkv * n_rep, dk, generator=g)
     keys = torch.randn(b, hkv, tq, dk, generator=g) * 2 + torch.randn(dk, generator=g)  # channel offsets
@@ -267,9 +267,9 @@ def _table_cache(b: int, hkv: int, n_rep: int, tq: int, tr: int, dk: int, dv: in
     return q, k, v, k_res, v_res, k_sink, v_sink
 
 
-def _decoded(p: Packed | codebook.CodePacked, sink: torch.Tensor | None) -> torch.Tensor:
+def _decoded(p: Packed | TablePacked, sink: torch.Tensor | None) -> torch.Tensor:
     """The store's own reading: :func:`codebook.decode` or the min–max dequantize, the sink over the first tokens."""
-    x = codebook.decode(p) if isinstance(p, codebook.CodePacked) else dequantize(p)
+    x = codebook.decode(p) if isinstance(p, TablePacked) else dequantize(p)
     if sink is not None:
         x[..., :sink.shape[2], :] = sink.float()
     return x
@@ -295,7 +295,7 @@ def test_decode_triton_matches_ref_over_table_codes_and_a_sink(b: int, hkv: int,
                                                                dk: int, dv: int, kind: str, k_bits: int,
                                                                v_bits: int, sink: int, split: int | None) -> None:
     q, k, v, k_res, v_res, k_sink, v_sink = _table_cache(b, hkv, n_rep, tq, tr, dk, dv, kind, k_bits, v_bits, sink)
-    args = (q, kernel_codes(k), kernel_codes(v), k_res, v_res, 0.25, k_sink, v_sink)
+    args = (q, k, v, k_res, v_res, 0.25, k_sink, v_sink)
     out, lse = decode_attention_triton(*args, split_size=split)
     ref_out, ref_lse = decode_attention_ref(*args)
     assert out.shape == (b, hkv * n_rep, dv) and lse.shape == (b, hkv * n_rep)
@@ -311,14 +311,14 @@ def test_decode_ref_over_table_codes_matches_dense_over_the_stores_decode(
         sink: int, split: int | None) -> None:
     q, k, v, k_res, v_res, k_sink, v_sink = _table_cache(b, hkv, n_rep, tq, tr, dk, dv, kind, k_bits, v_bits, sink,
                                                          seed=5)
-    out, lse = decode_attention_ref(q, kernel_codes(k), kernel_codes(v), k_res, v_res, 0.3, k_sink, v_sink)
+    out, lse = decode_attention_ref(q, k, v, k_res, v_res, 0.3, k_sink, v_sink)
     keys = torch.cat([_decoded(k, k_sink), k_res], dim=2)
     values = torch.cat([_decoded(v, v_sink), v_res], dim=2)
     dense_out, dense_lse = _attend(q, keys, values, 0.3)
     torch.testing.assert_close(out, dense_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, dense_lse, atol=1e-5, rtol=1e-5)
     if sink:  # the sink's copies are attended, not the codes they replace
-        without = decode_attention_ref(q, kernel_codes(k), kernel_codes(v), k_res, v_res, 0.3)[1]
+        without = decode_attention_ref(q, k, v, k_res, v_res, 0.3)[1]
         assert not torch.allclose(lse, without, atol=1e-3)
 
 
@@ -340,14 +340,14 @@ def test_decode_triton_matches_ref_on_random_table_layouts(k_bits: int, v_bits: 
     dk, dv = dims
     q, k, v, k_res, v_res, k_sink, v_sink = _table_cache(1, 2, n_rep, 8 * groups, tr, dk, dv, kind, k_bits, v_bits,
                                                          sink, v_group=dv, seed=seed)
-    args = (q, kernel_codes(k), kernel_codes(v), k_res, v_res, 0.4, k_sink, v_sink)
+    args = (q, k, v, k_res, v_res, 0.4, k_sink, v_sink)
     for got, want in zip(decode_attention_triton(*args, split_size=4), decode_attention_ref(*args), strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
 def test_decode_rejects_a_bad_sink() -> None:
     q, k, v, k_res, v_res, k_sink, v_sink = _table_cache(1, 2, 2, 16, 3, 16, 8, "kivi", 4, 3, 2)
-    k, v = kernel_codes(k), kernel_codes(v)
+    k, v = k, v
     for impl in (decode_attention_ref, decode_attention_triton):
         with pytest.raises(ValueError, match="sink needs"):
             impl(q, k, v, k_res, v_res, 1.0, k_sink, None)  # keys without values
@@ -360,9 +360,9 @@ def test_decode_rejects_a_bad_sink() -> None:
             impl(q, k, v, k_res, v_res, 1.0, long_k, long_v)
 
 
-def test_table_packed_bytes_are_the_stores_bytes() -> None:
+def test_codebook_bytes_are_codes_scales_and_means() -> None:
     _, k, v, *_ = _table_cache(2, 3, 1, 16, 0, 12, 20, "codebook", 3, 5, 0, v_group=10)
     for p in (k, v):  # keys with a mean per group, values without
-        assert p.table_packed().nbytes() == p.nbytes() == sum(
+        assert p.nbytes() == sum(
             t.numel() * t.element_size() for t in (p.codes, p.scale, p.mean) if t is not None)
     assert k.mean is not None and v.mean is None

@@ -185,8 +185,8 @@ def _codebook_inputs(layout: Layout, dtype: torch.dtype, k_bits: int, v_bits: in
     q = _randn(b, layout.query_heads, d, seed=seed, dtype=dtype)
     keys = _randn(b, hkv, TOKENS, d, seed=seed + 1, scale=2.0)
     k = (quantize(keys, k_bits, 32, "tokens") if key_method == "kivi"
-         else codebook.encode(keys, k_bits, 32, "tokens").table_packed())
-    v = codebook.encode(_randn(b, hkv, TOKENS, d, seed=seed + 2), v_bits, 64, "channels").table_packed()
+         else codebook.encode(keys, k_bits, 32, "tokens"))
+    v = codebook.encode(_randn(b, hkv, TOKENS, d, seed=seed + 2), v_bits, 64, "channels")
     k_res = _randn(b, hkv, RESIDUAL, d, seed=seed + 3, dtype=dtype, scale=2.0)
     v_res = _randn(b, hkv, RESIDUAL, d, seed=seed + 4, dtype=dtype)
     k_sink = _randn(b, hkv, SINK, d, seed=seed + 5, dtype=dtype, scale=6.0)

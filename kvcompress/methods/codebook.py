@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
@@ -97,55 +97,6 @@ def _tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return points, (points[1:] + points[:-1]) / 2  # the points, and the cell edges between them
 
 
-@dataclass
-class CodePacked:
-    """Vectors as codebook indices with their normalization.
-
-    Attributes
-    ----------
-    codes
-        uint8 ``[..., T, packed_bytes(D, bits)]``: indices, packed as :func:`kvcompress.kernels.pack.pack_codes`.
-    scale
-        float16, the least-squares scale of the chosen points (about the RMS): per token, of each group of
-        ``group`` channels (``along="channels"``, ``[..., T, D // group]``); per channel, of the centred
-        values over each group of ``group`` tokens (``along="tokens"``, ``[..., T // group, D]``).
-    mean
-        float16 ``[..., T // group, D]``, the per-channel mean of each token group (``along="tokens"``), or None.
-    bits, group, along, dim
-        Code width, group extent, grouping, ``D``.
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    mean: torch.Tensor | None
-    bits: int
-    group: int
-    along: str
-    dim: int
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens stored."""
-        return self.codes.shape[-2]
-
-    def nbytes(self) -> int:
-        """Exact bytes of indices, scales and means."""
-        meta = (self.scale,) if self.mean is None else (self.scale, self.mean)
-        return self.codes.numel() + sum(t.numel() * t.element_size() for t in meta)
-
-    def map(self, fn) -> CodePacked:
-        """The same layout with ``fn`` applied to every tensor (e.g. a batch selection)."""
-        return CodePacked(fn(self.codes), fn(self.scale), None if self.mean is None else fn(self.mean),
-                          self.bits, self.group, self.along, self.dim)
-
-    def table_packed(self) -> TablePacked:
-        """These codes as the decode-attention kernel reads them: the same tensors, the Lloyd–Max points as
-        the table (``mean + scale · c[idx]``, as :func:`decode`); codes encoded with other ``points`` would
-        need those points as the table, which the stores never use."""
-        return TablePacked(self.codes, self.scale, self.mean, _tables(self.bits, self.codes.device)[0],
-                           self.bits, self.group, self.along, self.dim)
-
-
 def _grouped(x: torch.Tensor, group: int, along: str) -> torch.Tensor:
     """``x`` grouped: ``[..., T, D/g, g]`` (``along="channels"``) or ``[..., T/g, g, D]`` (``"tokens"``)."""
     *lead, t, d = x.shape
@@ -153,8 +104,14 @@ def _grouped(x: torch.Tensor, group: int, along: str) -> torch.Tensor:
 
 
 def encode(x: torch.Tensor, bits: int, group: int, along: str = "channels",
-           points: torch.Tensor | None = None) -> CodePacked:
+           points: torch.Tensor | None = None) -> TablePacked:
     """Quantize ``x`` (``[..., T, D]``) into codebook indices with one normalization per group.
+
+    Returns the :class:`~kvcompress.kernels.pack.TablePacked` that the stores hold and the decode-attention
+    kernel reads: uint8 indices packed as :func:`~kvcompress.kernels.pack.pack_codes`; the float16
+    least-squares scale of the chosen points (about the RMS) per token and group of channels
+    (``[..., T, D // group]``), or per channel and group of tokens (``[..., T // group, D]``, with the float16
+    per-channel ``mean`` of each token group); and the points as the table.
 
     ``along="channels"`` (values): per ``group`` channels of each token, ``y = x / rms``.
     ``along="tokens"`` (keys): per channel over ``group`` tokens, a float16 mean and ``y = (x − mean) / std``.
@@ -177,8 +134,8 @@ def encode(x: torch.Tensor, bits: int, group: int, along: str = "channels",
     cc = c.square().sum(dim=axis, keepdim=True)  # 0 only for a codebook with a 0 point and y all 0
     scale = torch.where(cc > 0, (centred * c).sum(dim=axis, keepdim=True) / cc.clamp_min(1e-30), 0.0)
     scale = scale.clamp_max(torch.finfo(torch.float16).max).to(torch.float16)
-    return CodePacked(pack_codes(grouped_idx.reshape(x.shape), bits), scale.squeeze(axis),
-                      None if mean is None else mean.squeeze(axis), bits, group, along, d)
+    return TablePacked(pack_codes(grouped_idx.reshape(x.shape), bits), scale.squeeze(axis),
+                       None if mean is None else mean.squeeze(axis), points.to(x.device), bits, group, along, d)
 
 
 # A lookup element: ``k`` float32 points of consecutive channels, moved by one gather as one wider number
@@ -227,7 +184,7 @@ def _lookup_table(bits: int, k: int, device: torch.device) -> torch.Tensor:
     return _element_table(_tables(bits, device)[0], bits, k)
 
 
-def _lookup(codes: torch.Tensor, bits: int, dim: int, out: torch.Tensor, points: torch.Tensor | None) -> None:
+def _lookup(codes: torch.Tensor, bits: int, dim: int, out: torch.Tensor, points: torch.Tensor) -> None:
     """``out = c[idx]``: the points of packed indices ``codes``, into a contiguous float32 ``out`` ``[..., dim]``.
 
     The indices are unpacked to uint8 (:func:`~kvcompress.kernels.pack.unpack_indices`), then one gather
@@ -237,14 +194,14 @@ def _lookup(codes: torch.Tensor, bits: int, dim: int, out: torch.Tensor, points:
     and 55 four (one CPU thread).
     """
     k = next(k for k in (4, 2, 1) if (k < 4 or bits <= _QUAD_BITS) and dim % k == 0 and out.storage_offset() % k == 0)
-    table = _lookup_table(bits, k, codes.device) if points is None else _element_table(points, bits, k)
+    lloyd_max_points = points is _tables(bits, codes.device)[0]  # the stores' codebook: its tables are cached
+    table = _lookup_table(bits, k, codes.device) if lloyd_max_points else _element_table(points, bits, k)
     idx = _element_index(unpack_indices(codes, bits, dim), bits, k)
     torch.index_select(table, 0, idx.view(-1), out=out.view(_ELEMENTS[k]).view(-1))
 
 
-def decode(p: CodePacked, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
-           points: torch.Tensor | None = None) -> torch.Tensor:
-    """``mean + scale · c[idx]`` back in ``[..., T, D]`` (into ``out`` if given).
+def decode(p: TablePacked, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean + scale · table[idx]`` back in ``[..., T, D]`` (into ``out`` if given).
 
     The table lookup (:func:`_lookup`) writes straight into ``out`` when it is a contiguous float32 buffer
     (the CPU workspace), and the normalization is applied there in place: no intermediate copy. In float32,
@@ -253,8 +210,8 @@ def decode(p: CodePacked, dtype: torch.dtype = torch.float32, out: torch.Tensor 
     axis = -1 if p.along == "channels" else -2
     direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
     x = out if direct else p.codes.new_empty((*p.codes.shape[:-1], p.dim), dtype=torch.float32)
-    _lookup(p.codes, p.bits, p.dim, x, points)
-    g = _grouped(x, p.group, p.along)
+    _lookup(p.codes, p.bits, p.dim, x, p.table)
+    g = _grouped(x, p.group_size, p.along)
     g.mul_(p.scale.float().unsqueeze(axis))
     if p.mean is not None:
         g.add_(p.mean.float().unsqueeze(axis))
@@ -263,12 +220,12 @@ def decode(p: CodePacked, dtype: torch.dtype = torch.float32, out: torch.Tensor 
     return x.to(dtype) if out is None else out.copy_(x)
 
 
-def cat(parts: Sequence[CodePacked]) -> CodePacked:
-    """Concatenate along tokens (same layout)."""
+def cat(parts: Sequence[TablePacked]) -> TablePacked:
+    """Concatenate along tokens (same layout and table)."""
     first = parts[0]
     mean = None if first.mean is None else torch.cat([p.mean for p in parts], dim=-2)
-    return CodePacked(torch.cat([p.codes for p in parts], dim=-2), torch.cat([p.scale for p in parts], dim=-2),
-                      mean, first.bits, first.group, first.along, first.dim)
+    return replace(first, codes=torch.cat([p.codes for p in parts], dim=-2),
+                   scale=torch.cat([p.scale for p in parts], dim=-2), mean=mean)
 
 
 class CodebookStore(QuantizedStore):
@@ -286,14 +243,16 @@ class CodebookStore(QuantizedStore):
         meta = 2 * FP16 * width / group if along == "tokens" else FP16 * width / effective_group(width, group)
         return packed_bytes(width, bits) + meta
 
-    def _encode(self, x: torch.Tensor) -> CodePacked:
+    def _encode(self, x: torch.Tensor) -> TablePacked:
         return encode(x, self.bits, self.group_size, self.along)
 
-    def _decode(self, packed: CodePacked, out: torch.Tensor) -> None:
+    def _decode(self, packed: TablePacked, out: torch.Tensor) -> None:
         decode(packed, self.dtype, out)
 
-    def _cat(self, parts: list[CodePacked]) -> CodePacked:
+    def _cat(self, parts: list[TablePacked]) -> TablePacked:
         return cat(parts)
 
-    def _select(self, packed: CodePacked, index: torch.Tensor) -> CodePacked:
-        return packed.map(lambda t: t.index_select(0, index))
+    def _select(self, packed: TablePacked, index: torch.Tensor) -> TablePacked:
+        mean = None if packed.mean is None else packed.mean.index_select(0, index)
+        return replace(packed, codes=packed.codes.index_select(0, index),
+                       scale=packed.scale.index_select(0, index), mean=mean)

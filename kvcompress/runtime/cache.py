@@ -23,7 +23,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcompress.kernels.pack import TablePacked
 from kvcompress.methods import CodebookStore, DenseStore, QuantizedStore, make_store
-from kvcompress.methods.codebook import CodePacked
 from kvcompress.methods.kivi import Packed
 from kvcompress.methods.lagkv import compress_step, scored_chunks
 from kvcompress.plan import LayerPlan, layer_plan
@@ -212,7 +211,7 @@ class KVCompressLayer(CacheLayerMixin):
             if not self.can_read("packed"):
                 raise ValueError("this layer's stores are not both KIVI or codebook stores with one sink and "
                                  "no padding")
-            return PackedKV(kernel_codes(keys.packed), kernel_codes(values.packed), keys.residual(), values.residual(),
+            return PackedKV(keys.packed, values.packed, keys.residual(), values.residual(),
                             keys.sink_copy, values.sink_copy)
         if layout == "workspace":
             return DenseKV(_read_into(keys, self.workspace, "keys", like),
@@ -294,11 +293,6 @@ class KVCompressLayer(CacheLayerMixin):
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
         if self.valid is not None:
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
-
-
-def kernel_codes(packed: Packed | CodePacked | None) -> Packed | TablePacked | None:
-    """A store's packed tokens as the decode kernel reads them: codebook indices get their table."""
-    return packed.table_packed() if isinstance(packed, CodePacked) else packed
 
 
 def _read_into(store, workspace: Workspace, name: str, like: torch.Tensor) -> torch.Tensor:
