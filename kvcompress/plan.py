@@ -10,7 +10,8 @@ dict. Every default is resolved here and nowhere else:
 - 16 bits (not quantized) for every stream when ``[quant]`` is off;
 - the head group: ``head_group``, or all KV heads of a layer when it is 0;
 - whether a layer's ``U_v`` is folded into ``o_proj`` (:func:`value_folded`);
-- the key layout: pre-RoPE latents, or post-RoPE keys turned after RoPE when the rotation is on.
+- the key layout: pre-RoPE latents, or post-RoPE keys turned after RoPE when the rotation is on (into the
+  queries' principal axes under ``allocation = "channels"``).
 
 Manifests of schema 1 (kvcompress 0.1.0) hold the same per-layer fields, some missing, and read with
 the defaults of their time (``method`` KIVI, ``value_folded`` true, ``key_segment`` 16).
@@ -96,6 +97,7 @@ class Plan:
     layers: tuple[LayerPlan, ...]
     eviction: LagKV | None
     recipe: str = ""
+    key_axes: bool = False  # k_rot holds the queries' principal axes (calibrated), not a random rotation
 
     def groups(self, spec: ModelSpec) -> int:
         """Latent groups per layer."""
@@ -116,6 +118,7 @@ class Plan:
             "head_group": self.head_group,
             "key_rope": self.key_rope,
             "key_rotation": self.key_rotation,
+            "key_axes": self.key_axes,
             "recipe": self.recipe,
             "eviction": None if self.eviction is None else {"method": "lagkv", **{
                 k: v for k, v in asdict(self.eviction).items() if k != "enabled"}},
@@ -147,6 +150,7 @@ class Plan:
                 head_group=int(manifest["head_group"]),
                 key_rope=str(manifest.get("key_rope", "pre")),
                 key_rotation=bool(manifest.get("key_rotation", False)),
+                key_axes=bool(manifest.get("key_axes", False)),
                 layers=tuple(_layer_from_manifest(lay) for lay in manifest["layers"]),
                 eviction=None if eviction is None else LagKV(
                     enabled=True, **{k: v for k, v in eviction.items() if k != "method"}),
@@ -213,4 +217,5 @@ def build_plan(recipe: Recipe, spec: ModelSpec, dtype: str = "float16") -> Plan:
     q = recipe.quant
     return Plan(model_type=spec.model_type, dtype=dtype, head_group=recipe.head_group(spec),
                 key_rope=q.key_rope, key_rotation=q.enabled and q.rotation == "orthogonal" and q.key_rope == "post",
-                layers=layers, eviction=replace(recipe.lagkv) if recipe.lagkv.enabled else None, recipe=recipe.name)
+                layers=layers, eviction=replace(recipe.lagkv) if recipe.lagkv.enabled else None, recipe=recipe.name,
+                key_axes=q.enabled and q.key_axes)

@@ -70,6 +70,11 @@ class Quant:
     ``sink``: the first tokens keep a 16-bit copy once quantized (the attention sink).
     ``key_bits`` / ``value_bits``: every layer's K and V widths, instead of allocating ``avg_bits``
     (both 0: allocate).
+    ``key_axes``: post-RoPE keys turned into the principal axes of the queries, measured on the calibration
+    text, instead of a random rotation; each layer's key bits are then spread over segments of ``segment``
+    axes by reverse water-filling (``kvcompress.methods.key_axes``), so ``key_bits`` may be any real number
+    in [1, 8] (the segments round it down to a multiple of ``segment`` channel-bits). Needs
+    ``key_rope = "post"``, ``rotation = "orthogonal"`` and ``allocation = "stream"``.
     ``probe_bits``: the width at which ``analyze`` fake-quantizes each stream alone, with these quantizers,
     to measure the sensitivity that allocates ``avg_bits``; near the widths allocated is best.
     """
@@ -86,9 +91,10 @@ class Quant:
     allocation: str = "stream"
     segment: int = 16
     sink: int = 0
-    key_bits: int = 0
+    key_bits: float = 0
     value_bits: int = 0
     probe_bits: int = 2
+    key_axes: bool = False
 
     @property
     def key_quantizer(self) -> str:
@@ -214,9 +220,10 @@ class Recipe:
         _check(q.residual_length >= 0, "residual_length must be >= 0")
         _check(q.sink >= 0, f"sink must be >= 0, got {q.sink}")
         _check(q.probe_bits in range(1, 9), f"probe_bits must be an integer from 1 to 8, got {q.probe_bits}")
-        _check((q.key_bits == 0) == (q.value_bits == 0) and all(b in (0, *BITS) for b in (q.key_bits, q.value_bits)),
-               f"key_bits and value_bits must both be 0 (allocate from avg_bits) or both in 1-8, got "
-               f"{q.key_bits} and {q.value_bits}")
+        key_ok = q.key_bits in (0, *BITS) or (q.key_axes and 1 <= q.key_bits <= 8)
+        _check((q.key_bits == 0) == (q.value_bits == 0) and key_ok and q.value_bits in (0, *BITS),
+               f"key_bits and value_bits must both be 0 (allocate from avg_bits) or both integers in 1-8 (key_bits "
+               f"any real number in [1, 8] with key_axes), got {q.key_bits} and {q.value_bits}")
         lag.check()
         _check(self.calibration.max_tokens >= 1 and self.calibration.seq_len >= 1,
                "calibration max_tokens and seq_len must be >= 1")
@@ -224,6 +231,8 @@ class Recipe:
         _check(q.segment >= 4 and q.segment % 4 == 0, f"segment must be a positive multiple of 4, got {q.segment}")
         _check(q.allocation == "stream" or q.method == q.key_quantizer == "kivi",
                "allocation = 'channels' needs method = 'kivi'")
+        _check(not q.key_axes or (q.key_rope == "post" and q.rotation == "orthogonal" and q.allocation == "stream"),
+               "key_axes needs key_rope = 'post', rotation = 'orthogonal' and allocation = 'stream'")
         for lay in self.layers:
             _check(lay.rank_k >= 1 and lay.rank_v >= 1, f"layer {lay.layer}: ranks must be >= 1")
             for stream, bits, rank in (("k", lay.bits_k, lay.rank_k), ("v", lay.bits_v, lay.rank_v)):
@@ -237,9 +246,10 @@ class Recipe:
         if isinstance(bits, int):
             _check(bits in (*BITS, 16), f"{name} must be an integer from 1 to 8 (or 16 = off), got {bits}")
             return
-        _check(self.quant.allocation == "channels", f"{name} is a list; that needs [quant] allocation = 'channels'")
-        _check(stream == "v" or self.quant.key_rope == "pre",
-               f"{name} is a list; post-RoPE keys have no principal axes to allocate over")
+        _check(self.quant.allocation == "channels" or (stream == "k" and self.quant.key_axes),
+               f"{name} is a list; that needs [quant] allocation = 'channels' (or key_axes, for keys)")
+        _check(stream == "v" or self.quant.key_rope == "pre" or self.quant.key_axes,
+               f"{name} is a list; post-RoPE keys have principal axes only with key_axes = true")
         _check(all(b in BITS for b in bits), f"{name} entries must be integers from 1 to 8, got {bits}")
         size = self.quant.segment_size(stream)
         segments = -(-rank // size)

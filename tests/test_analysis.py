@@ -412,7 +412,7 @@ def _layers(rank_k=8, rank_v=8, bits_k=16, bits_v=16):
     ({"quant": {"allocation": "channels", "segment": 4}, "layers": _layers(bits_k=[4, 2, 2])},
      r"bits_k: 3 segment bits for 2 segments of 4 in 8 channels"),
     ({"quant": {"allocation": "channels", "segment": 4, "key_rope": "post"}, "layers": _layers(bits_k=[4, 2])},
-     r"post-RoPE keys have no principal axes"),
+     r"post-RoPE keys have principal axes only with key_axes = true"),
     ({"quant": {"allocation": "rows"}}, r"allocation must be one of"),
     ({"quant": {"allocation": "channels", "method": "decoquant"}}, r"allocation = 'channels' needs method = 'kivi'"),
     ({"quant": {"group_size": 32, "residual_length": 100}}, r"residual_length \(100\).*multiple of group_size \(32\)"),

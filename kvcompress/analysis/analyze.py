@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from kvcompress.analysis import schedule as schedules
-from kvcompress.analysis.calibration import attention_input_grams, calibration_ids
+from kvcompress.analysis.calibration import attention_input_grams, calibration_ids, post_rope_moments
 from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
 from kvcompress.methods import make_store
 from kvcompress.methods.channels import channel_bits
+from kvcompress.methods.key_axes import query_axes, segment_bits
 from kvcompress.methods.lowrank import (
     GroupSVD,
     condition_number,
@@ -69,6 +70,7 @@ class Analysis:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     svds: list[tuple[list[GroupSVD], list[GroupSVD]]] = field(default_factory=list, repr=False)  # for export
+    key_axes: list[torch.Tensor] | None = field(default=None, repr=False)  # per layer, k_rot (for export)
 
     def to_json(self) -> dict:
         """The ``--json`` object."""
@@ -181,6 +183,13 @@ def analyze(
     if lr.svd == "whitened":  # the latents' principal axes, as exported
         grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))
 
+    key_axes = key_weights = None
+    if recipe.quant.enabled and recipe.quant.key_axes:  # post-RoPE keys in the queries' principal axes
+        axes = [query_axes(m) for m in post_rope_moments(source, ids, recipe.quant.key_group,
+                                                          lambda i: tick("key axes", i + 1, spec.num_layers))]
+        key_axes = [rot for rot, _ in axes]
+        key_weights = [w.view(-1, width).mean(0) for _, w in axes]  # per latent group's channels
+
     kappas, energy_k, energy_v = [], [], []
     spectra = []  # per layer: (K sigmas, V sigmas), one per head group
     svds = []  # per layer, with keep_svds: (K SVDs, V SVDs), for export to factorize
@@ -230,7 +239,7 @@ def analyze(
         method = (f"not needed: keys at {q.key_bits}, values at {q.value_bits} bits" if fixed
                   else f"not needed: every stream at {q.avg_bits:g} bits" if uniform else "none (uniform bits)")
     if fixed:
-        bits_k, bits_v = [q.key_bits] * n, [q.value_bits] * n
+        bits_k, bits_v = [q.key_bits if q.key_axes else int(q.key_bits)] * n, [q.value_bits] * n
     elif by_channels:
         energies = [tuple(torch.stack([x.double()[:r].square() for x in sig]).mean(0) for sig, r in
                           ((k_sig, ranks_k[i]), (v_sig, ranks_v[i]))) for i, (k_sig, v_sig) in enumerate(spectra)]
@@ -239,6 +248,8 @@ def analyze(
     else:
         bits = allocate_bits([s for pair in sens for s in pair], recipe.quant.avg_bits)
         bits_k, bits_v = bits[0::2], bits[1::2]
+    if key_weights is not None:  # each layer's key bits spread over the axes by their weights
+        bits_k = [segment_bits(w, b, q.segment) for w, b in zip(key_weights, bits_k, strict=True)]
 
     recipe.layers = [LayerRecipe(i, ranks_k[i], ranks_v[i], bits_k[i], bits_v[i]) for i in range(n)]
     reports = [
@@ -253,5 +264,5 @@ def analyze(
         head_dim=spec.head_dim, head_group=g, group_width=width, layers=reports,
         kv_bytes_per_token={"baseline": base, "compressed": comp}, compression_ratio=base / comp,
         context=context, sensitivity_method=method, seconds=time.perf_counter() - start,
-        svds=svds,
+        svds=svds, key_axes=key_axes,
     )

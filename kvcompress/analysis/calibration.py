@@ -6,13 +6,16 @@ of the calibration tokens, whatever the size of the checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from kvcompress.errors import KVCompressError
+from kvcompress.methods.key_axes import KeyMoments
+from kvcompress.runtime.attention import rotate
 from kvcompress.skeleton import materialize, release, rotary, skeleton
 from kvcompress.sources import Source
 
@@ -40,6 +43,27 @@ def calibration_ids(tokenizer, text_file: str | Path | None, max_tokens: int, se
     return ids.repeat(reps)[: n_seq * seq_len].reshape(n_seq, seq_len)
 
 
+def _layer_inputs(source: Source, ids: torch.Tensor, on_layer: Callable[[int], None] | None
+                  ) -> Iterator[tuple[nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """Walk the decoder layers over ``ids``: yield each layer (materialized), the output of its
+    ``input_layernorm`` (what ``q_proj``/``k_proj``/``v_proj`` see) and the RoPE ``(cos, sin)``, then run the
+    layer and release it. One layer is in memory at a time."""
+    model = skeleton(source.config)
+    embed = model.model.embed_tokens
+    materialize(embed, "model.embed_tokens.", source)
+    hidden = embed(ids)
+    release(embed)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    rope = rotary(model)(hidden, positions)
+    for i, layer in enumerate(model.model.layers):
+        materialize(layer, f"model.layers.{i}.", source)
+        yield layer, layer.input_layernorm(hidden), rope
+        hidden = layer(hidden, attention_mask=None, position_embeddings=rope, position_ids=positions)
+        release(layer)
+        if on_layer:
+            on_layer(i)
+
+
 @torch.no_grad()
 def attention_input_grams(
     source: Source, ids: torch.Tensor, on_layer: Callable[[int], None] | None = None
@@ -48,20 +72,28 @@ def attention_input_grams(
 
     The input is the output of the layer's ``input_layernorm``, exactly what ``k_proj``/``v_proj`` see.
     """
-    model = skeleton(source.config)
-    embed = model.model.embed_tokens
-    materialize(embed, "model.embed_tokens.", source)
-    hidden = embed(ids)
-    release(embed)
-    positions = torch.arange(ids.shape[1]).unsqueeze(0)
-    rope = rotary(model)(hidden, positions)
     grams = []
-    for i, layer in enumerate(model.model.layers):
-        materialize(layer, f"model.layers.{i}.", source)
-        x = layer.input_layernorm(hidden).reshape(-1, hidden.shape[-1]).double()
+    for _, x, _ in _layer_inputs(source, ids, on_layer):
+        x = x.reshape(-1, x.shape[-1]).double()
         grams.append(x.T @ x)
-        hidden = layer(hidden, attention_mask=None, position_embeddings=rope, position_ids=positions)
-        release(layer)
-        if on_layer:
-            on_layer(i)
     return grams
+
+
+@torch.no_grad()
+def post_rope_moments(
+    source: Source, ids: torch.Tensor, group: int, on_layer: Callable[[int], None] | None = None
+) -> list[KeyMoments]:
+    """Per layer, the second moments of the post-RoPE queries and keys (:class:`KeyMoments`, keys centred
+    per ``group`` tokens), in the model's channel order, as attention turns them by ``k_rot``."""
+    spec = source.spec
+    moments = []
+    for layer, x, (cos, sin) in _layer_inputs(source, ids, on_layer):
+        attn = layer.self_attn
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, spec.num_heads, spec.head_dim)
+        k = attn.k_proj(x).view(b, t, spec.num_kv_heads, spec.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMS norms before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = (rotate(y.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1)) for y in (q, k))
+        moments.append(KeyMoments.measure(q, k, group))
+    return moments

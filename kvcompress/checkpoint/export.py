@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from kvcompress.analysis.analyze import analyze
-from kvcompress.analysis.calibration import attention_input_grams, calibration_ids
+from kvcompress.analysis.calibration import attention_input_grams, calibration_ids, post_rope_moments
 from kvcompress.checkpoint.manifest import write_manifest
 from kvcompress.errors import KVCompressError
+from kvcompress.methods.key_axes import query_axes
 from kvcompress.methods.lowrank import factorized_attention, layer_group_svds, whitening_factor
 from kvcompress.plan import Plan, build_plan, check_dtype
 from kvcompress.recipe import Recipe
@@ -127,17 +128,18 @@ def export(
     check_dtype(dtype)  # before any calibration or SVD
     tick = progress or (lambda *_: None)
     tokenizer = source.tokenizer()
-    svds = None
-    if not recipe.layers:  # its calibration and SVDs serve the factorization below
-        svds = analyze(source, tokenizer, recipe, sensitivity=recipe.quant.enabled, progress=progress,
-                       keep_svds=True).svds
+    svds = key_axes = None
+    if not recipe.layers:  # its calibration, SVDs and key axes serve the factorization below
+        analysis = analyze(source, tokenizer, recipe, sensitivity=recipe.quant.enabled, progress=progress,
+                           keep_svds=True)
+        svds, key_axes = analysis.svds, analysis.key_axes
     plan = build_plan(recipe, spec, dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        shards = _write(source, tmp, recipe, plan, shard_bytes, tokenizer, tick, svds)
+        shards = _write(source, tmp, recipe, plan, shard_bytes, tokenizer, tick, svds, key_axes)
         _write_config(source, tmp, dtype)
         write_manifest(tmp, {"format": "kvcompress-latent", "source": {
             "model": source.origin, "files": {p.name: sha256_file(p) for p in source.files()}}, **plan.to_manifest()})
@@ -180,16 +182,22 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def _write(source: Source, folder: Path, recipe: Recipe, plan: Plan, shard_bytes: int, tokenizer,
-           tick: Callable[[str, int, int], None], svds: list | None = None) -> int:
+           tick: Callable[[str, int, int], None], svds: list | None = None,
+           key_axes: list[torch.Tensor] | None = None) -> int:
     """Stream every tensor into shards: the untouched ones as they are, each layer's attention factorized
-    from ``svds`` (analyze's, per layer) or from SVDs computed here, one layer at a time."""
+    from ``svds`` (analyze's, per layer) or from SVDs computed here, one layer at a time; ``k_rot`` from
+    ``key_axes`` (analyze's) or measured here when the plan turns keys into the queries' axes."""
     spec, dtype = source.spec, getattr(torch, plan.dtype)
     rotate = recipe.quant.enabled and recipe.quant.rotation == "orthogonal"
     grams = None
-    if svds is None and recipe.lowrank.svd == "whitened":
-        cal = recipe.calibration
+    cal = recipe.calibration
+    if (svds is None and recipe.lowrank.svd == "whitened") or (plan.key_axes and key_axes is None):
         ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
-        grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))
+        if svds is None and recipe.lowrank.svd == "whitened":
+            grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))
+        if plan.key_axes and key_axes is None:
+            key_axes = [query_axes(m)[0] for m in post_rope_moments(
+                source, ids, recipe.quant.key_group, lambda i: tick("key axes", i + 1, spec.num_layers))]
     writer = ShardWriter(folder, shard_bytes)
     replaced = {f"{attn_prefix(i)}{proj}.{kind}" for i in range(spec.num_layers)
                 for proj in _REPLACED for kind in ("weight", "bias")}
@@ -202,7 +210,8 @@ def _write(source: Source, folder: Path, recipe: Recipe, plan: Plan, shard_bytes
         else:
             s = whitening_factor(grams[i]) if grams is not None else None
             layer_svds = layer_group_svds(source, i, plan.head_group, s)
-        for name, tensor in factorized_attention(source, i, plan, layer_svds, rotate).items():
+        key_rot = key_axes[i] if plan.key_axes and key_axes is not None else None
+        for name, tensor in factorized_attention(source, i, plan, layer_svds, rotate, key_rot).items():
             writer.add(name, tensor.to(dtype))
         if svds is not None:
             svds[i] = None  # release each layer's SVDs once written

@@ -12,6 +12,8 @@ file               method                                      role
 ``codebook.py``    Lloyd–Max codebook + norm per vector         quantizer ``"codebook"``
                    (TurboQuant, arXiv 2504.19874)
 ``channels.py``    bits per channel segment                    allocation and segmented store
+``key_axes.py``    post-RoPE keys in the queries' principal    moments, axes (``k_rot``), their weights
+                   axes (transform coding)
 ``minikv.py``      MiniKV layer-discriminative bits            sensitivity and bit allocation
                    (arXiv 2411.18077)
 ``lagkv.py``       LagKV eviction (arXiv 2504.04704)           scores and the eviction step
@@ -52,7 +54,7 @@ def make_store(bits: int | tuple[int, ...], group_size: int, along: str, block: 
     if not isinstance(bits, int):
         if len(set(bits)) == 1:
             return make_store(bits[0], group_size, along, block, method, sink=sink)
-        return SegmentedStore(tuple(bits), segment, group_size, along, block, sink)
+        return SegmentedStore(tuple(bits), segment, group_size, along, block, sink, quantizer(method))
     if bits >= 16:
         return DenseStore()
     return quantizer(method)(bits, group_size, along, block, sink)

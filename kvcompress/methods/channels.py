@@ -13,7 +13,10 @@ segments with equal bits form one *run*, stored as one quantized block of channe
   budget of bits over all segments of all layers.
 * Checkpoint: the bits lists in the manifest, and a latent rotation that is block-diagonal over the runs
   (:func:`kvcompress.methods.rotation.rotate_latent`), so channels mix only within a run.
-* Runtime: :class:`SegmentedStore`, one KIVI store per run. Bytes: the sum of each run's KIVI bytes.
+* Post-RoPE keys have no latent; with ``key_axes`` they get bits per segment of the queries' principal axes
+  (:mod:`kvcompress.methods.key_axes`), within each layer's key budget, and are held the same way.
+* Runtime: :class:`SegmentedStore`, one store of the stream's quantizer per run. Bytes: the sum of each
+  run's bytes.
 """
 
 from __future__ import annotations
@@ -126,13 +129,14 @@ class SegmentedStore:
     """Runs of latent channels with their own bit widths (``[quant] allocation = "channels"``).
 
     ``bits`` holds one width per segment of ``segment`` channels in principal-axis order; neighbouring
-    segments with equal bits form a run (``kvcompress.methods.channels``), each a :class:`QuantizedStore`
-    of its channels. All runs hold the same tokens, flush together and read back into one buffer.
+    segments with equal bits form a run (``kvcompress.methods.channels``), each a store of ``quantizer``
+    (a :class:`QuantizedStore` class) over its channels. All runs hold the same tokens, flush together and
+    read back into one buffer.
     """
 
     def __init__(self, bits: tuple[int, ...], segment: int, group_size: int, along: str,
-                 block: int, sink: int = 0) -> None:
-        self.bits, self.segment = bits, segment
+                 block: int, sink: int = 0, quantizer: type[QuantizedStore] = QuantizedStore) -> None:
+        self.bits, self.segment, self.quantizer = bits, segment, quantizer
         self.layout = (group_size, along, block, sink)
         self.runs: list[tuple[int, QuantizedStore]] = []  # (channels, store), built on the first append
 
@@ -151,7 +155,7 @@ class SegmentedStore:
         """Add new tokens; each run takes its channels."""
         if not self.runs:
             runs = bit_runs(self.bits, x.shape[-1], self.segment)
-            self.runs = [(w, QuantizedStore(b, *self.layout)) for w, b in runs]
+            self.runs = [(w, self.quantizer(b, *self.layout)) for w, b in runs]
         start = 0
         for width, store in self.runs:
             store.append(x[..., start:start + width])

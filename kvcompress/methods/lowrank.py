@@ -157,12 +157,13 @@ def _run_widths(bits: int | tuple[int, ...], rank: int, segment: int) -> list[in
 
 
 def factorized_attention(source: Source, layer: int, plan: Plan, svds: tuple[list[GroupSVD], list[GroupSVD]],
-                         rotate: bool) -> dict[str, torch.Tensor]:
+                         rotate: bool, key_rot: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One layer's replacement tensors from its K and V SVDs (one per head group): ``k_down``, ``k_up``,
     ``k_bias``, ``v_down``, ``o_proj`` (with ``U_v`` folded in, or ``v_up`` beside it; see
     :func:`value_folded`), and ``k_rot`` (one orthogonal ``d × d`` per KV head) when post-RoPE keys are
     rotated. With ``rotate``, the latents are turned by seeded orthogonal matrices
-    (:mod:`kvcompress.methods.rotation`).
+    (:mod:`kvcompress.methods.rotation`), and the keys by ``key_rot`` when given (the queries' principal axes,
+    :mod:`kvcompress.methods.key_axes`), else by seeded ones too.
 
     ``o_proj`` folding: query head h reads KV head j = h // n_rep, member jj of group G; its value is
     ``U_v[G][jj] c_v + b_v[j]``, so ``W_o'[:, h] = W_o[:, h] @ U_v[G][jj]`` and the value bias becomes
@@ -177,7 +178,7 @@ def factorized_attention(source: Source, layer: int, plan: Plan, svds: tuple[lis
     out = {}
     if rotate:
         if plan.key_rotation:  # RoPE sits between k_up and the cache: rotate q and k after RoPE at run time
-            out[f"{p}k_rot"] = rotation.key_rotations(layer, spec.num_kv_heads, d)
+            out[f"{p}k_rot"] = rotation.key_rotations(layer, spec.num_kv_heads, d) if key_rot is None else key_rot
         else:
             blocks = _run_widths(lay.keys.bits, lay.keys.rank, lay.keys.segment)
             k_factors = [rotation.rotate_latent(down, up, 2 * (layer * len(k_factors) + group), blocks)

@@ -1,0 +1,199 @@
+"""Post-RoPE keys in the queries' principal axes: moments, axes, water-filled bits, export and runtime."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import kvcompress
+from kvcompress.analysis.calibration import calibration_ids, post_rope_moments
+from kvcompress.checkpoint.export import export
+from kvcompress.checkpoint.manifest import MANIFEST_NAME
+from kvcompress.errors import KVCompressError
+from kvcompress.methods import make_store
+from kvcompress.methods.codebook import CodebookStore
+from kvcompress.methods.key_axes import KeyMoments, query_axes, segment_bits
+from kvcompress.methods.rotation import key_rotations, random_orthogonal
+from kvcompress.recipe import recipe_from_dict
+from kvcompress.sources import open_source
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_moments_group_queries_by_kv_head_and_centre_keys_per_group():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 10, 6, generator=gen), torch.randn(2, 2, 10, 6, generator=gen) + 3.0
+    m = KeyMoments.measure(q, k, group=4)  # 2 whole groups of 4 tokens; the last 2 tokens are left out
+    qh = q[:, 2:4].reshape(-1, 6).double()  # query heads 2 and 3 read KV head 1
+    kh = k[:, 1, :8].double().reshape(2, 2, 4, 6)
+    kh = (kh - kh.mean(dim=2, keepdim=True)).reshape(-1, 6)
+    assert m.counts == (2 * 2 * 10, 2 * 8)
+    torch.testing.assert_close(m.queries[1], qh.T @ qh)
+    torch.testing.assert_close(m.keys[1], kh.T @ kh)
+    both = m + m
+    torch.testing.assert_close(both.keys, 2 * m.keys)
+    assert both.counts == (80, 32)
+
+
+def test_axes_are_orthonormal_and_sorted_by_query_times_key_energy():
+    d = 6
+    basis = random_orthogonal(d, 3)
+    # the queries' eigenvalues (descending) and the keys' energies along the same axes
+    eq = torch.tensor([9.0, 4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    ek = torch.tensor([0.1, 1.0, 5.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    cq, ck = basis @ torch.diag(eq) @ basis.T, basis @ torch.diag(ek) @ basis.T
+    rot, w = query_axes(KeyMoments(cq[None], ck[None], (1, 1)))
+    torch.testing.assert_close(rot[0] @ rot[0].T, torch.eye(d, dtype=torch.float64))
+    expected = (eq * ek).sort(descending=True)
+    torch.testing.assert_close(w[0], expected.values)
+    # each axis is the basis vector of its weight, up to sign
+    cos = (rot[0] @ basis).abs()
+    assert torch.equal(cos.argmax(dim=1), expected.indices)
+    assert cos.max(dim=1).values.min() > 1 - 1e-9
+
+
+def test_axes_refuse_empty_moments():
+    z = torch.zeros(1, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="at least one query and one whole key group"):
+        query_axes(KeyMoments(z, z, (10, 0)))
+
+
+def test_segment_bits_spend_the_budget_where_the_weight_is():
+    w = torch.tensor([64.0] * 8 + [16.0] * 8 + [4.0] * 8 + [1.0] * 8)
+    bits = segment_bits(w, 3.0, 8)
+    assert sum(bits) * 8 == 3 * 32  # the whole budget, exactly
+    assert list(bits) == sorted(bits, reverse=True) and bits[0] > bits[-1]
+    half = segment_bits(w, 3.5, 8)
+    assert sum(half) * 8 == 3.5 * 32
+    assert segment_bits(torch.ones(32), 3.0, 8) == 3  # equal weights: one width
+
+
+def _logit_error(q: torch.Tensor, k: torch.Tensor, rot: torch.Tensor, bits) -> float:
+    """Mean squared ``qᵀ(k̂ − k)`` for KIVI per-channel codes of ``k`` turned by ``rot`` (bits per segment of 4)."""
+    turned = k @ rot.T
+    store = make_store(bits, 32, "tokens", 32, segment=4)
+    store.append(turned[None, None].float())
+    store.flush(turned.shape[0])
+    err = store.read()[0, 0].double() @ rot - k
+    return float(((q @ err.T) ** 2).mean())
+
+
+def test_water_filled_codes_in_the_query_axes_beat_even_codes_in_a_random_rotation():
+    gen = torch.Generator().manual_seed(1)
+    d, t = 16, 256
+    basis = random_orthogonal(d, 5)
+    scale = torch.logspace(0, -1.5, d, dtype=torch.float64)
+    q = (torch.randn(512, d, generator=gen, dtype=torch.float64) * scale) @ basis.T
+    k = (torch.randn(t, d, generator=gen, dtype=torch.float64) * scale.flip(0).sqrt()) @ basis.T
+    rot, w = query_axes(KeyMoments.measure(q[None, None], k[None, None], 32))
+    bits = segment_bits(w[0], 3.0, 4)
+    assert not isinstance(bits, int)
+    water = _logit_error(q, k, rot[0], tuple(bits))
+    even = _logit_error(q, k, random_orthogonal(d, 9), 3)
+    assert water < 0.7 * even
+
+
+def test_post_rope_moments_match_the_source_models_own_rope(llama_gqa):
+    source = open_source(llama_gqa.path)
+    ids = torch.randint(4, 400, (1, 64), generator=torch.Generator().manual_seed(2))
+    got = post_rope_moments(source, ids, group=16)[0]
+    model, cfg = llama_gqa.model, llama_gqa.config
+    with torch.no_grad():
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        cos, sin = model.model.rotary_emb(x, torch.arange(64)[None])
+        attn = model.model.layers[0].self_attn
+        q = attn.q_proj(x).view(1, 64, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, 64, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    want = KeyMoments.measure(q, k, 16)
+    torch.testing.assert_close(got.queries, want.queries, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.keys, want.keys, rtol=1e-4, atol=1e-6)
+
+
+def _axes_recipe(**quant):
+    return recipe_from_dict({
+        "name": "axes", "lowrank": {"enabled": False, "head_group": 1},
+        "calibration": {"max_tokens": 128, "seq_len": 64},
+        "quant": {"enabled": True, "method": "codebook", "key_method": "kivi", "key_rope": "post",
+                  "key_axes": True, "segment": 4, "key_bits": 3.5, "value_bits": 3, "group_size": 8,
+                  "key_group_size": 16, "residual_length": 16, **quant}})
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen3"])
+def test_export_writes_the_query_axes_as_k_rot_and_the_model_stays_exact(tiny_factory, tmp_path, name):
+    tiny = tiny_factory(name)
+    out = tmp_path / "ckpt"
+    recipe = _axes_recipe()
+    export(open_source(tiny.path), out, recipe, dtype="float32")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["key_axes"] is True
+    assert all(isinstance(e["bits_k"], list) and sum(e["bits_k"]) * 4 == 3.5 * 8 for e in manifest["layers"])
+    model, tok = kvcompress.load(out)
+    source = open_source(tiny.path)
+    ids = calibration_ids(tok, None, 128, 64)
+    want = [query_axes(m)[0] for m in post_rope_moments(source, ids, 16)]
+    attn = [m for m in model.modules() if getattr(m, "k_rot", None) is not None]
+    assert len(attn) == tiny.config.num_hidden_layers
+    for i, m in enumerate(attn):
+        rot = m.k_rot.detach().double()
+        torch.testing.assert_close(rot, want[i], rtol=0, atol=1e-6)
+        assert (rot - key_rotations(i, rot.shape[0], rot.shape[-1])).abs().max() > 0.1
+    # 16-bit K/V through the axes: the same model (the axes are a rotation)
+    model.kvcompress_plan = dataclasses.replace(model.kvcompress_plan, layers=tuple(
+        dataclasses.replace(lay, keys=dataclasses.replace(lay.keys, bits=16),
+                            values=dataclasses.replace(lay.values, bits=16)) for lay in model.kvcompress_plan.layers))
+    ids = torch.randint(4, 400, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = tiny.model(ids).logits
+        got = model(ids, past_key_values=kvcompress.make_cache(model)).logits
+    assert (ref - got).abs().max() < 1e-4
+
+
+def test_generate_reads_the_water_filled_keys(llama_gqa, tmp_path):
+    out = tmp_path / "ckpt"
+    export(open_source(llama_gqa.path), out, _axes_recipe(), dtype="float32")
+    model, _ = kvcompress.load(out)
+    ids = torch.randint(4, 400, (1, 40), generator=torch.Generator().manual_seed(4))
+    cache = kvcompress.make_cache(model)
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    assert gen.shape == (1, 48)
+    keys = cache.layers[0].key_store
+    assert len(keys.runs) > 1 and len({s.bits for _, s in keys.runs}) == len(keys.runs)  # runs of their widths
+    assert keys.quantized_length == keys.shape[2] // 16 * 16 >= 32  # every whole block of 16 tokens flushed
+
+
+def test_segmented_store_holds_runs_of_the_streams_quantizer():
+    store = make_store((4, 2), 8, "channels", 16, method="codebook", segment=8)
+    x = torch.randn(1, 2, 16, 16)
+    store.append(x)
+    store.flush(16)
+    assert [type(s) for _, s in store.runs] == [CodebookStore, CodebookStore]
+    assert [s.bits for _, s in store.runs] == [4, 2]
+    err = (store.read() - x).square().mean(dim=(0, 1, 2))
+    assert err[:8].mean() < err[8:].mean()  # 4-bit channels are closer than 2-bit ones
+    # and a KIVI run holds what a KIVI store of its channels holds
+    runs, alone = make_store((4, 2), 8, "tokens", 16, segment=8), make_store(4, 8, "tokens", 16)
+    runs.append(x)
+    alone.append(x[..., :8])
+    runs.flush(16)
+    alone.flush(16)
+    assert torch.equal(runs.read()[..., :8], alone.read())
+
+
+@pytest.mark.parametrize(("quant", "pattern"), [
+    ({"key_rope": "pre"}, r"key_axes needs key_rope = 'post'"),
+    ({"rotation": "none"}, r"key_axes needs key_rope = 'post', rotation = 'orthogonal'"),
+    ({"allocation": "channels", "method": "kivi"}, r"allocation = 'stream'"),
+    ({"key_axes": False}, r"key_bits any real number in \[1, 8\] with key_axes\), got 3.5 and 3"),
+    ({"key_bits": 8.5}, r"key_bits and value_bits must both be 0"),
+])
+def test_impossible_key_axes_recipes_are_refused(quant, pattern):
+    with pytest.raises(KVCompressError, match=pattern) as e:
+        _axes_recipe(**quant).validate()
+    assert "\n" not in str(e.value)
+
