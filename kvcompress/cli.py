@@ -341,6 +341,7 @@ def inspect(
     summary = {"schema_version": m["schema_version"], "kvcompress_version": m.get("kvcompress_version"),
                "recipe": plan.recipe, "model_type": plan.model_type, "dtype": plan.dtype,
                "head_group": plan.head_group, "key_rope": plan.key_rope, "key_rotation": plan.key_rotation,
+               "key_axes": plan.key_axes,
                "method": sorted({s.method for lay in plan.layers for s in (lay.keys, lay.values) if s.quantized}),
                "eviction": None if plan.eviction is None else asdict(plan.eviction),
                "source": m["source"]["model"], "files": len(m.get("files", {})), "verified": verify,

@@ -11,7 +11,7 @@ dict. Every default is resolved here and nowhere else:
 - the head group: ``head_group``, or all KV heads of a layer when it is 0;
 - whether a layer's ``U_v`` is folded into ``o_proj`` (:func:`value_folded`);
 - the key layout: pre-RoPE latents, or post-RoPE keys turned after RoPE when the rotation is on (into the
-  queries' principal axes under ``allocation = "channels"``).
+  queries' principal axes with ``key_axes``).
 
 Manifests of schema 1 (kvcompress 0.1.0) hold the same per-layer fields, some missing, and read with
 the defaults of their time (``method`` KIVI, ``value_folded`` true, ``key_segment`` 16).

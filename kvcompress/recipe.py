@@ -62,7 +62,8 @@ class Quant:
     weights for values and pre-RoPE key latents; with ``key_rope = "post"``, applied to queries and keys
     after RoPE at run time (QuaRot). ``"none"`` keeps the principal axes.
     ``allocation``: ``"stream"`` gives each layer's K and each layer's V one bit width (MiniKV's
-    layer-discriminative bits); ``"channels"`` gives one width per segment of the latent's principal axes
+    layer-discriminative bits; with ``key_axes``, the keys' width is then spread over their axes);
+    ``"channels"`` gives one width per segment of the latent's principal axes
     (``segment`` channels for keys, ``group_size`` for values), so bits follow the energy of each axis
     (see ``kvcompress.methods.channels``); the rotation then mixes channels only within runs of equal bits.
     ``method``: the quantizer (``"kivi"`` min–max groups, ``"decoquant"``, ``"codebook"`` Lloyd–Max codes
@@ -233,6 +234,10 @@ class Recipe:
                "allocation = 'channels' needs method = 'kivi'")
         _check(not q.key_axes or (q.key_rope == "post" and q.rotation == "orthogonal" and q.allocation == "stream"),
                "key_axes needs key_rope = 'post', rotation = 'orthogonal' and allocation = 'stream'")
+        cal = self.calibration
+        _check(not q.key_axes or min(cal.seq_len, cal.max_tokens) >= q.key_group,
+               f"key_axes measures keys in whole groups of {q.key_group} tokens: [calibration] seq_len and "
+               f"max_tokens must be at least that, got {cal.seq_len} and {cal.max_tokens}")
         for lay in self.layers:
             _check(lay.rank_k >= 1 and lay.rank_v >= 1, f"layer {lay.layer}: ranks must be >= 1")
             for stream, bits, rank in (("k", lay.bits_k, lay.rank_k), ("v", lay.bits_v, lay.rank_v)):

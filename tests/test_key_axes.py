@@ -10,10 +10,12 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kvcompress
+from kvcompress.analysis.analyze import analyze
 from kvcompress.analysis.calibration import calibration_ids, post_rope_moments
 from kvcompress.checkpoint.export import export
 from kvcompress.checkpoint.manifest import MANIFEST_NAME
 from kvcompress.errors import KVCompressError
+from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import make_store
 from kvcompress.methods.codebook import CodebookStore
 from kvcompress.methods.key_axes import KeyMoments, query_axes, segment_bits
@@ -34,9 +36,6 @@ def test_moments_group_queries_by_kv_head_and_centre_keys_per_group():
     assert m.counts == (2 * 2 * 10, 2 * 8)
     torch.testing.assert_close(m.queries[1], qh.T @ qh)
     torch.testing.assert_close(m.keys[1], kh.T @ kh)
-    both = m + m
-    torch.testing.assert_close(both.keys, 2 * m.keys)
-    assert both.counts == (80, 32)
 
 
 def test_axes_are_orthonormal_and_sorted_by_query_times_key_energy():
@@ -97,21 +96,32 @@ def test_water_filled_codes_in_the_query_axes_beat_even_codes_in_a_random_rotati
     assert water < 0.7 * even
 
 
-def test_post_rope_moments_match_the_source_models_own_rope(llama_gqa):
-    source = open_source(llama_gqa.path)
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen3"])
+def test_post_rope_moments_match_the_source_models_own_attention(tiny_factory, name):
+    tiny = tiny_factory(name)
     ids = torch.randint(4, 400, (1, 64), generator=torch.Generator().manual_seed(2))
-    got = post_rope_moments(source, ids, group=16)[0]
-    model, cfg = llama_gqa.model, llama_gqa.config
+    got = post_rope_moments(open_source(tiny.path), ids, group=16)
+    model, cfg = tiny.model, tiny.config
+    captured = []
+
+    def grab(module, args, kwargs):  # HF's own q/k path of the layer's input, through its RoPE
+        x, (cos, sin) = kwargs["hidden_states"], kwargs["position_embeddings"]
+        q = module.q_proj(x).view(1, 64, cfg.num_attention_heads, cfg.head_dim)
+        k = module.k_proj(x).view(1, 64, cfg.num_key_value_heads, cfg.head_dim)
+        if hasattr(module, "q_norm"):
+            q, k = module.q_norm(q), module.k_norm(k)
+        captured.append(apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin))
+
+    hooks = [layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
     with torch.no_grad():
-        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
-        cos, sin = model.model.rotary_emb(x, torch.arange(64)[None])
-        attn = model.model.layers[0].self_attn
-        q = attn.q_proj(x).view(1, 64, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, 64, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    want = KeyMoments.measure(q, k, 16)
-    torch.testing.assert_close(got.queries, want.queries, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(got.keys, want.keys, rtol=1e-4, atol=1e-6)
+        model(ids)
+    for h in hooks:
+        h.remove()
+    assert len(got) == len(captured) == cfg.num_hidden_layers
+    for mine, (q, k) in zip(got, captured, strict=True):
+        want = KeyMoments.measure(q, k, 16)
+        torch.testing.assert_close(mine.queries, want.queries, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mine.keys, want.keys, rtol=1e-4, atol=1e-5)
 
 
 def _axes_recipe(**quant):
@@ -153,18 +163,49 @@ def test_export_writes_the_query_axes_as_k_rot_and_the_model_stays_exact(tiny_fa
     assert (ref - got).abs().max() < 1e-4
 
 
-def test_generate_reads_the_water_filled_keys(llama_gqa, tmp_path):
+def test_decode_through_the_water_filled_keys_matches_a_forward_over_the_same_codes(llama_gqa, tmp_path):
     out = tmp_path / "ckpt"
     export(open_source(llama_gqa.path), out, _axes_recipe(), dtype="float32")
     model, _ = kvcompress.load(out)
-    ids = torch.randint(4, 400, (1, 40), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(4, 400, (1, 49), generator=torch.Generator().manual_seed(4))
     cache = kvcompress.make_cache(model)
     with torch.no_grad():
-        gen = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
-    assert gen.shape == (1, 48)
-    keys = cache.layers[0].key_store
-    assert len(keys.runs) > 1 and len({s.bits for _, s in keys.runs}) == len(keys.runs)  # runs of their widths
-    assert keys.quantized_length == keys.shape[2] // 16 * 16 >= 32  # every whole block of 16 tokens flushed
+        model(ids[:, :48], past_key_values=cache)  # 3 whole blocks of 16: all quantized, in runs
+        keys = cache.layers[0].key_store
+        assert keys.quantized_length == 48 and len(keys.runs) == 2
+        step = model(ids[:, 48:], past_key_values=cache).logits[0, -1]  # one decode step reads the codes
+        # the same codes read back densely: a cache that holds exactly what was read
+        held = [(lay.key_store.read(), lay.value_store.read()) for lay in cache.layers]
+    held_bytes = cache.kv_bytes()
+    want = compressed_bytes_per_token(open_source(llama_gqa.path).spec, model.kvcompress_plan, 49) * 49
+    assert held_bytes == pytest.approx(want)
+    model.kvcompress_plan = dataclasses.replace(model.kvcompress_plan, layers=tuple(
+        dataclasses.replace(lay, keys=dataclasses.replace(lay.keys, bits=16),
+                            values=dataclasses.replace(lay.values, bits=16)) for lay in model.kvcompress_plan.layers))
+    dense = kvcompress.make_cache(model)
+    with torch.no_grad():
+        for i, (k, v) in enumerate(held):
+            dense.layers[i].step(k[..., :48, :], v[..., :48, :])
+        again = model(ids[:, 48:], past_key_values=dense, position_ids=torch.tensor([[48]])).logits[0, -1]
+        exact = model(ids).logits[0, -1]  # no codes at all
+    gap = (step - again).abs().max()
+    assert gap < 2e-3  # the new token's 16-bit rounding in the residual window, nothing else
+    assert (step - exact).abs().max() > 10 * gap
+
+
+def test_export_of_a_recipe_with_layers_measures_the_same_axes(llama_gqa, tmp_path):
+    source = open_source(llama_gqa.path)
+    export(source, tmp_path / "a", _axes_recipe(), dtype="float32")
+    filled = _axes_recipe()
+    filled.layers = analyze(source, source.tokenizer(), _axes_recipe()).recipe.layers
+    export(source, tmp_path / "b", filled, dtype="float32")
+    a, b = (json.loads((tmp_path / x / MANIFEST_NAME).read_text()) for x in "ab")
+    assert a["layers"] == b["layers"]
+    ma, _ = kvcompress.load(tmp_path / "a")
+    mb, _ = kvcompress.load(tmp_path / "b")
+    rots = [(x.k_rot, y.k_rot) for x, y in zip(ma.modules(), mb.modules(), strict=True)
+            if getattr(x, "k_rot", None) is not None]
+    assert rots and all(torch.equal(x, y) for x, y in rots)
 
 
 def test_segmented_store_holds_runs_of_the_streams_quantizer():
@@ -191,6 +232,8 @@ def test_segmented_store_holds_runs_of_the_streams_quantizer():
     ({"allocation": "channels", "method": "kivi"}, r"allocation = 'stream'"),
     ({"key_axes": False}, r"key_bits any real number in \[1, 8\] with key_axes\), got 3.5 and 3"),
     ({"key_bits": 8.5}, r"key_bits and value_bits must both be 0"),
+    ({"key_group_size": 128, "residual_length": 128}, r"whole groups of 128 tokens: \[calibration\] seq_len and "
+                                                      r"max_tokens must be at least that, got 64 and 128"),
 ])
 def test_impossible_key_axes_recipes_are_refused(quant, pattern):
     with pytest.raises(KVCompressError, match=pattern) as e:

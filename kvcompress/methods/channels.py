@@ -126,7 +126,8 @@ def channel_bits(energies: list[tuple[torch.Tensor, torch.Tensor]], sens: list[t
 
 
 class SegmentedStore:
-    """Runs of latent channels with their own bit widths (``[quant] allocation = "channels"``).
+    """Runs of channels with their own bit widths (latents under ``[quant] allocation = "channels"``, post-RoPE
+    keys under ``key_axes``).
 
     ``bits`` holds one width per segment of ``segment`` channels in principal-axis order; neighbouring
     segments with equal bits form a run (``kvcompress.methods.channels``), each a store of ``quantizer``

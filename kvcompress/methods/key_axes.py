@@ -62,10 +62,6 @@ class KeyMoments:
         kf = (kf - kf.mean(dim=-2, keepdim=True)).transpose(0, 1).reshape(heads, -1, d)
         return cls(qf.transpose(1, 2) @ qf, kf.transpose(1, 2) @ kf, (qf.shape[1], kf.shape[1]))
 
-    def __add__(self, other: KeyMoments) -> KeyMoments:
-        return KeyMoments(self.queries + other.queries, self.keys + other.keys,
-                          (self.counts[0] + other.counts[0], self.counts[1] + other.counts[1]))
-
 
 def query_axes(moments: KeyMoments) -> tuple[torch.Tensor, torch.Tensor]:
     """The principal axes of the queries, per KV head, sorted by their logit weight.
@@ -75,12 +71,12 @@ def query_axes(moments: KeyMoments) -> tuple[torch.Tensor, torch.Tensor]:
     tuple
         ``(k_rot, weights)``: ``k_rot`` ``[kv_heads, d, d]`` (float64, orthonormal rows: the axes, so
         ``k_rot @ k`` is the key in them; attention's ``k_rot`` layout), and ``weights`` ``[kv_heads, d]``,
-        each head's ``w_j`` in the same (descending) order, for the bit allocation.
+        each head's ``w_j`` in the same order (descending), for the bit allocation.
     """
     if min(moments.counts) == 0:
         raise ValueError("key axes need at least one query and one whole key group of calibration tokens")
     cq = moments.queries / moments.counts[0]
-    ck = moments.keys / max(moments.counts[1], 1)
+    ck = moments.keys / moments.counts[1]
     axes = torch.linalg.eigh(cq).eigenvectors  # columns
     w = torch.diagonal(axes.mT @ cq @ axes, dim1=-2, dim2=-1) * torch.diagonal(axes.mT @ ck @ axes, dim1=-2, dim2=-1)
     order = w.argsort(dim=-1, descending=True)
@@ -92,8 +88,8 @@ def segment_bits(weights: torch.Tensor, bits: float, segment: int) -> int | list
     """One stream's code widths per segment of ``segment`` axes, ``bits`` per channel on average.
 
     Reverse water-filling in integer steps (:func:`kvcompress.methods.minikv.allocate_bits`, whose model is
-    the ``w · 4^-b`` above): a segment's weight is the sum of its axes' ``weights`` (descending). Returns one
-    width when every segment gets the same.
+    the ``w · 4^-b`` above): a segment's weight is the sum of its axes' ``weights``, taken in the order of
+    the axes. Returns one width when every segment gets the same.
     """
     sizes = segment_widths(weights.numel(), segment)
     spent = allocate_bits([float(w.sum()) for w in weights.split(sizes)], bits, widths=sizes)
