@@ -74,8 +74,10 @@ class Quant:
     ``key_axes``: post-RoPE keys turned into the principal axes of the queries, measured on the calibration
     text, instead of a random rotation; each layer's key bits are then spread over segments of ``segment``
     axes by reverse water-filling (``kvcompress.methods.key_axes``), so ``key_bits`` may be any real number
-    in [1, 8] (the segments round it down to a multiple of ``segment`` channel-bits). Needs
-    ``key_rope = "post"``, ``rotation = "orthogonal"`` and ``allocation = "stream"``.
+    in [1, 8] (the segments round it down to a multiple of ``segment`` channel-bits). With ``avg_bits``
+    instead, the stream allocation comes first, from keys probed in a random rotation at uniform bits, and
+    each layer's share is then spread over its axes. Needs ``key_rope = "post"``, ``rotation =
+    "orthogonal"``, ``allocation = "stream"`` and KIVI's per-channel key codes.
     ``probe_bits``: the width at which ``analyze`` fake-quantizes each stream alone, with these quantizers,
     to measure the sensitivity that allocates ``avg_bits``; near the widths allocated is best.
     """
@@ -234,6 +236,8 @@ class Recipe:
                "allocation = 'channels' needs method = 'kivi'")
         _check(not q.key_axes or (q.key_rope == "post" and q.rotation == "orthogonal" and q.allocation == "stream"),
                "key_axes needs key_rope = 'post', rotation = 'orthogonal' and allocation = 'stream'")
+        _check(not q.key_axes or q.key_quantizer == "kivi",
+               f"key_axes needs KIVI's per-channel key codes (key_method = 'kivi'), got {q.key_quantizer!r}")
         cal = self.calibration
         _check(not q.key_axes or min(cal.seq_len, cal.max_tokens) >= q.key_group,
                f"key_axes measures keys in whole groups of {q.key_group} tokens: [calibration] seq_len and "
@@ -251,6 +255,7 @@ class Recipe:
         if isinstance(bits, int):
             _check(bits in (*BITS, 16), f"{name} must be an integer from 1 to 8 (or 16 = off), got {bits}")
             return
+        _check(isinstance(bits, list), f"{name} must be an integer from 1 to 8 or a list of them, got {bits!r}")
         _check(self.quant.allocation == "channels" or (stream == "k" and self.quant.key_axes),
                f"{name} is a list; that needs [quant] allocation = 'channels' (or key_axes, for keys)")
         _check(stream == "v" or self.quant.key_rope == "pre" or self.quant.key_axes,

@@ -19,8 +19,8 @@ from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import make_store
 from kvcompress.methods.codebook import CodebookStore
 from kvcompress.methods.key_axes import KeyMoments, query_axes, segment_bits
-from kvcompress.methods.rotation import key_rotations, random_orthogonal
-from kvcompress.recipe import recipe_from_dict
+from kvcompress.methods.rotation import random_orthogonal
+from kvcompress.recipe import LayerRecipe, recipe_from_dict
 from kvcompress.sources import open_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,7 +81,7 @@ def _logit_error(q: torch.Tensor, k: torch.Tensor, rot: torch.Tensor, bits) -> f
     return float(((q @ err.T) ** 2).mean())
 
 
-def test_water_filled_codes_in_the_query_axes_beat_even_codes_in_a_random_rotation():
+def test_water_filled_codes_in_the_query_axes_beat_even_codes_there_and_in_a_random_rotation():
     gen = torch.Generator().manual_seed(1)
     d, t = 16, 256
     basis = random_orthogonal(d, 5)
@@ -92,22 +92,21 @@ def test_water_filled_codes_in_the_query_axes_beat_even_codes_in_a_random_rotati
     bits = segment_bits(w[0], 3.0, 4)
     assert not isinstance(bits, int)
     water = _logit_error(q, k, rot[0], tuple(bits))
+    even_here = _logit_error(q, k, rot[0], 3)  # the same axes, the same bits spent evenly
     even = _logit_error(q, k, random_orthogonal(d, 9), 3)
+    assert water < 0.8 * even_here
     assert water < 0.7 * even
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen3"])
-def test_post_rope_moments_match_the_source_models_own_attention(tiny_factory, name):
-    tiny = tiny_factory(name)
-    ids = torch.randint(4, 400, (1, 64), generator=torch.Generator().manual_seed(2))
-    got = post_rope_moments(open_source(tiny.path), ids, group=16)
-    model, cfg = tiny.model, tiny.config
-    captured = []
+def _hf_post_rope(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's post-RoPE ``(q, k)`` for ``ids``, computed from HF's own projections, norms and RoPE."""
+    cfg, captured = model.config, []
+    b, t = ids.shape
 
-    def grab(module, args, kwargs):  # HF's own q/k path of the layer's input, through its RoPE
+    def grab(module, args, kwargs):  # the layer's input, through its q/k path
         x, (cos, sin) = kwargs["hidden_states"], kwargs["position_embeddings"]
-        q = module.q_proj(x).view(1, 64, cfg.num_attention_heads, cfg.head_dim)
-        k = module.k_proj(x).view(1, 64, cfg.num_key_value_heads, cfg.head_dim)
+        q = module.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = module.k_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
         if hasattr(module, "q_norm"):
             q, k = module.q_norm(q), module.k_norm(k)
         captured.append(apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin))
@@ -117,7 +116,16 @@ def test_post_rope_moments_match_the_source_models_own_attention(tiny_factory, n
         model(ids)
     for h in hooks:
         h.remove()
-    assert len(got) == len(captured) == cfg.num_hidden_layers
+    return captured
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen3"])
+def test_post_rope_moments_match_the_source_models_own_attention(tiny_factory, name):
+    tiny = tiny_factory(name)
+    ids = torch.randint(4, 400, (1, 64), generator=torch.Generator().manual_seed(2))
+    got = post_rope_moments(open_source(tiny.path), ids, group=16)
+    captured = _hf_post_rope(tiny.model, ids)
+    assert len(got) == len(captured) == tiny.config.num_hidden_layers
     for mine, (q, k) in zip(got, captured, strict=True):
         want = KeyMoments.measure(q, k, 16)
         torch.testing.assert_close(mine.queries, want.queries, rtol=1e-4, atol=1e-5)
@@ -143,15 +151,20 @@ def test_export_writes_the_query_axes_as_k_rot_and_the_model_stays_exact(tiny_fa
     assert manifest["key_axes"] is True
     assert all(isinstance(e["bits_k"], list) and sum(e["bits_k"]) * 4 == 3.5 * 8 for e in manifest["layers"])
     model, tok = kvcompress.load(out)
-    source = open_source(tiny.path)
     ids = calibration_ids(tok, None, 128, 64)
-    want = [query_axes(m)[0] for m in post_rope_moments(source, ids, 16)]
     attn = [m for m in model.modules() if getattr(m, "k_rot", None) is not None]
     assert len(attn) == tiny.config.num_hidden_layers
-    for i, m in enumerate(attn):
-        rot = m.k_rot.detach().double()
-        torch.testing.assert_close(rot, want[i], rtol=0, atol=1e-6)
-        assert (rot - key_rotations(i, rot.shape[0], rot.shape[-1])).abs().max() > 0.1
+    heads, group = tiny.config.num_key_value_heads, tiny.config.num_attention_heads // tiny.config.num_key_value_heads
+    # HF's own post-RoPE q/k of the calibration text, turned as attention turns them by the loaded k_rot:
+    # channel j's logit weight E[q_j²]·Var(k_j) falls along the axes, and the written bits fall with it
+    for m, (q, k), entry in zip(attn, _hf_post_rope(tiny.model, ids), manifest["layers"], strict=True):
+        rot = m.k_rot.detach().double()  # [kv_heads, d, d]
+        qt = torch.einsum("hij,bhgtj->bhgti", rot, q.double().unflatten(1, (heads, group)))
+        kt = torch.einsum("hij,bhtj->bhti", rot, k.double()).unflatten(2, (-1, 16))
+        w = qt.square().mean(dim=(0, 2, 3)) * (kt - kt.mean(dim=3, keepdim=True)).square().mean(dim=(0, 2, 3))
+        assert (w[:, :-1] >= w[:, 1:] * (1 - 1e-6)).all()
+        assert (w[:, 0] > 1.5 * w[:, -1]).all()  # the spread the bits are spent on
+        assert entry["bits_k"] == sorted(entry["bits_k"], reverse=True) and entry["bits_k"][0] > entry["bits_k"][-1]
     # 16-bit K/V through the axes: the same model (the axes are a rotation)
     model.kvcompress_plan = dataclasses.replace(model.kvcompress_plan, layers=tuple(
         dataclasses.replace(lay, keys=dataclasses.replace(lay.keys, bits=16),
@@ -232,6 +245,8 @@ def test_segmented_store_holds_runs_of_the_streams_quantizer():
     ({"allocation": "channels", "method": "kivi"}, r"allocation = 'stream'"),
     ({"key_axes": False}, r"key_bits any real number in \[1, 8\] with key_axes\), got 3.5 and 3"),
     ({"key_bits": 8.5}, r"key_bits and value_bits must both be 0"),
+    ({"key_method": "codebook"}, r"key_axes needs KIVI's per-channel key codes \(key_method = 'kivi'\), "
+                                 r"got 'codebook'"),
     ({"key_group_size": 128, "residual_length": 128}, r"whole groups of 128 tokens: \[calibration\] seq_len and "
                                                       r"max_tokens must be at least that, got 64 and 128"),
 ])
@@ -240,3 +255,19 @@ def test_impossible_key_axes_recipes_are_refused(quant, pattern):
         _axes_recipe(**quant).validate()
     assert "\n" not in str(e.value)
 
+
+
+def test_fractional_layer_bits_are_refused_in_one_line():
+    recipe = _axes_recipe()
+    recipe.layers = [LayerRecipe(0, 8, 8, 3.5, 3)]
+    with pytest.raises(KVCompressError, match=r"layer 0: bits_k must be an integer from 1 to 8 or a list of them, "
+                                              r"got 3.5") as e:
+        recipe.validate()
+    assert "\n" not in str(e.value)
+
+
+def test_analyze_with_quantization_off_ignores_the_key_axes(llama_gqa):
+    source = open_source(llama_gqa.path)
+    recipe = _axes_recipe(enabled=False)
+    layers = analyze(source, source.tokenizer(), recipe).recipe.layers
+    assert layers and all(lay.bits_k == 3 and lay.bits_v == 3 for lay in layers)

@@ -239,7 +239,7 @@ def analyze(
         method = (f"not needed: keys at {q.key_bits}, values at {q.value_bits} bits" if fixed
                   else f"not needed: every stream at {q.avg_bits:g} bits" if uniform else "none (uniform bits)")
     if fixed:
-        bits_k, bits_v = [q.key_bits if q.key_axes else int(q.key_bits)] * n, [q.value_bits] * n
+        bits_k, bits_v = [q.key_bits if key_weights is not None else int(q.key_bits)] * n, [q.value_bits] * n
     elif by_channels:
         energies = [tuple(torch.stack([x.double()[:r].square() for x in sig]).mean(0) for sig, r in
                           ((k_sig, ranks_k[i]), (v_sig, ranks_v[i]))) for i, (k_sig, v_sig) in enumerate(spectra)]

@@ -210,7 +210,7 @@ def _write(source: Source, folder: Path, recipe: Recipe, plan: Plan, shard_bytes
         else:
             s = whitening_factor(grams[i]) if grams is not None else None
             layer_svds = layer_group_svds(source, i, plan.head_group, s)
-        key_rot = key_axes[i] if plan.key_axes and key_axes is not None else None
+        key_rot = key_axes[i] if plan.key_axes else None
         for name, tensor in factorized_attention(source, i, plan, layer_svds, rotate, key_rot).items():
             writer.add(name, tensor.to(dtype))
         if svds is not None:

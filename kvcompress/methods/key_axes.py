@@ -19,12 +19,14 @@ in a random rotation hold (README, Measured).
 
 Every orthonormal ``B`` keeps ``qᵀk = (Bᵀq)ᵀ(Bᵀk)``, and attention already turns queries and keys after
 RoPE by one matrix per KV head (``k_rot``, :mod:`kvcompress.methods.rotation`): the axes replace the
-random matrix there, so the runtime does not change and reads nothing new. The axes come from
+random matrix there, so attention reads nothing new. The axes come from
 calibration text (:func:`kvcompress.analysis.calibration.post_rope_moments`), sorted by ``w_j``, so that
 the first segments carry the most weight; ``analyze`` spreads each layer's key bits (``key_bits``, or what
 the stream allocation gave the layer) over segments of them (:func:`segment_bits`), and the cache holds
 each run of equal bits as one store of the key quantizer (:class:`kvcompress.methods.channels.SegmentedStore`).
 Bytes: those of the runs, the same as one stream at the mean width (per-channel groups cost per channel).
+A layer whose keys hold runs of several widths is read run by run, on CUDA through the dense read rather
+than the fused decode kernel.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ Checkpoint tensors per layer (:func:`tensor_shapes`, written by :func:`factorize
 :class:`kvcompress.runtime.attention.LatentAttention`): ``k_down.weight`` ``[G·r_k, hidden]``, ``k_up``
 ``[G, g·d, r_k]``, ``v_down.weight`` ``[G·r_v, hidden]``, ``o_proj.weight`` ``[hidden, heads·r_v]`` folded
 (or ``[hidden, heads·d]`` with ``v_up`` ``[G, g·d, r_v]``), and when present ``k_bias``, ``o_proj.bias`` (with
-the value bias folded in) and ``k_rot`` (:mod:`kvcompress.methods.rotation`).
+the value bias folded in) and ``k_rot`` (:mod:`kvcompress.methods.rotation`, or the queries' principal
+axes of :mod:`kvcompress.methods.key_axes`).
 """
 
 from __future__ import annotations
