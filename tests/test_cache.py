@@ -10,6 +10,7 @@ import torch
 import kvcompress
 from kvcompress.analysis.schedule import greedy
 from kvcompress.checkpoint.export import export
+from kvcompress.compat import CACHE_ARG
 from kvcompress.evaluate.speed import PeakMemory
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import DenseStore, QuantizedStore
@@ -130,7 +131,7 @@ def test_channel_allocation_export_rotates_within_runs_and_stays_exact(llama_gqa
     assert any(isinstance(lay["bits_k"], list) or isinstance(lay["bits_v"], list) for lay in layers)
     ids = torch.randint(4, 300, (1, 20), generator=torch.Generator().manual_seed(11))
     cache = kvcompress.make_cache(model)
-    logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(20)[None]).logits
+    logits = model(input_ids=ids, **{CACHE_ARG: cache}, position_ids=torch.arange(20)[None]).logits
     assert any(isinstance(s, SegmentedStore) for lay in cache.layers for s in (lay.key_store, lay.value_store))
     assert torch.allclose(logits, llama_gqa.model(ids).logits, atol=1e-2)  # every token in the 16-bit window
 
@@ -273,7 +274,7 @@ def test_8bit_cache_tracks_the_exact_model(llama_gqa, tmp_path, one_thread):
     ids = torch.randint(4, 300, (1, 40), generator=torch.Generator().manual_seed(0))
     cache = kvcompress.make_cache(model)
     for start in range(0, 40, 10):
-        logits = model(input_ids=ids[:, start:start + 10], past_key_values=cache,
+        logits = model(input_ids=ids[:, start:start + 10], **{CACHE_ARG: cache},
                        position_ids=torch.arange(start, start + 10)[None]).logits
     assert cache.layers[0].key_store.quantized_length == 40
     exact = llama_gqa.model(ids).logits[:, -10:]
@@ -287,14 +288,14 @@ def test_multi_token_forward_after_eviction_matches_token_by_token(llama_gqa, tm
 
     def prefix_cache():
         cache = kvcompress.make_cache(model)
-        model(input_ids=ids[:, :36], past_key_values=cache, position_ids=torch.arange(36)[None])
+        model(input_ids=ids[:, :36], **{CACHE_ARG: cache}, position_ids=torch.arange(36)[None])
         return cache
 
     cache = prefix_cache()
     assert cache.layers[0].stored_length < 36  # tokens were evicted (and none will be within the block)
-    block = model(input_ids=ids[:, 36:39], past_key_values=cache, position_ids=torch.arange(36, 39)[None]).logits
+    block = model(input_ids=ids[:, 36:39], **{CACHE_ARG: cache}, position_ids=torch.arange(36, 39)[None]).logits
     cache = prefix_cache()
-    single = [model(input_ids=ids[:, i:i + 1], past_key_values=cache, position_ids=torch.tensor([[i]])).logits
+    single = [model(input_ids=ids[:, i:i + 1], **{CACHE_ARG: cache}, position_ids=torch.tensor([[i]])).logits
               for i in range(36, 39)]
     assert torch.allclose(block, torch.cat(single, dim=1), atol=1e-4)
 
@@ -307,7 +308,7 @@ def test_cache_with_eviction_and_quantization_builds_from_manifest(llama_gqa, tm
     assert isinstance(cache, KVCompressCache)
     assert cache.layers[0].eviction == LagKV(True, 2, 8, 0.25, 1.0)
     assert cache.layers[0].plan.keys.bits == 2
-    out = model.generate(torch.randint(4, 300, (1, 30)), past_key_values=cache, max_new_tokens=20, do_sample=False)
+    out = model.generate(torch.randint(4, 300, (1, 30)), **{CACHE_ARG: cache}, max_new_tokens=20, do_sample=False)
     assert out.shape[1] == 50
     assert cache.layers[0].stored_length == max_stored_tokens(49, cache.layers[0].eviction)
     assert cache.layers[0].key_store.quantized_length > 0
@@ -334,7 +335,7 @@ def test_both_key_layouts_are_exact_without_compression(llama_gqa, tmp_path, one
     model = _export(llama_gqa, tmp_path, lowrank={"enabled": False}, quant={"key_rope": key_rope})
     ids = torch.randint(4, 300, (2, 24), generator=torch.Generator().manual_seed(3))
     cache = kvcompress.make_cache(model)
-    logits = torch.cat([model(input_ids=ids[:, i:i + 6], past_key_values=cache,
+    logits = torch.cat([model(input_ids=ids[:, i:i + 6], **{CACHE_ARG: cache},
                               position_ids=torch.arange(i, i + 6)[None]).logits for i in range(0, 24, 6)], dim=1)
     assert torch.allclose(logits, llama_gqa.model(ids).logits, atol=1e-4)
     width = llama_gqa.config.num_key_value_heads * llama_gqa.config.head_dim
@@ -345,7 +346,7 @@ def test_post_rope_keys_store_the_rotated_keys(llama_gqa, tmp_path, one_thread):
     model = _export(llama_gqa, tmp_path, lowrank={"enabled": False}, quant={"key_rope": "post"})
     ids = torch.randint(4, 300, (1, 10), generator=torch.Generator().manual_seed(4))
     cache = kvcompress.make_cache(model)
-    model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(10)[None])
+    model(input_ids=ids, **{CACHE_ARG: cache}, position_ids=torch.arange(10)[None])
     reference = llama_gqa.model(ids, use_cache=True).past_key_values.layers[0].keys  # rotated, [1, Hkv, 10, d]
     stored = cache.layers[0].key_store.read()  # [1, G, 10, g·d], heads grouped per latent
     stored = stored.view(1, stored.shape[1], 10, -1, reference.shape[-1]).transpose(2, 3).reshape(reference.shape)
@@ -361,7 +362,7 @@ def test_post_rope_key_rotation_is_exact_and_rotates_what_is_cached(llama_gqa, t
     assert model.kvcompress_manifest["key_rotation"]
     ids = torch.randint(4, 300, (1, 12), generator=torch.Generator().manual_seed(7))
     cache = kvcompress.make_cache(model)
-    logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(12)[None]).logits
+    logits = model(input_ids=ids, **{CACHE_ARG: cache}, position_ids=torch.arange(12)[None]).logits
     assert torch.allclose(logits, llama_gqa.model(ids).logits, atol=1e-2)
     reference = llama_gqa.model(ids, use_cache=True).past_key_values.layers[0].keys  # [1, Hkv, 12, d]
     rot = model.model.layers[0].self_attn.k_rot  # [Hkv, d, d]
@@ -378,7 +379,7 @@ def test_flushed_residual_window_is_released(llama_gqa, tmp_path, one_thread):
                     quant={"enabled": True, "avg_bits": 4.0, "group_size": 8, "residual_length": 16})
     cache = kvcompress.make_cache(model)
     ids = torch.randint(4, 300, (1, 100), generator=torch.Generator().manual_seed(5))
-    model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(100)[None], logits_to_keep=1)
+    model(input_ids=ids, **{CACHE_ARG: cache}, position_ids=torch.arange(100)[None], logits_to_keep=1)
     for layer in cache.layers:
         for store in (layer.key_store, layer.value_store):
             assert store.quantized_length == 96 and store.fp.shape[-2] == 4
@@ -407,7 +408,7 @@ def test_post_rope_keys_stay_full_width_while_values_are_factorized(llama_gqa, t
     assert sum(lay["rank_v"] for lay in layers) / len(layers) <= 0.5 * width + 4
     ids = torch.randint(4, 300, (1, 16), generator=torch.Generator().manual_seed(8))
     cache = kvcompress.make_cache(model)
-    model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(16)[None])
+    model(input_ids=ids, **{CACHE_ARG: cache}, position_ids=torch.arange(16)[None])
     assert cache.layers[0].key_store.read().shape[-1] == width
     assert cache.layers[0].value_store.read().shape[-1] == layers[0]["rank_v"] < width
 
@@ -429,7 +430,7 @@ def test_latent_rotation_is_exact_in_full_precision(llama_gqa, tmp_path, one_thr
                            "residual_length": 4096})
     ids = torch.randint(4, 300, (1, 20), generator=torch.Generator().manual_seed(5))
     cache = kvcompress.make_cache(model)
-    logits = model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(20)[None]).logits
+    logits = model(input_ids=ids, **{CACHE_ARG: cache}, position_ids=torch.arange(20)[None]).logits
     assert cache.layers[0].key_store.quantized_length == 0
     assert torch.allclose(logits, llama_gqa.model(ids).logits, atol=1e-2)
 
@@ -466,8 +467,8 @@ def test_packed_decode_kernel_matches_the_torch_path(llama_gqa, tmp_path, one_th
 
     def decode_logits() -> list[torch.Tensor]:
         cache = kvcompress.make_cache(model)
-        model(input_ids=ids[:, :20], past_key_values=cache, position_ids=torch.arange(20)[None])
-        steps = [model(input_ids=ids[:, i:i + 1], past_key_values=cache, position_ids=torch.tensor([[i]])).logits
+        model(input_ids=ids[:, :20], **{CACHE_ARG: cache}, position_ids=torch.arange(20)[None])
+        steps = [model(input_ids=ids[:, i:i + 1], **{CACHE_ARG: cache}, position_ids=torch.tensor([[i]])).logits
                  for i in range(20, 30)]
         assert cache.layers[0].key_store.quantized_length == 24  # packed blocks and a residual both read
         return steps
@@ -552,9 +553,9 @@ def test_workspace_decode_matches_the_generic_path(request, tmp_path, one_thread
 
     def decode_logits() -> list[torch.Tensor]:
         cache = kvcompress.make_cache(model)
-        model(input_ids=ids[:, :24], attention_mask=mask[:, :24], past_key_values=cache,
+        model(input_ids=ids[:, :24], attention_mask=mask[:, :24], **{CACHE_ARG: cache},
               position_ids=positions[:, :24])
-        steps = [model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache,
+        steps = [model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], **{CACHE_ARG: cache},
                        position_ids=positions[:, i:i + 1]).logits.detach() for i in range(24, 40)]
         if model.kvcompress_manifest["layers"][0]["bits_k"] != 16:
             assert cache.layers[0].key_store.quantized_length > 0  # packed blocks and a residual both read
@@ -626,7 +627,7 @@ def _pinned_run(model, monkeypatch, path: str) -> tuple[list[int], list[list[flo
     held, sums = [], []
     with torch.set_grad_enabled(path == "generic"):
         for start, stop in [(0, 20), *((i, i + 1) for i in range(20, 32))]:
-            logits = model(input_ids=ids[:, start:stop], past_key_values=cache,
+            logits = model(input_ids=ids[:, start:stop], **{CACHE_ARG: cache},
                            position_ids=torch.arange(start, stop)[None]).logits
             held.append(cache.kv_bytes())
             sums.append(logits[:, -1].abs().sum(-1).tolist())
@@ -680,7 +681,7 @@ def test_positions_are_kept_only_where_something_reads_them(llama_gqa, tmp_path,
     ids = torch.randint(4, 300, (1, 37), generator=torch.Generator().manual_seed(9))
     lean, kept = kvcompress.make_cache(model), KVCompressCache(list(plan.layers), plan.eviction, True)
     with torch.no_grad():
-        out = [model.generate(input_ids=ids, past_key_values=c, max_new_tokens=6, do_sample=False)
+        out = [model.generate(input_ids=ids, **{CACHE_ARG: c}, max_new_tokens=6, do_sample=False)
                for c in (lean, kept)]
     assert torch.equal(out[0], out[1])  # the same tokens: nothing needed the positions that were not kept
     tokens = lean.layers[0].stored_length

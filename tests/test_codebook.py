@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import kvcompress
 from kvcompress.checkpoint.export import export
+from kvcompress.compat import CACHE_ARG
 from kvcompress.errors import KVCompressError
 from kvcompress.kernels.decode_attention import decode_attention_ref, decode_attention_triton
 from kvcompress.kernels.pack import Packed, TablePacked, unpack_codes
@@ -502,7 +503,7 @@ def test_codebook_values_kivi_keys_and_a_sink_export_load_and_generate(llama_gqa
     cache = kvcompress.make_cache(model)
     with torch.no_grad():
         for start in range(0, 40, 10):  # chunked prefill: flushes one and two blocks at a time
-            logits = model(input_ids=ids[:, start:start + 10], past_key_values=cache,
+            logits = model(input_ids=ids[:, start:start + 10], **{CACHE_ARG: cache},
                            position_ids=torch.arange(start, start + 10)[None]).logits
         exact = llama_gqa.model(ids).logits[:, -10:]
     for layer in cache.layers:
@@ -515,7 +516,7 @@ def test_codebook_values_kivi_keys_and_a_sink_export_load_and_generate(llama_gqa
     prompt = ids[:, :13]
     cache = kvcompress.make_cache(model)
     with torch.no_grad():
-        out = model.generate(prompt, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        out = model.generate(prompt, **{CACHE_ARG: cache}, max_new_tokens=12, do_sample=False)
     assert out.shape == (1, 25)
     stored = cache.layers[0].stored_length  # every token but the last generated one went through the cache
     assert stored == 24

@@ -7,6 +7,7 @@ import torch
 
 import kvcompress
 from kvcompress.checkpoint.export import export
+from kvcompress.compat import CACHE_ARG
 from kvcompress.errors import KVCompressError
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import DecoQuantStore, QuantizedStore, make_store
@@ -193,7 +194,7 @@ def _chunked_logits(model, ids: torch.Tensor):
         for start in range(0, ids.shape[1], 16):
             logits = model(
                 input_ids=ids[:, start : start + 16],
-                past_key_values=cache,
+                **{CACHE_ARG: cache},
                 position_ids=torch.arange(start, start + 16)[None],
             ).logits
     return logits, cache

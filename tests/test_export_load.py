@@ -17,6 +17,7 @@ import kvcompress.checkpoint.export as export_mod
 import kvcompress.plan as plan_mod
 from kvcompress.checkpoint.export import export
 from kvcompress.checkpoint.manifest import MANIFEST_NAME
+from kvcompress.compat import CACHE_ARG
 from kvcompress.errors import KVCompressError
 from kvcompress.recipe import Recipe
 from kvcompress.runtime.cache import KVCompressCache
@@ -159,7 +160,7 @@ def test_token_by_token_cache_matches_full_forward(exported, name):
     assert isinstance(cache, KVCompressCache)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+        steps = [model(ids[:, t:t + 1], **{CACHE_ARG: cache}, use_cache=True).logits[:, -1]
                  for t in range(ids.shape[1])]
     assert cache.get_seq_length() == ids.shape[1]
     assert _max_diff(torch.stack(steps, dim=1), full) < 1e-4
@@ -243,9 +244,9 @@ def test_kv_bytes_counts_what_is_stored(exported):
     ids = _ids(2, 20, seed=8)
     cache = make_cache(model)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{CACHE_ARG: cache}, use_cache=True)
         ref_cache = DynamicCache(config=tiny.config)
-        tiny.model(ids, past_key_values=ref_cache, use_cache=True)
+        tiny.model(ids, **{CACHE_ARG: ref_cache}, use_cache=True)
     b, t = ids.shape
     expected = 0
     for layer, attn in zip(cache.layers, (lay.self_attn for lay in model.model.layers), strict=True):

@@ -14,6 +14,7 @@ from kvcompress.analysis.analyze import analyze
 from kvcompress.analysis.calibration import calibration_ids, post_rope_moments
 from kvcompress.checkpoint.export import export
 from kvcompress.checkpoint.manifest import MANIFEST_NAME
+from kvcompress.compat import CACHE_ARG
 from kvcompress.errors import KVCompressError
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import make_store
@@ -172,7 +173,7 @@ def test_export_writes_the_query_axes_as_k_rot_and_the_model_stays_exact(tiny_fa
     ids = torch.randint(4, 400, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = tiny.model(ids).logits
-        got = model(ids, past_key_values=kvcompress.make_cache(model)).logits
+        got = model(ids, **{CACHE_ARG: kvcompress.make_cache(model)}).logits
     assert (ref - got).abs().max() < 1e-4
 
 
@@ -183,10 +184,10 @@ def test_decode_through_the_water_filled_keys_matches_a_forward_over_the_same_co
     ids = torch.randint(4, 400, (1, 49), generator=torch.Generator().manual_seed(4))
     cache = kvcompress.make_cache(model)
     with torch.no_grad():
-        model(ids[:, :48], past_key_values=cache)  # 3 whole blocks of 16: all quantized, in runs
+        model(ids[:, :48], **{CACHE_ARG: cache})  # 3 whole blocks of 16: all quantized, in runs
         keys = cache.layers[0].key_store
         assert keys.quantized_length == 48 and len(keys.runs) == 2
-        step = model(ids[:, 48:], past_key_values=cache).logits[0, -1]  # one decode step reads the codes
+        step = model(ids[:, 48:], **{CACHE_ARG: cache}).logits[0, -1]  # one decode step reads the codes
         # the same codes read back densely: a cache that holds exactly what was read
         held = [(lay.key_store.read(), lay.value_store.read()) for lay in cache.layers]
     held_bytes = cache.kv_bytes()
@@ -199,7 +200,7 @@ def test_decode_through_the_water_filled_keys_matches_a_forward_over_the_same_co
     with torch.no_grad():
         for i, (k, v) in enumerate(held):
             dense.layers[i].step(k[..., :48, :], v[..., :48, :])
-        again = model(ids[:, 48:], past_key_values=dense, position_ids=torch.tensor([[48]])).logits[0, -1]
+        again = model(ids[:, 48:], **{CACHE_ARG: dense}, position_ids=torch.tensor([[48]])).logits[0, -1]
         exact = model(ids).logits[0, -1]  # no codes at all
     gap = (step - again).abs().max()
     assert gap < 2e-3  # the new token's 16-bit rounding in the residual window, nothing else
