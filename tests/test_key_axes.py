@@ -272,3 +272,27 @@ def test_analyze_with_quantization_off_ignores_the_key_axes(llama_gqa):
     recipe = _axes_recipe(enabled=False)
     layers = analyze(source, source.tokenizer(), recipe).recipe.layers
     assert layers and all(lay.bits_k == 3 and lay.bits_v == 3 for lay in layers)
+
+
+def test_latent_groups_of_two_heads_spread_each_heads_bits_over_its_own_axes(llama_gqa, tmp_path):
+    recipe = _axes_recipe()
+    recipe.lowrank.head_group = 2  # both KV heads in one latent: 16 channels, the axes of each head in turn
+    out = tmp_path / "ckpt"
+    source = open_source(llama_gqa.path)
+    export(source, out, recipe, dtype="float32")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    d = llama_gqa.config.head_dim
+    for entry in manifest["layers"]:
+        bits = entry["bits_k"]
+        assert len(bits) == 2 * d // 4 and sum(bits) * 4 == 3.5 * 2 * d
+        for head in (bits[:d // 4], bits[d // 4:]):  # each head's segments follow its own sorted axes
+            assert head == sorted(head, reverse=True)
+    model, _ = kvcompress.load(out)
+    ids = torch.randint(4, 400, (1, 49), generator=torch.Generator().manual_seed(5))
+    cache = kvcompress.make_cache(model)
+    with torch.no_grad():
+        got = model(ids, **{CACHE_ARG: cache}).logits
+        exact = llama_gqa.model(ids).logits
+    assert cache.kv_bytes() == pytest.approx(compressed_bytes_per_token(source.spec, model.kvcompress_plan, 49) * 49)
+    assert (got - exact).abs().max() < 0.05  # 3.5-bit keys, 3-bit values: close, not equal
+    assert (got - exact).abs().max() > 1e-4
