@@ -39,9 +39,9 @@ def _expand(stat: torch.Tensor, p: Packed) -> torch.Tensor:
 @st.composite
 def layouts(draw: st.DrawFn) -> tuple[tuple[int, ...], int, int, str]:
     """A valid ``(shape, bits, group_size, along)``; channel groups need not divide ``D``."""
-    bits = draw(st.sampled_from([2, 4, 8]))
+    bits = draw(st.sampled_from(WIDTHS))
     along = draw(st.sampled_from(["tokens", "channels"]))
-    d = (8 // bits) * draw(st.integers(1, 5))
+    d = (8 // min(pieces(bits))) * draw(st.integers(1, 5))  # every piece packs evenly
     if along == "tokens":
         group = draw(st.integers(1, 4))
         t = group * draw(st.integers(0, 3))
@@ -157,6 +157,8 @@ def test_error_bound_and_storage(case: tuple) -> None:
     assert y.shape == x.shape and y.dtype == torch.float32
     assert torch.isfinite(y).all() and torch.isfinite(p.scale).all() and torch.isfinite(p.minimum).all()
     scale, minimum = _expand(p.scale, p), _expand(p.minimum, p)
+    # every width's read (bit planes into float32, or integer codes cast once) is the formula, bit for bit
+    assert torch.equal(y, unpack_codes(p.codes, bits, d) * scale + minimum)
     levels = 2**bits - 1
     eps = 1e-6 * (x.abs() + minimum.abs() + levels * scale) + 1e-30
     assert (minimum <= x).all() and (x <= minimum + levels * scale + eps).all()
