@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kvcompress
 from kvcompress.analysis.analyze import analyze
-from kvcompress.analysis.calibration import calibration_ids, post_rope_moments
+from kvcompress.analysis.calibration import calibration_ids, layer_statistics
 from kvcompress.checkpoint.export import export
 from kvcompress.checkpoint.manifest import MANIFEST_NAME
 from kvcompress.compat import CACHE_ARG
@@ -121,16 +121,31 @@ def _hf_post_rope(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Te
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "qwen3"])
-def test_post_rope_moments_match_the_source_models_own_attention(tiny_factory, name):
+def test_layer_statistics_moments_match_the_source_models_own_attention(tiny_factory, name):
     tiny = tiny_factory(name)
     ids = torch.randint(4, 400, (1, 64), generator=torch.Generator().manual_seed(2))
-    got = post_rope_moments(open_source(tiny.path), ids, group=16)
+    grams, got = layer_statistics(open_source(tiny.path), ids, grams=False, key_group=16)
+    assert grams is None
     captured = _hf_post_rope(tiny.model, ids)
     assert len(got) == len(captured) == tiny.config.num_hidden_layers
     for mine, (q, k) in zip(got, captured, strict=True):
         want = KeyMoments.measure(q, k, 16)
         torch.testing.assert_close(mine.queries, want.queries, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(mine.keys, want.keys, rtol=1e-4, atol=1e-5)
+
+
+def test_one_walk_collects_the_grams_and_the_moments_that_separate_walks_do(llama_gqa):
+    source = open_source(llama_gqa.path)
+    ids = torch.randint(4, 400, (2, 32), generator=torch.Generator().manual_seed(6))
+    grams, moments = layer_statistics(source, ids, grams=True, key_group=16)
+    alone, none = layer_statistics(source, ids, grams=True, key_group=0)
+    assert none is None and len(grams) == len(moments) == llama_gqa.config.num_hidden_layers
+    assert all(torch.equal(a, b) for a, b in zip(grams, alone, strict=True))
+    _, again = layer_statistics(source, ids, grams=False, key_group=16)
+    assert all(torch.equal(a.queries, b.queries) and torch.equal(a.keys, b.keys) and a.counts == b.counts
+               for a, b in zip(moments, again, strict=True))
+    x = llama_gqa.model.model.layers[0].input_layernorm(llama_gqa.model.model.embed_tokens(ids)).reshape(-1, 64)
+    torch.testing.assert_close(grams[0], (x.T @ x).double().detach(), rtol=1e-4, atol=1e-4)
 
 
 def _axes_recipe(**quant):

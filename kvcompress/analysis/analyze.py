@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from kvcompress.analysis import schedule as schedules
-from kvcompress.analysis.calibration import attention_input_grams, calibration_ids, post_rope_moments
+from kvcompress.analysis.calibration import calibration_ids, layer_statistics
 from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
 from kvcompress.methods import make_store
 from kvcompress.methods.channels import channel_bits
@@ -178,15 +178,17 @@ def analyze(
     tick = progress or (lambda *_: None)
     ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
 
-    grams = None
+    grams = moments = None
     by_channels = recipe.quant.enabled and recipe.quant.allocation == "channels"
-    if lr.svd == "whitened":  # the latents' principal axes, as exported
-        grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))
+    whitened = lr.svd == "whitened"  # the latents' principal axes, as exported
+    key_group = recipe.quant.key_group if recipe.quant.enabled and recipe.quant.key_axes else 0
+    if whitened or key_group:
+        grams, moments = layer_statistics(source, ids, whitened, key_group,
+                                          lambda i: tick("calibrate", i + 1, spec.num_layers))
 
     key_axes = key_weights = None
-    if recipe.quant.enabled and recipe.quant.key_axes:  # post-RoPE keys in the queries' principal axes
-        axes = [query_axes(m) for m in post_rope_moments(source, ids, recipe.quant.key_group,
-                                                          lambda i: tick("key axes", i + 1, spec.num_layers))]
+    if moments is not None:  # post-RoPE keys in the queries' principal axes
+        axes = [query_axes(m) for m in moments]
         key_axes = [rot for rot, _ in axes]
         key_weights = [w.view(-1, width).mean(0) for _, w in axes]  # per latent group's channels
 

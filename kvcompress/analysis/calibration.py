@@ -1,4 +1,4 @@
-"""Calibration text and the input statistics that whitened SVD needs, computed layer by layer.
+"""Calibration text and the activation statistics that whitened SVD and ``key_axes`` need, in one walk.
 
 Only one decoder layer is materialized at a time, so peak memory is one layer plus the activations
 of the calibration tokens, whatever the size of the checkpoint.
@@ -65,35 +65,44 @@ def _layer_inputs(source: Source, ids: torch.Tensor, on_layer: Callable[[int], N
 
 
 @torch.no_grad()
-def attention_input_grams(
-    source: Source, ids: torch.Tensor, on_layer: Callable[[int], None] | None = None
-) -> list[torch.Tensor]:
-    """Per layer, the Gram matrix ``Σ x xᵀ`` (float64) of the inputs to the K/V projections.
+def layer_statistics(
+    source: Source, ids: torch.Tensor, grams: bool, key_group: int, on_layer: Callable[[int], None] | None = None
+) -> tuple[list[torch.Tensor] | None, list[KeyMoments] | None]:
+    """Per layer, in one walk over the calibration tokens, what analysis and export need of the activations.
 
-    The input is the output of the layer's ``input_layernorm``, exactly what ``k_proj``/``v_proj`` see.
+    Parameters
+    ----------
+    source, ids
+        The model and the calibration tokens ``[n_seq, seq_len]``.
+    grams
+        Whether to collect the Gram matrix ``Σ x xᵀ`` (float64) of the inputs to the K/V projections (the
+        output of the layer's ``input_layernorm``, exactly what ``k_proj``/``v_proj`` see), for whitened SVD.
+    key_group
+        When positive, collect the second moments of the post-RoPE queries and keys (:class:`KeyMoments`,
+        keys centred per ``key_group`` tokens) in the model's channel order, as attention turns them by
+        ``k_rot``, for ``key_axes``.
+    on_layer
+        Called with each layer's index once it is done.
+
+    Returns
+    -------
+    tuple
+        ``(grams, moments)``, each a list with one entry per layer, or None when not asked for.
     """
-    grams = []
-    for _, x, _ in _layer_inputs(source, ids, on_layer):
-        x = x.reshape(-1, x.shape[-1]).double()
-        grams.append(x.T @ x)
-    return grams
-
-
-@torch.no_grad()
-def post_rope_moments(
-    source: Source, ids: torch.Tensor, group: int, on_layer: Callable[[int], None] | None = None
-) -> list[KeyMoments]:
-    """Per layer, the second moments of the post-RoPE queries and keys (:class:`KeyMoments`, keys centred
-    per ``group`` tokens), in the model's channel order, as attention turns them by ``k_rot``."""
     spec = source.spec
-    moments = []
+    gram_list = [] if grams else None
+    moments = [] if key_group > 0 else None
     for layer, x, (cos, sin) in _layer_inputs(source, ids, on_layer):
-        attn = layer.self_attn
-        b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, spec.num_heads, spec.head_dim)
-        k = attn.k_proj(x).view(b, t, spec.num_kv_heads, spec.head_dim)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMS norms before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = (rotate(y.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1)) for y in (q, k))
-        moments.append(KeyMoments.measure(q, k, group))
-    return moments
+        if gram_list is not None:
+            flat = x.reshape(-1, x.shape[-1]).double()
+            gram_list.append(flat.T @ flat)
+        if moments is not None:
+            attn = layer.self_attn
+            b, t, _ = x.shape
+            q = attn.q_proj(x).view(b, t, spec.num_heads, spec.head_dim)
+            k = attn.k_proj(x).view(b, t, spec.num_kv_heads, spec.head_dim)
+            if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMS norms before RoPE
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = (rotate(y.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1)) for y in (q, k))
+            moments.append(KeyMoments.measure(q, k, key_group))
+    return gram_list, moments

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from kvcompress.analysis.analyze import analyze
-from kvcompress.analysis.calibration import attention_input_grams, calibration_ids, post_rope_moments
+from kvcompress.analysis.calibration import calibration_ids, layer_statistics
 from kvcompress.checkpoint.manifest import write_manifest
 from kvcompress.errors import KVCompressError
 from kvcompress.methods.key_axes import query_axes
@@ -191,13 +191,14 @@ def _write(source: Source, folder: Path, recipe: Recipe, plan: Plan, shard_bytes
     rotate = recipe.quant.enabled and recipe.quant.rotation == "orthogonal"
     grams = None
     cal = recipe.calibration
-    if (svds is None and recipe.lowrank.svd == "whitened") or (plan.key_axes and key_axes is None):
+    whitened = svds is None and recipe.lowrank.svd == "whitened"
+    key_group = recipe.quant.key_group if plan.key_axes and key_axes is None else 0
+    if whitened or key_group:
         ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
-        if svds is None and recipe.lowrank.svd == "whitened":
-            grams = attention_input_grams(source, ids, lambda i: tick("calibrate", i + 1, spec.num_layers))
-        if plan.key_axes and key_axes is None:
-            key_axes = [query_axes(m)[0] for m in post_rope_moments(
-                source, ids, recipe.quant.key_group, lambda i: tick("key axes", i + 1, spec.num_layers))]
+        grams, moments = layer_statistics(source, ids, whitened, key_group,
+                                          lambda i: tick("calibrate", i + 1, spec.num_layers))
+        if moments is not None:
+            key_axes = [query_axes(m)[0] for m in moments]
     writer = ShardWriter(folder, shard_bytes)
     replaced = {f"{attn_prefix(i)}{proj}.{kind}" for i in range(spec.num_layers)
                 for proj in _REPLACED for kind in ("weight", "bias")}

@@ -20,7 +20,7 @@ in a random rotation hold (README, Measured).
 Every orthonormal ``B`` keeps ``qᵀk = (Bᵀq)ᵀ(Bᵀk)``, and attention already turns queries and keys after
 RoPE by one matrix per KV head (``k_rot``, :mod:`kvcompress.methods.rotation`): the axes replace the
 random matrix there, so attention reads nothing new. The axes come from
-calibration text (:func:`kvcompress.analysis.calibration.post_rope_moments`), sorted by ``w_j``, so that
+calibration text (:func:`kvcompress.analysis.calibration.layer_statistics`), sorted by ``w_j``, so that
 the first segments carry the most weight; ``analyze`` spreads each layer's key bits (``key_bits``, or what
 the stream allocation gave the layer) over segments of them (:func:`segment_bits`), and the cache holds
 each run of equal bits as one store of the key quantizer (:class:`kvcompress.methods.channels.SegmentedStore`).
