@@ -148,6 +148,13 @@ def test_one_walk_collects_the_grams_and_the_moments_that_separate_walks_do(llam
     torch.testing.assert_close(grams[0], (x.T @ x).double().detach(), rtol=1e-4, atol=1e-4)
 
 
+def _hold_in_16_bits(model) -> None:
+    """Turn off the loaded model's K/V quantization, keeping its ``k_rot`` (the axes)."""
+    model.kvcompress_plan = dataclasses.replace(model.kvcompress_plan, layers=tuple(
+        dataclasses.replace(lay, keys=dataclasses.replace(lay.keys, bits=16),
+                            values=dataclasses.replace(lay.values, bits=16)) for lay in model.kvcompress_plan.layers))
+
+
 def _axes_recipe(**quant):
     return recipe_from_dict({
         "name": "axes", "lowrank": {"enabled": False, "head_group": 1},
@@ -182,9 +189,7 @@ def test_export_writes_the_query_axes_as_k_rot_and_the_model_stays_exact(tiny_fa
         assert (w[:, 0] > 1.5 * w[:, -1]).all()  # the spread the bits are spent on
         assert entry["bits_k"] == sorted(entry["bits_k"], reverse=True) and entry["bits_k"][0] > entry["bits_k"][-1]
     # 16-bit K/V through the axes: the same model (the axes are a rotation)
-    model.kvcompress_plan = dataclasses.replace(model.kvcompress_plan, layers=tuple(
-        dataclasses.replace(lay, keys=dataclasses.replace(lay.keys, bits=16),
-                            values=dataclasses.replace(lay.values, bits=16)) for lay in model.kvcompress_plan.layers))
+    _hold_in_16_bits(model)
     ids = torch.randint(4, 400, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = tiny.model(ids).logits
@@ -208,9 +213,7 @@ def test_decode_through_the_water_filled_keys_matches_a_forward_over_the_same_co
     held_bytes = cache.kv_bytes()
     want = compressed_bytes_per_token(open_source(llama_gqa.path).spec, model.kvcompress_plan, 49) * 49
     assert held_bytes == pytest.approx(want)
-    model.kvcompress_plan = dataclasses.replace(model.kvcompress_plan, layers=tuple(
-        dataclasses.replace(lay, keys=dataclasses.replace(lay.keys, bits=16),
-                            values=dataclasses.replace(lay.values, bits=16)) for lay in model.kvcompress_plan.layers))
+    _hold_in_16_bits(model)
     dense = kvcompress.make_cache(model)
     with torch.no_grad():
         for i, (k, v) in enumerate(held):
