@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kvcompress
 from kvcompress.analysis.analyze import analyze
-from kvcompress.analysis.calibration import calibration_ids, layer_statistics
+from kvcompress.analysis.calibration import builtin_text, calibration_ids, layer_statistics
 from kvcompress.checkpoint.export import export
 from kvcompress.checkpoint.manifest import MANIFEST_NAME
 from kvcompress.compat import CACHE_ARG
@@ -21,7 +22,7 @@ from kvcompress.methods import make_store
 from kvcompress.methods.codebook import CodebookStore
 from kvcompress.methods.key_axes import KeyMoments, query_axes, segment_bits
 from kvcompress.methods.rotation import random_orthogonal
-from kvcompress.recipe import LayerRecipe, recipe_from_dict
+from kvcompress.recipe import LayerRecipe, load_recipe, recipe_from_dict, shipped_recipe_path
 from kvcompress.sources import open_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -314,3 +315,28 @@ def test_latent_groups_of_two_heads_spread_each_heads_bits_over_its_own_axes(lla
     assert cache.kv_bytes() == pytest.approx(compressed_bytes_per_token(source.spec, model.kvcompress_plan, 49) * 49)
     assert (got - exact).abs().max() < 0.05  # 3.5-bit keys, 3-bit values: close, not equal
     assert (got - exact).abs().max() > 1e-4
+
+
+SMOLLM = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct-q4_1"
+
+
+@pytest.mark.skipif(not SMOLLM.is_dir(), reason="shared SmolLM2 absent")
+def test_codebook_45x_calibrates_on_distinct_long_sequences_of_the_builtin_text():
+    """The post-RoPE moments depend on the positions they are measured at, so `codebook-4.5x` reads
+    2048-token sequences; the built-in text must fill them all without repeating itself."""
+    from transformers import AutoTokenizer
+
+    cal = load_recipe(shipped_recipe_path("codebook-4.5x")).calibration
+    assert cal.text == "" and cal.seq_len >= 2048
+    tok = AutoTokenizer.from_pretrained(str(SMOLLM))
+    ids = calibration_ids(tok, None, cal.max_tokens, cal.seq_len)
+    assert ids.shape == (cal.max_tokens // cal.seq_len, cal.seq_len)
+    whole = tok(builtin_text(), add_special_tokens=False, return_tensors="pt", verbose=False).input_ids[0]
+    assert whole.numel() >= cal.max_tokens  # no wrap-around: every sequence is new text
+    assert torch.equal(ids.flatten(), whole[: ids.numel()])
+
+
+def test_builtin_text_starts_with_the_text_of_0_1_0():
+    # recipes that read fewer tokens than the old text held calibrate exactly as before it grew
+    old = (Path(__file__).parent / "data" / "calibration-0.1.0.txt").read_text().rstrip("\n")
+    assert builtin_text().startswith(old + "\n\n") and len(builtin_text()) > 10 * len(old)
