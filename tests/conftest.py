@@ -34,6 +34,10 @@ from transformers import (
 )
 from typer.testing import CliRunner
 
+# read-only models and text beside the project (../shared); tests that need them skip when absent
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SMOLLM = SHARED / "models" / "smollm2-135m-instruct-q4_1"
+
 VOCAB = 512
 # the test tokenizer's words: the built-in calibration text of kvcompress 0.1.0 (its first part today), frozen,
 # so that tiny models, their checkpoints and the pinned results do not move when the built-in text grows

@@ -6,16 +6,12 @@ has 135M parameters.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from conftest import run_cli
+from conftest import SHARED, SMOLLM, run_cli
 
 from kvcompress.evaluate.perplexity import compare
 from kvcompress.recipe import DEFAULT_RECIPE
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SMOLLM = SHARED / "models" / "smollm2-135m-instruct-q4_1"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 pytestmark = pytest.mark.integration

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED, SMOLLM
 
 import kvcompress
 from kvcompress.analysis.analyze import analyze
@@ -14,9 +14,7 @@ from kvcompress.checkpoint.export import export
 from kvcompress.recipe import Recipe
 from kvcompress.sources import GGUFSource, ModelSpec, open_source
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260k"
-SMOLLM = SHARED / "models" / "smollm2-135m-instruct-q4_1"
 TINYSTORIES = SHARED / "data" / "tinystories" / "tinystories-valid-excerpt.txt"
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread", "shared_models")]

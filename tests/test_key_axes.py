@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMOLLM, VOCAB_TEXT
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kvcompress
@@ -317,9 +317,6 @@ def test_latent_groups_of_two_heads_spread_each_heads_bits_over_its_own_axes(lla
     assert (got - exact).abs().max() > 1e-4
 
 
-SMOLLM = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct-q4_1"
-
-
 @pytest.mark.skipif(not SMOLLM.is_dir(), reason="shared SmolLM2 absent")
 def test_codebook_45x_calibrates_on_distinct_long_sequences_of_the_builtin_text():
     """The post-RoPE moments depend on the positions they are measured at, so `codebook-4.5x` reads
@@ -338,5 +335,5 @@ def test_codebook_45x_calibrates_on_distinct_long_sequences_of_the_builtin_text(
 
 def test_builtin_text_starts_with_the_text_of_0_1_0():
     # recipes that read fewer tokens than the old text held calibrate exactly as before it grew
-    old = (Path(__file__).parent / "data" / "calibration-0.1.0.txt").read_text().rstrip("\n")
+    old = VOCAB_TEXT.read_text().rstrip("\n")
     assert builtin_text().startswith(old + "\n\n") and len(builtin_text()) > 10 * len(old)

@@ -25,9 +25,11 @@ the first segments carry the most weight. They must be measured at the positions
 RoPE turns each channel pair by ``θ_i·p``, so the post-RoPE moments of 256-token sequences miss what the
 slow pairs do at position 2000. ``codebook-4.5x`` calibrates on 2048-token sequences of the built-in
 text (six of them, 12,288 tokens); on four unseen WikiText-2 slices that took the perplexity increase
-from ×1.016 to ×1.010 on average (README, Measured). ``analyze`` spreads each layer's key bits (``key_bits``, or what
-the stream allocation gave the layer) over segments of them (:func:`segment_bits`), and the cache holds
-each run of equal bits as one store of the key quantizer (:class:`kvcompress.methods.channels.SegmentedStore`).
+from ×1.016 to ×1.010 on average (README, Measured).
+
+``analyze`` spreads each layer's key bits (``key_bits``, or what the stream allocation gave the layer)
+over segments of the axes (:func:`segment_bits`), and the cache holds each run of equal bits as one
+store of the key quantizer (:class:`kvcompress.methods.channels.SegmentedStore`).
 Bytes: those of the runs, the same as one stream at the mean width (per-channel groups cost per channel).
 A layer whose keys hold runs of several widths is read run by run, on CUDA through the dense read rather
 than the fused decode kernel.
