@@ -237,6 +237,9 @@ def _operands(p: Codes) -> tuple[torch.Tensor | None, ...]:
     """Codes, scale, base (minimum or mean, or None) and table (or None) of one stream as the kernel reads
     them (contiguous)."""
     base, table = (p.mean, p.table.float()) if isinstance(p, TablePacked) else (p.minimum, None)
+    if table is not None and table.dim() != 1:
+        raise ValueError("the Triton decode kernel reads scalar codebooks; a vector codebook's points span "
+                         "several channels (read it with decode_attention_ref)")
     return tuple(None if t is None else t.contiguous() for t in (p.codes, p.scale, base, table))
 
 

@@ -106,7 +106,8 @@ class TablePacked:
     mean
         float16 of ``scale``'s shape, or None for no offset.
     table
-        float32 ``[2**bits]``, the level of each code, on the codes' device.
+        float32 ``[2**bits]``, the level of each code, on the codes' device; or a vector codebook
+        ``[2**(bits·t), t]``, whose point :func:`tuple_index` of each run of ``t`` codes gives ``t`` channels.
     bits, group_size, along, dim
         As :class:`Packed`'s.
     """
@@ -230,6 +231,14 @@ def _lane(packed: torch.Tensor, sizes: list[int]) -> tuple[int, torch.dtype]:
     """The widest integer lane ``(bytes, dtype)`` that ``packed`` views as with pieces of ``sizes`` bytes whole."""
     return next((width, dtype) for width, dtype in _LANES if width == 1 or (packed.stride(-1) == 1 and all(
         n % width == 0 for n in (*sizes, packed.storage_offset(), *packed.stride()[:-1]))))
+
+
+def tuple_index(digits: torch.Tensor, bits: int) -> torch.Tensor:
+    """The point index of each run of ``t`` codes ``[..., t]`` of a vector codebook (:class:`TablePacked` with a
+    2-D table): ``Σ_i digits_i · 2^(bits·(t−1−i))``, first code most significant; int64 ``[...]``."""
+    t = digits.shape[-1]
+    weights = 2 ** (bits * torch.arange(t - 1, -1, -1, device=digits.device))
+    return (digits.long() * weights).sum(dim=-1)
 
 
 def unpack_indices(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -744,7 +753,10 @@ def dequantize(p: Packed | TablePacked, dtype: torch.dtype = torch.float32,
         return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype, out)
     *lead, t, _ = p.codes.shape
     gt, gc = group_shape((*lead, t, p.dim), p.bits, p.group_size, p.along)
-    x = p.table.float()[unpack_indices(p.codes, p.bits, p.dim).long()]
+    idx = unpack_indices(p.codes, p.bits, p.dim).long()
+    if p.table.dim() == 2:  # a vector codebook: each run of t codes indexes one point of t channels
+        idx = tuple_index(idx.view(*idx.shape[:-1], -1, p.table.shape[1]), p.bits)
+    x = p.table.float()[idx].view(*lead, t, p.dim)
     shape = (math.prod(lead), t // gt, 1, p.dim // gc, 1)
     groups = x.view(shape[0], t // gt, gt, p.dim // gc, gc)
     groups.mul_(p.scale.float().reshape(shape))

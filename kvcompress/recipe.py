@@ -33,7 +33,7 @@ BITS = tuple(range(1, 9))  # code widths; 16 means a stream is not quantized
 # what `export` writes without --recipe: within 1% perplexity on the shared SmolLM2, the fastest to decode and
 # the one the fused CUDA kernel reads (minikv-3bit is smaller within 1%, and slower; README Results)
 DEFAULT_RECIPE = "kivi-4bit"
-QUANT_METHODS = ("kivi", "decoquant", "codebook")  # kvcompress.methods.QUANTIZERS implements each
+QUANT_METHODS = ("kivi", "decoquant", "codebook", "vector")  # kvcompress.methods.QUANTIZERS implements each
 ALLOCATIONS = ("stream", "channels")
 
 
@@ -67,7 +67,8 @@ class Quant:
     (``segment`` channels for keys, ``group_size`` for values), so bits follow the energy of each axis
     (see ``kvcompress.methods.channels``); the rotation then mixes channels only within runs of equal bits.
     ``method``: the quantizer (``"kivi"`` min–max groups, ``"decoquant"``, ``"codebook"`` Lloyd–Max codes
-    with one norm per group); ``key_method`` gives the keys another one (empty: the same).
+    with one norm per group, ``"vector"`` the same with tuples of channels coded jointly by a vector
+    codebook); ``key_method`` gives the keys another one (empty: the same).
     ``sink``: the first tokens keep a 16-bit copy once quantized (the attention sink).
     ``key_bits`` / ``value_bits``: every layer's K and V widths, instead of allocating ``avg_bits``
     (both 0: allocate).

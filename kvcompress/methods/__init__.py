@@ -9,8 +9,9 @@ file               method                                      role
 ``dense.py``       16-bit storage                              the store every quantizer builds on
 ``kivi.py``        KIVI min–max groups (arXiv 2402.02750)      quantizer ``"kivi"``
 ``decoquant.py``   DecoQuant two-core MPO (arXiv 2405.12591)   quantizer ``"decoquant"``
-``codebook.py``    Lloyd–Max codebook + norm per vector         quantizer ``"codebook"``
-                   (TurboQuant, arXiv 2504.19874)
+``codebook.py``    Lloyd–Max codebook + norm per vector         quantizers ``"codebook"`` and ``"vector"``
+                   (TurboQuant, arXiv 2504.19874); vector      (tuples of channels coded jointly)
+                   codebooks of N(0, I_t) (LBG 1980)
 ``channels.py``    bits per channel segment                    allocation and segmented store
 ``key_axes.py``    post-RoPE keys in the queries' principal    moments, axes (``k_rot``), their weights
                    axes (transform coding)
@@ -29,13 +30,13 @@ built), ``coded_bytes(width, bits, along, group, block)`` (the bytes of one quan
 from __future__ import annotations
 
 from kvcompress.methods.channels import SegmentedStore
-from kvcompress.methods.codebook import CodebookStore
+from kvcompress.methods.codebook import CodebookStore, VectorCodebookStore
 from kvcompress.methods.decoquant import DecoQuantStore
 from kvcompress.methods.dense import DenseStore
 from kvcompress.methods.kivi import QuantizedStore
 
 QUANTIZERS: dict[str, type[QuantizedStore]] = {
-    "kivi": QuantizedStore, "decoquant": DecoQuantStore, "codebook": CodebookStore}
+    "kivi": QuantizedStore, "decoquant": DecoQuantStore, "codebook": CodebookStore, "vector": VectorCodebookStore}
 
 Store = DenseStore | QuantizedStore | SegmentedStore
 

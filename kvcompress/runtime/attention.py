@@ -259,8 +259,8 @@ DECODE_PATHS: tuple[DecodePath, ...] = (
     DecodePath(
         "fused", "packed",
         "On a device in FUSED_DEVICES (CUDA), with rotated full-width keys and one latent per KV head "
-        "(key_rope = 'post', head_group = 1), and a layer that holds each stream as KIVI min-max or codebook "
-        "codes (any width 1-8), with or without a sink, and no padding: the Triton kernel attends over the "
+        "(key_rope = 'post', head_group = 1), and a layer that holds each stream as KIVI min-max or scalar "
+        "codebook codes (any width 1-8), with or without a sink, and no padding: the Triton kernel attends over the "
         "packed codes, the sink's 16-bit copies and the residual window without de-quantizing them to memory. "
         "Pre-RoPE latent keys would need their reconstruction and RoPE fused in as well, which no kernel does "
         "yet.",

@@ -154,9 +154,9 @@ class KVCompressLayer(CacheLayerMixin):
         """Whether :meth:`step` can hand out this layer's tokens in ``layout``.
 
         ``"dense"`` and ``"workspace"`` always; ``"packed"`` when each stream is a plain KIVI store or a
-        codebook store (:data:`PACKED_STORES`: not DecoQuant cores nor channel runs of several widths), both
-        with the same sink and flush block (so both hold the same packed tokens), and no padding flags are
-        stored, which is what the fused decode kernel reads.
+        scalar codebook store (:data:`PACKED_STORES`: not DecoQuant cores, vector codebooks nor channel runs
+        of several widths), both with the same sink and flush block (so both hold the same packed tokens),
+        and no padding flags are stored, which is what the fused decode kernel reads.
         """
         if layout == "packed":
             keys, values = self.key_store, self.value_store

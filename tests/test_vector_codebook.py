@@ -1,0 +1,236 @@
+"""Vector codebooks of N(0, I_t) (quantizer "vector"): the shipped points, encode / decode, the store, a model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvcompress
+from kvcompress.checkpoint.export import export
+from kvcompress.compat import CACHE_ARG
+from kvcompress.kernels.decode_attention import decode_attention_ref, decode_attention_triton
+from kvcompress.kernels.pack import dequantize, tuple_index, unpack_codes
+from kvcompress.memory import compressed_bytes_per_token
+from kvcompress.methods import QUANTIZERS, CodebookStore, VectorCodebookStore
+from kvcompress.methods.codebook import (
+    TUPLES,
+    VECTOR_DISTORTION,
+    decode,
+    encode,
+    lloyd_gaussian,
+    lloyd_max,
+    nearest,
+    tuple_dim,
+    vector_points,
+)
+from kvcompress.methods.kivi import effective_group
+from kvcompress.plan import layer_plan
+from kvcompress.recipe import LayerRecipe, Quant, Recipe
+from kvcompress.runtime.cache import KVCompressLayer
+from kvcompress.sources import open_source
+
+CPU = torch.device("cpu")
+F16_REL = 2.0**-10  # one float16 ulp relative to the value
+
+
+def _gauss(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- the shipped codebooks
+
+
+@pytest.mark.parametrize(("t", "bits"), sorted(VECTOR_DISTORTION))
+def test_shipped_codebooks_have_the_quoted_distortion_on_fresh_gaussian_tuples(t, bits):
+    points = vector_points(t, bits, CPU)
+    assert points.shape == (2 ** (bits * t), t) and points.dtype == torch.float32
+    assert torch.unique(points, dim=0).shape[0] == points.shape[0]  # no point repeated
+    x = torch.randn(400_000, t, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    mse = float((x - points.double()[nearest(x.float(), points)]).square().mean())
+    assert mse == pytest.approx(VECTOR_DISTORTION[(t, bits)], rel=0.01)
+    # joint coding never loses to the scalar Lloyd–Max code of the same width, and wins from 2 bits
+    assert mse < lloyd_max(bits)[1] * (1.005 if bits == 1 else 0.97)
+
+
+@pytest.mark.parametrize(("t", "bits"), [(2, 3), (4, 2)])
+def test_shipped_codebooks_are_near_a_fixed_point_of_the_lloyd_step(t, bits):
+    # one more centroid step on fresh samples moves the points by sampling noise only
+    points = vector_points(t, bits, CPU).double()
+    x = torch.randn(1_000_000, t, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    cell = nearest(x.float(), points.float())
+    counts = torch.bincount(cell, minlength=len(points)).double()
+    centroids = torch.zeros_like(points).index_add_(0, cell, x) / counts[:, None]
+    assert counts.min() > 0
+    # a cell of n samples has its centroid within a few standard errors (cell spread / sqrt(n)) of its point
+    assert float((centroids - points).norm(dim=1).max()) < 0.05
+
+
+def test_lloyd_gaussian_fits_a_small_codebook_to_the_shipped_distortion():
+    points, fit = lloyd_gaussian(2, 3, samples=200_000, iterations=60)
+    assert points.shape == (64, 2)
+    assert fit == pytest.approx(VECTOR_DISTORTION[(2, 3)], rel=0.03)
+    assert torch.equal(points, lloyd_gaussian(2, 3, samples=200_000, iterations=60)[0])  # seeded: reproducible
+
+
+def test_tuple_dim_follows_the_table_and_divides_the_group():
+    assert [tuple_dim(b, 64) for b in range(1, 9)] == [4, 4, 2, 2, 1, 1, 1, 1]
+    assert tuple_dim(2, 6) == 2 and tuple_dim(3, 7) == 1 and tuple_dim(4, 66) == 2 and tuple_dim(4, 9) == 1
+    assert set(TUPLES) == {b for _, b in VECTOR_DISTORTION}
+    with pytest.raises(ValueError, match="no vector codebook"):
+        vector_points(4, 3, CPU)
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+def _reference(p) -> torch.Tensor:
+    """The decode written out: the point of each run of ``t`` codes, times the scale, plus the mean."""
+    table = p.table.view(len(p.table), -1)
+    t = table.shape[1]
+    codes = unpack_codes(p.codes, p.bits, p.dim).long()
+    idx = (codes.unflatten(-1, (-1, t)) * (2 ** (p.bits * torch.arange(t - 1, -1, -1)))).sum(-1)
+    x = table[idx].flatten(-2)
+    if p.along == "channels":
+        return (x.unflatten(-1, (-1, p.group_size)) * p.scale.float().unsqueeze(-1)).flatten(-2)
+    x = x.unflatten(-2, (-1, p.group_size)) * p.scale.float().unsqueeze(-2)
+    return (x + p.mean.float().unsqueeze(-2)).flatten(-3, -2)
+
+
+@pytest.mark.parametrize("dim", [8, 64, 66, 128])
+@pytest.mark.parametrize("along", ["channels", "tokens"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_decode_and_the_kernel_twin_read_are_bit_for_bit_the_formula(bits, along, dim):
+    x = _gauss(2, 3, 16, dim, seed=bits * 1000 + dim) * 5.0 + 1.5
+    group = 64 if along == "channels" else 8
+    t = tuple_dim(bits, effective_group(dim, group) if along == "channels" else dim)  # as the store picks it
+    p = encode(x, bits, group, along, tuple_size=t)
+    assert p.table.shape == ((2 ** (bits * t), t) if t > 1 else (2**bits,))
+    want = _reference(p).view(torch.int32)
+    assert torch.equal(decode(p).view(torch.int32), want)
+    assert torch.equal(dequantize(p).view(torch.int32), want)  # the reading the kernels' torch twin takes
+    for offset in (0, 1, 2, 3):  # into buffers whose start splits the tuples, or not
+        out = torch.full((want.numel() + offset,), math.nan)[offset:].view(want.shape)
+        assert decode(p, out=out) is out and torch.equal(out.view(torch.int32), want)
+
+
+def test_tuple_index_reads_the_first_code_as_the_most_significant_digit():
+    digits = torch.tensor([[1, 2, 3, 0], [7, 7, 7, 7]])
+    assert tuple_index(digits, 3).tolist() == [1 * 512 + 2 * 64 + 3 * 8, 4095]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-3.0, 3.0))
+def test_gaussian_mse_per_coordinate_is_the_vector_codebook_distortion(bits, seed, log_scale):
+    sigma, t = 10.0**log_scale, tuple_dim(bits, 512)
+    x = _gauss(256, 512, seed=seed) * sigma  # 256 vectors of 512 i.i.d. N(0, sigma^2) coordinates
+    p = encode(x, bits, 512, "channels", tuple_size=t)
+    mse = (decode(p) - x).square().mean().item()
+    # the least-squares norm takes a little off the codebook's distortion, never more than 5%
+    assert mse == pytest.approx(VECTOR_DISTORTION[(t, bits)] * sigma**2, rel=0.05)
+    assert mse < lloyd_max(bits)[1] * sigma**2 * (1.0 if bits == 1 else 0.97)
+
+
+@st.composite
+def _points_case(draw):
+    """``[T, D]`` whose every group of ``g`` channels is a permutation of one multiset of at most
+    ``2**(bits·t)`` distinct ``t``-tuples, normalized to RMS 1; the codebook is those tuples; and a scale."""
+    bits = draw(st.integers(1, 4))
+    t = draw(st.sampled_from([2, 4] if bits <= 2 else [2]))  # the widths' largest tuples (TUPLES)
+    distinct = draw(st.integers(1, min(6, 2 ** (bits * t))))
+    tuples = torch.randint(-20, 21, (distinct, t), generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    tuples[0, 0] = 25  # distinct rows, not all zero
+    tuples = torch.unique(tuples, dim=0).double()
+    per_group = draw(st.integers(tuples.shape[0], 8))
+    multiset = list(range(tuples.shape[0])) + draw(st.lists(st.integers(0, tuples.shape[0] - 1),
+                                                            min_size=per_group - tuples.shape[0],
+                                                            max_size=per_group - tuples.shape[0]))
+    tokens, groups = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    rows = [tuples[draw(st.permutations(multiset))].flatten() for _ in range(tokens * groups)]
+    w = torch.stack(rows).reshape(tokens, groups * per_group * t)
+    rms = math.sqrt(float(tuples[multiset].square().sum()) / (per_group * t))
+    return bits, per_group * t, (w / rms).float(), (tuples / rms).float(), 10.0 ** draw(st.floats(-2.0, 2.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_points_case())
+def test_norms_and_indices_reproduce_the_vector_when_the_codebook_has_its_points(case):
+    bits, g, v, points, scale = case
+    t = points.shape[1]
+    x = v * scale
+    p = encode(x, bits, g, "channels", points=points)
+    codes = unpack_codes(p.codes, bits, x.shape[-1]).long()
+    assert torch.equal(points[tuple_index(codes.unflatten(-1, (-1, t)), bits)].flatten(-2), v)  # exactly its points
+    assert torch.allclose(decode(p), x, rtol=F16_REL, atol=0)  # and x up to the float16 norm
+    n = x.reshape(x.shape[0], -1, g).square().mean(-1).sqrt()
+    assert torch.allclose(p.scale.float(), n, rtol=F16_REL, atol=0)
+
+
+# --------------------------------------------------------------------------- the store and the cache
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_vector_store_counts_the_codebook_bytes_and_reads_what_it_encoded(bits):
+    assert QUANTIZERS["vector"] is VectorCodebookStore
+    for along, group in (("channels", 64), ("tokens", 8)):
+        store = VectorCodebookStore(bits, group, along, 8)
+        x = _gauss(1, 3, 21, 64, seed=bits)
+        store.append(x)
+        store.flush(21)
+        assert store.packed.table.dim() == (2 if bits in TUPLES else 1)
+        assert store.nbytes() == pytest.approx(
+            16 * CodebookStore.coded_bytes(64, bits, along, group, 8) * 3 + 5 * 64 * 2 * 3)
+        read = store.read()
+        assert torch.equal(read[..., :16, :], decode(store.packed))
+        err = (read[..., :16, :] - x[..., :16, :]).square().mean() / x.square().mean()
+        t = store.packed.table.view(len(store.packed.table), -1).shape[1]
+        assert err < 1.2 * VECTOR_DISTORTION.get((t, bits), lloyd_max(bits)[1])  # about the codebook's distortion
+
+
+def test_a_layer_of_vector_values_reads_dense_and_the_triton_kernel_refuses_its_codes():
+    layer = KVCompressLayer(layer_plan(LayerRecipe(0, 16, 16, 2, 3),
+                                       Quant(enabled=True, method="vector", key_method="kivi", group_size=16,
+                                             residual_length=8)))
+    assert type(layer.value_store) is VectorCodebookStore and not layer.can_read("packed")
+    g = torch.Generator().manual_seed(4)
+    k, v, q = torch.randn(1, 1, 21, 16, generator=g), torch.randn(1, 1, 21, 16, generator=g), torch.randn(1, 2, 16)
+    layer.step(k[:, :, :20], v[:, :, :20])  # packs 16 tokens
+    dense = layer.step(k[:, :, 20:], v[:, :, 20:])  # reads them back, and 5 from the residual window
+    keys, values = layer.key_store.packed, layer.value_store.packed
+    assert values.table.shape == (64, 2)  # 3-bit values coded two channels at a time
+    args = (q, keys, values, dense.keys[:, :, 16:], dense.values[:, :, 16:], 0.25)
+    out, _ = decode_attention_ref(*args)  # the kernels' torch twin reads the vector codes as the store does
+    scores = torch.einsum("bhd,bhtd->bht", q, dense.keys.repeat_interleave(2, dim=1)) * 0.25
+    want = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), dense.values.repeat_interleave(2, dim=1))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="scalar codebooks"):
+        decode_attention_triton(*args)
+
+
+def test_vector_values_export_load_and_generate(llama_gqa, tmp_path, one_thread):
+    rec = Recipe()
+    rec.lowrank.target_ratio = 1.0
+    rec.calibration.max_tokens, rec.calibration.seq_len = 256, 128
+    for key, value in dict(enabled=True, method="vector", key_method="kivi", sink=2, avg_bits=4.0, group_size=8,
+                           key_group_size=4, residual_length=8).items():
+        setattr(rec.quant, key, value)
+    export(open_source(llama_gqa.path), tmp_path / "ckpt", rec, dtype="float32")
+    model = kvcompress.load(tmp_path / "ckpt")[0]
+    assert all(lay["method"] == "vector" for lay in model.kvcompress_manifest["layers"])
+    ids = torch.randint(4, 300, (1, 40), generator=torch.Generator().manual_seed(3))
+    cache = kvcompress.make_cache(model)
+    with torch.no_grad():
+        for start in range(0, 40, 10):
+            logits = model(input_ids=ids[:, start:start + 10], **{CACHE_ARG: cache},
+                           position_ids=torch.arange(start, start + 10)[None]).logits
+        exact = llama_gqa.model(ids).logits[:, -10:]
+    assert all(type(layer.value_store) is VectorCodebookStore for layer in cache.layers)
+    assert (logits - exact).abs().max() < 0.2 * exact.abs().max()  # the 4-bit codebook values' bound
+    spec, plan = open_source(llama_gqa.path).spec, model.kvcompress_plan
+    assert cache.kv_bytes() == pytest.approx(40 * compressed_bytes_per_token(spec, plan, 40))
+    out = model.generate(ids[:, :13], max_new_tokens=12, do_sample=False)
+    assert out.shape == (1, 25) and torch.equal(out, model.generate(ids[:, :13], max_new_tokens=12, do_sample=False))
