@@ -65,7 +65,8 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, along: Along) -> Packe
     Parameters
     ----------
     x
-        Float tensor ``[..., T, D]``; values must lie within the float16 range.
+        Float tensor ``[..., T, D]``; each group's span divided by ``2**bits - 1`` (its float16 scale) must lie
+        within the float16 range, e.g. at most 65,504 at 1 bit.
     bits
         2, 4 or 8. ``D`` must be divisible by ``8 // bits``.
     group_size
