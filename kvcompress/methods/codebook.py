@@ -113,8 +113,8 @@ def lloyd_max(bits: int, iterations: int = 20_000, tol: float = 1e-12) -> tuple[
 # quads at 3 bits (4,096 points, 0.0260 per coordinate) took 111 s instead of 27 s to stream 4096 tokens of
 # SmolLM2 through the cache.
 TUPLES = {1: 4, 2: 4, 3: 2, 4: 2}
-# Mean squared error per coordinate of the shipped codebooks on 10^6 fresh N(0, 1) tuples (and MAX_1960's scalar
-# figures for t = 1): what ``scripts/gaussian_codebooks.py`` printed when it wrote them
+# Mean squared error per coordinate of the shipped codebooks, keyed (t, bits), on 10^6 fresh N(0, 1) tuples: what
+# ``scripts/gaussian_codebooks.py`` printed when it wrote them
 VECTOR_DISTORTION = {(2, 1): 0.3632, (2, 2): 0.1090, (2, 3): 0.02982, (2, 4): 0.007832,
                      (4, 1): 0.3417, (4, 2): 0.09689}
 
@@ -171,7 +171,8 @@ def tuple_dim(bits: int, group: int) -> int:
 def vector_points(dim: int, bits: int, device: torch.device) -> torch.Tensor:
     """The shipped codebook of ``N(0, I_dim)`` for ``bits``-bit coordinates: float32 ``[2^(bits·dim), dim]``."""
     if (dim, bits) not in VECTOR_DISTORTION:
-        raise ValueError(f"no vector codebook of {dim} coordinates at {bits} bits; widths {sorted(TUPLES)} have one")
+        raise ValueError(f"no vector codebook of {dim} coordinates at {bits} bits; shipped (coordinates, bits): "
+                         f"{sorted(VECTOR_DISTORTION)}")
     data = resources.files("kvcompress").joinpath("data/gaussian_codebooks.safetensors").read_bytes()
     return load(data)[f"dim{dim}_bits{bits}"].to(device=device, dtype=torch.float32)
 
