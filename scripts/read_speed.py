@@ -1,6 +1,7 @@
-"""CPU micro-benchmark: one full read of a KIVI min–max store against a codebook store at the same width.
+"""CPU micro-benchmark: one full read of a KIVI min–max store against the codebook stores at the same width.
 
-For code widths 2, 3 and 4, each store gets ``--tokens`` tokens of ``--heads`` heads of ``--dim`` channels
+For code widths 1 to 4, each store (min–max, the scalar codebook ``"codebook"`` and the vector codebook
+``"vector"``) gets ``--tokens`` tokens of ``--heads`` heads of ``--dim`` channels
 (batch 1, float32 in), all of them flushed into packed form, then ``store.read(out)`` de-quantizes
 everything into one preallocated float32 buffer. Layouts, as the plan builds them:
 
@@ -9,8 +10,9 @@ everything into one preallocated float32 buffer. Layouts, as the plan builds the
 * keys (``along="tokens"``): groups of 128 tokens per channel for both (KIVI: scale and minimum; codebook:
   mean and deviation).
 
-Prints the median microseconds per read over ``--repeats`` reads (after warm-up) and the ratio codebook /
-min–max, one row per width and stream. Runs on one torch thread unless ``--threads`` says otherwise::
+Prints the median microseconds per read over ``--repeats`` reads (after warm-up) and the ratios codebook /
+min–max and vector / min–max, one row per width and stream. Runs on one torch thread unless ``--threads``
+says otherwise::
 
     python scripts/read_speed.py --tokens 2048 --dim 64 --heads 3 --repeats 50
 """
@@ -23,7 +25,7 @@ import time
 
 import torch
 
-from kvcompress.methods import CodebookStore, QuantizedStore
+from kvcompress.methods import CodebookStore, QuantizedStore, VectorCodebookStore
 
 BLOCK = 128  # tokens flushed at once: one key group
 LAYOUTS = {  # stream -> (along, KIVI group, codebook group)
@@ -71,19 +73,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"read of {args.heads} heads x {args.tokens} tokens x {args.dim} channels into float32, "
           f"median of {args.repeats} reads, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
     header = f"{'bits':>4}  {'stream':<6}  {'along':<8}  {'groups kivi/cb':>14}  {'min-max us':>10}  " \
-             f"{'codebook us':>11}  {'cb/mm':>6}  {'B/token mm':>10}  {'B/token cb':>10}"
+             f"{'codebook us':>11}  {'cb/mm':>6}  {'vector us':>9}  {'vec/mm':>6}  {'B/token mm':>10}  " \
+             f"{'B/token cb':>10}"
     print(header)
     print("-" * len(header))
-    for bits in (2, 3, 4):
+    for bits in (1, 2, 3, 4):
         for stream, (along, g_kivi, g_cb) in LAYOUTS.items():
             kivi = filled(QuantizedStore, bits, along, g_kivi, x)
             cb = filled(CodebookStore, bits, along, g_cb, x)
-            assert kivi.quantized_length == cb.quantized_length == args.tokens
-            t_kivi = median_us(kivi, out, args.repeats, args.warmup)
-            t_cb = median_us(cb, out, args.repeats, args.warmup)
+            vec = filled(VectorCodebookStore, bits, along, g_cb, x)
+            assert kivi.quantized_length == cb.quantized_length == vec.quantized_length == args.tokens
+            assert vec.nbytes() == cb.nbytes()
+            t_kivi, t_cb, t_vec = (median_us(s, out, args.repeats, args.warmup) for s in (kivi, cb, vec))
             per = args.heads * args.tokens
             print(f"{bits:>4}  {stream:<6}  {along:<8}  {f'{g_kivi}/{g_cb}':>14}  {t_kivi:>10.1f}  {t_cb:>11.1f}  "
-                  f"{t_cb / t_kivi:>6.2f}  {kivi.nbytes() / per:>10.1f}  {cb.nbytes() / per:>10.1f}")
+                  f"{t_cb / t_kivi:>6.2f}  {t_vec:>9.1f}  {t_vec / t_kivi:>6.2f}  {kivi.nbytes() / per:>10.1f}  "
+                  f"{cb.nbytes() / per:>10.1f}")
 
 
 if __name__ == "__main__":
