@@ -9,8 +9,9 @@ order, since softmax attention is permutation invariant over keys. Keys and valu
 piece, gathering the narrower pieces into the same slots, and the queries are loaded in that channel order.
 
 Either stream may be min–max codes (:class:`~.pack.Packed`, KIVI) or codes that index a table of levels
-(:class:`~.pack.TablePacked`: ``mean + scale * table[code]``, the codebook of TurboQuant, arXiv 2504.19874);
-one kernel reads both, the choice being a compile-time switch per stream. An attention sink (StreamingLLM,
+(:class:`~.pack.TablePacked`: ``mean + scale * table[code]``, the codebook of TurboQuant, arXiv 2504.19874,
+or a vector codebook whose points span ``t`` consecutive channels, indexed by their ``t`` codes); one kernel
+reads all three, the choice being a compile-time switch per stream. An attention sink (StreamingLLM,
 arXiv 2309.17453) is 16-bit copies of the first quantized tokens that replace their codes: the kernel skips
 those codes and attends over the copies as one more dense segment, beside the residual window.
 """
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import Dispatch
-from .pack import Packed, TablePacked, dequantize, load_dequant, pieces, plane_channels, plane_tile
+from .pack import Packed, TablePacked, dequantize, load_dequant, pieces, plane_channels, plane_tile, reads_tuples
 
 _TARGET_PROGRAMS = 512  # enough chunk programs to fill a large GPU several times over
 _REGISTER_TILE = 4096  # elements of the [heads, tokens, dim] product held by one program
@@ -157,6 +158,7 @@ def _quantized_partial_kernel(
     T, skip, split_size, n_split, qk_scale, N_REP, DK, DV, K_GROUP, V_GROUP,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_PER: tl.constexpr, V_PER: tl.constexpr,
     K_TABLE: tl.constexpr, V_TABLE: tl.constexpr, K_BASE: tl.constexpr, V_BASE: tl.constexpr,
+    K_TUPLE: tl.constexpr, V_TUPLE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, BLOCK_VB: tl.constexpr,
 ):
     """Splits of the quantized tokens ``skip .. T - 1`` of one KV head (the first ``skip`` are the sink's)."""
@@ -175,9 +177,9 @@ def _quantized_partial_kernel(
         valid = t < hi
         rows = bh * T + t
         k = load_dequant(kc_ptr, ks_ptr, kb_ptr, kt_ptr, rows, valid, DK, K_GROUP, 1, K_BITS, K_PER, BLOCK_KB,
-                         K_TABLE, K_BASE)
+                         K_TABLE, K_BASE, K_TUPLE)
         v = load_dequant(vc_ptr, vs_ptr, vb_ptr, vt_ptr, rows, valid, DV, 1, V_GROUP, V_BITS, V_PER, BLOCK_VB,
-                         V_TABLE, V_BASE)
+                         V_TABLE, V_BASE, V_TUPLE)
         k = tl.reshape(k, (BLOCK_N, BLOCK_KB * K_PER))
         v = tl.reshape(v, (BLOCK_N, BLOCK_VB * V_PER))
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc)
@@ -233,14 +235,15 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, n_split, DV,
     tl.store(lse_ptr + row, (m_max + tl.log2(total)) * 0.6931471805599453)
 
 
-def _operands(p: Codes) -> tuple[torch.Tensor | None, ...]:
+def _operands(p: Codes) -> tuple[torch.Tensor | int | None, ...]:
     """Codes, scale, base (minimum or mean, or None) and table (or None) of one stream as the kernel reads
-    them (contiguous)."""
+    them (contiguous), and the channels per point of the table (1 for a scalar codebook or none)."""
     base, table = (p.mean, p.table.float()) if isinstance(p, TablePacked) else (p.minimum, None)
-    if table is not None and table.dim() != 1:
-        raise ValueError("the Triton decode kernel reads scalar codebooks; a vector codebook's points span "
-                         "several channels (read it with decode_attention_ref)")
-    return tuple(None if t is None else t.contiguous() for t in (p.codes, p.scale, base, table))
+    t = 1 if table is None or table.dim() == 1 else table.shape[1]
+    if t > 1 and not reads_tuples(p.dim, p.bits, t):
+        raise ValueError(f"the Triton decode kernel reads {t}-channel points only when the {p.bits}-bit codes' "
+                         f"bit planes of {p.dim} channels split into whole points (read it with decode_attention_ref)")
+    return *(None if x is None else x.contiguous() for x in (p.codes, p.scale, base, table)), t
 
 
 def decode_attention_triton(q: torch.Tensor, k: Codes | None, v: Codes | None, k_res: torch.Tensor,
@@ -276,13 +279,14 @@ def decode_attention_triton(q: torch.Tensor, k: Codes | None, v: Codes | None, k
     if n_quant:
         k_per, block_kb = plane_tile(dk, pieces(k.bits)[0])  # packed rows dequantize in the widest piece's planes
         v_per, block_vb = plane_tile(dv, pieces(v.bits)[0])
-        kc, ks, kb, kt = _operands(k)
-        vc, vs, vb, vt = _operands(v)
+        kc, ks, kb, kt, k_tuple = _operands(k)
+        vc, vs, vb, vt, v_tuple = _operands(v)
         _quantized_partial_kernel[(b * hkv, n_quant)](
             q, kc, ks, kb, kt, vc, vs, vb, vt, m, l, acc,
             tq, n_sink, split_size, n_split, qk_scale, n_rep, dk, dv, k.group_size, v.group_size,
             K_BITS=k.bits, V_BITS=v.bits, K_PER=k_per, V_PER=v_per,
             K_TABLE=kt is not None, V_TABLE=vt is not None, K_BASE=kb is not None, V_BASE=vb is not None,
+            K_TUPLE=k_tuple, V_TUPLE=v_tuple,
             BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_KB=block_kb, BLOCK_VB=block_vb, num_warps=_PARTIAL_WARPS,
         )
     offset = n_quant

@@ -558,9 +558,37 @@ def _load_codes(codes_ptr, rows, row_mask, D, BITS: tl.constexpr, PER: tl.conste
 
 
 @triton.jit
+def _tuple_levels(table_ptr, q, mask, BITS: tl.constexpr, TUPLE: tl.constexpr):
+    """The points of a vector codebook (:func:`tuple_index`) read for codes ``q`` ``[R, BLOCK_B, PER]``.
+
+    Slot ``(b, j)`` holds channel ``j * nb + b``; with ``nb`` a multiple of ``TUPLE`` (:func:`reads_tuples`),
+    the ``TUPLE`` channels of a point are ``TUPLE`` consecutive byte slots of one plane, so one reshape to
+    ``[R, BLOCK_B / TUPLE, TUPLE, PER]`` and a weighted sum give each point's index, and each slot reads its
+    own coordinate of that point from the ``[2^(BITS·TUPLE), TUPLE]`` table.
+    """
+    R: tl.constexpr = q.shape[0]
+    BLOCK_B: tl.constexpr = q.shape[1]
+    PER: tl.constexpr = q.shape[2]
+    shape: tl.constexpr = (R, BLOCK_B // TUPLE, TUPLE, PER)
+    i = tl.arange(0, TUPLE)
+    digits = tl.reshape(q, shape) << (BITS * (TUPLE - 1 - i))[None, None, :, None]
+    point = tl.sum(digits, axis=2)  # [R, BLOCK_B / TUPLE, PER], first channel most significant
+    entry = point[:, :, None, :] * TUPLE + i[None, None, :, None]
+    levels = tl.load(table_ptr + entry, mask=tl.reshape(mask, shape), other=0.0)
+    return tl.reshape(levels, (R, BLOCK_B, PER))
+
+
+def reads_tuples(dim: int, bits: int, t: int) -> bool:
+    """Whether :func:`load_dequant` reads ``t``-channel points of ``dim``-channel rows of ``bits``-wide codes: the
+    widest piece's bytes per row (its plane length) must be a multiple of ``t``, so that no point straddles
+    two planes."""
+    return piece_bytes(dim, pieces(bits)[0]) % t == 0
+
+
+@triton.jit
 def load_dequant(codes_ptr, scale_ptr, base_ptr, table_ptr, rows, row_mask, D, GT, GC,
                  BITS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr,
-                 TABLE: tl.constexpr, BASE: tl.constexpr):
+                 TABLE: tl.constexpr, BASE: tl.constexpr, TUPLE: tl.constexpr = 1):
     """Dequantize whole packed rows of ``BITS``-wide codes to float32 ``[R, BLOCK_B, PER]``.
 
     Parameters
@@ -569,7 +597,8 @@ def load_dequant(codes_ptr, scale_ptr, base_ptr, table_ptr, rows, row_mask, D, G
         Contiguous codes ``[n_rows, packed_bytes(D, BITS)]`` and float16 scale and base (the minimum of a
         :class:`Packed`, the mean of a :class:`TablePacked`) of ``n_rows // GT`` by ``D // GC`` groups.
     table_ptr
-        float32 levels ``[2**BITS]`` when ``TABLE`` (else unused, may be None).
+        float32 levels ``[2**BITS]`` when ``TABLE`` (else unused, may be None); with ``TUPLE > 1``, the
+        points of a vector codebook, ``[2**(BITS * TUPLE), TUPLE]`` (:func:`reads_tuples` must hold).
     rows, row_mask
         Flat row indices ``[R]`` (``n * T + t``) and which of them to load.
     D, GT, GC
@@ -582,18 +611,27 @@ def load_dequant(codes_ptr, scale_ptr, base_ptr, table_ptr, rows, row_mask, D, G
         Whether the codes index ``table`` (a :class:`TablePacked`) or are the levels themselves.
     BASE
         Whether there is a base to add (``base_ptr`` is unused, and may be None, otherwise).
+    TUPLE
+        Channels per point of the table: 1 (a scalar codebook), or ``t`` of a vector codebook, whose point
+        is indexed by the codes of ``t`` consecutive channels (:func:`tuple_index`).
 
     Returns
     -------
     tensor
-        ``base + level * scale`` with ``level = table[code]`` or ``code``; slot ``(b, j)`` holds channel
-        ``plane_channels(D, PER, BLOCK_B)[0][b, j]``, zeros where masked or invalid.
+        ``base + level * scale`` with ``level = table[code]`` (a point's coordinate) or ``code``; slot
+        ``(b, j)`` holds channel ``plane_channels(D, PER, BLOCK_B)[0][b, j]``, zeros where masked or invalid.
     """
     q, mask = _load_codes(codes_ptr, rows, row_mask, D, BITS, PER, BLOCK_B)
     c, _ = plane_channels(D, PER, BLOCK_B)
     g = _group_index(rows, c, D, GT, GC)
     s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
-    x = (tl.load(table_ptr + q, mask=mask, other=0.0) if TABLE else q.to(tl.float32)) * s
+    if not TABLE:
+        level = q.to(tl.float32)
+    elif TUPLE == 1:
+        level = tl.load(table_ptr + q, mask=mask, other=0.0)
+    else:
+        level = _tuple_levels(table_ptr, q, mask, BITS, TUPLE)
+    x = level * s
     if BASE:
         x = tl.load(base_ptr + g, mask=mask, other=0.0).to(tl.float32) + x
     return x

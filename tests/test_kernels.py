@@ -30,6 +30,7 @@ from kvcompress.kernels.pack import (
     quantize_pack,
     quantize_pack_ref,
     quantize_pack_triton,
+    reads_tuples,
     unpack_dequantize,
     unpack_dequantize_ref,
     unpack_dequantize_triton,
@@ -250,16 +251,23 @@ def test_decode_rejects_bad_shapes() -> None:
 
 
 def _table_cache(b: int, hkv: int, n_rep: int, tq: int, tr: int, dk: int, dv: int, k_kind: str, k_bits: int,
-                 v_bits: int, sink: int, v_group: int = 64, seed: int = 0) -> tuple:
+                 v_bits: int, sink: int, v_group: int = 64, seed: int = 0, v_kind: str = "codebook") -> tuple:
     """Queries; keys as KIVI min–max codes (``k_kind="kivi"``, groups of 8 tokens) or codebook indices with a
-    mean and deviation per 8 tokens (``"codebook"``); values as codebook indices with a norm per ``v_group``
-    channels (:mod:`kvcompress.methods.codebook`); the 16-bit residual; ``sink`` float16 copies of the first
-    tokens (None for 0). Keys and values are the stores' own: ``TablePacked`` and ``Packed``."""
+    mean and deviation per 8 tokens (``"codebook"``, or ``"vector"``: points of the vector codebook of the
+    width, as :class:`~kvcompress.methods.VectorCodebookStore` codes them); values as codebook indices with a
+    norm per ``v_group`` channels (``v_kind`` ``"codebook"`` or ``"vector"``; :mod:`kvcompress.methods.codebook`);
+    the 16-bit residual; ``sink`` float16 copies of the first tokens (None for 0). Keys and values are the
+    stores' own: ``TablePacked`` and ``Packed``."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hkv * n_rep, dk, generator=g)
     keys = torch.randn(b, hkv, tq, dk, generator=g) * 2 + torch.randn(dk, generator=g)  # channel offsets
-    k = quantize(keys, k_bits, 8, "tokens") if k_kind == "kivi" else codebook.encode(keys, k_bits, 8, "tokens")
-    v = codebook.encode(torch.randn(b, hkv, tq, dv, generator=g), v_bits, v_group, "channels")
+    if k_kind == "kivi":
+        k = quantize(keys, k_bits, 8, "tokens")
+    else:
+        k = codebook.encode(keys, k_bits, 8, "tokens",
+                            tuple_size=codebook.tuple_dim(k_bits, dk) if k_kind == "vector" else 1)
+    v_tuple = codebook.tuple_dim(v_bits, min(v_group, dv)) if v_kind == "vector" else 1
+    v = codebook.encode(torch.randn(b, hkv, tq, dv, generator=g), v_bits, v_group, "channels", tuple_size=v_tuple)
     k_res = torch.randn(b, hkv, tr, dk, generator=g) * 2
     v_res = torch.randn(b, hkv, tr, dv, generator=g)
     k_sink = (torch.randn(b, hkv, sink, dk, generator=g) * 4).half() if sink else None  # outliers: the sink's
@@ -343,6 +351,57 @@ def test_decode_triton_matches_ref_on_random_table_layouts(k_bits: int, v_bits: 
     args = (q, k, v, k_res, v_res, 0.4, k_sink, v_sink)
     for got, want in zip(decode_attention_triton(*args, split_size=4), decode_attention_ref(*args), strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+VECTOR_CASES = [
+    # b, hkv, n_rep, tq, tr, dk, dv, key kind, k_bits, v_bits, sink, split_size
+    # codebook-5x's layout: min–max keys, vector values at every width the shipped codebooks have (4 channels
+    # a point at 1-2 bits, 2 at 3-4 bits), a sink
+    *[(1, 2, 2, 16, 5, 64, 64, "kivi", 4, bits, 4, None) for bits in (1, 2, 3, 4)],
+    # vector keys too, every width, and above 4 bits (scalar tables) beside them
+    *[(1, 2, 3, 16, 3, 32, 32, "vector", bits, 9 - bits, 0, 8) for bits in WIDTHS],
+    (1, 1, 4, 24, 0, 128, 128, "vector", 2, 3, 4, 5),  # Llama-like head dim, many splits, no residual
+    (1, 2, 2, 16, 2, 64, 192, "kivi", 3, 1, 3, None),  # values as wide as three heads' latents, a norm each 64
+]
+
+
+@pytest.mark.parametrize(("b", "hkv", "n_rep", "tq", "tr", "dk", "dv", "kind", "k_bits", "v_bits", "sink", "split"),
+                         VECTOR_CASES)
+def test_decode_triton_matches_ref_over_vector_codebook_codes(b: int, hkv: int, n_rep: int, tq: int, tr: int,
+                                                              dk: int, dv: int, kind: str, k_bits: int, v_bits: int,
+                                                              sink: int, split: int | None) -> None:
+    q, k, v, k_res, v_res, k_sink, v_sink = _table_cache(b, hkv, n_rep, tq, tr, dk, dv, kind, k_bits, v_bits, sink,
+                                                         seed=7, v_kind="vector")
+    assert v.table.dim() == 2 or v_bits > 4  # the values index points of several channels
+    args = (q, k, v, k_res, v_res, 0.25, k_sink, v_sink)
+    out, lse = decode_attention_triton(*args, split_size=split)
+    ref_out, ref_lse = decode_attention_ref(*args)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    keys = torch.cat([_decoded(k, k_sink), k_res], dim=2)  # and both are attention over the stores' own reading
+    values = torch.cat([_decoded(v, v_sink), v_res], dim=2)
+    dense_out, dense_lse = _attend(q, keys, values, 0.25)
+    torch.testing.assert_close(out, dense_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, dense_lse, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("dim", "bits", "t", "reads"), [
+    (64, 1, 4, True), (16, 2, 4, True), (8, 3, 2, True), (32, 4, 2, True),
+    (16, 1, 4, False),  # 1-bit codes of 16 channels: planes of 2 bytes, a 4-channel point spans two
+    (6, 4, 2, False),  # 4-bit codes of 6 channels: planes of 3 channels
+])
+def test_the_kernel_reads_vector_points_only_within_one_bit_plane(dim: int, bits: int, t: int, reads: bool) -> None:
+    assert reads_tuples(dim, bits, t) is reads
+    q, k, v, k_res, v_res, _, _ = _table_cache(1, 1, 1, 8, 1, 8, dim, "kivi", 4, bits, 0, v_group=dim, seed=2,
+                                               v_kind="vector")
+    assert v.table.shape[1] == t
+    if reads:
+        got = decode_attention_triton(q, k, v, k_res, v_res, 0.5)
+        for a, b in zip(got, decode_attention_ref(q, k, v, k_res, v_res, 0.5), strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="split into whole points"):
+            decode_attention_triton(q, k, v, k_res, v_res, 0.5)
 
 
 def test_decode_rejects_a_bad_sink() -> None:

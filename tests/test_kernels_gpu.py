@@ -3,10 +3,10 @@
 ``scripts/gpu-check`` runs this file on a GPU with ``TRITON_INTERPRET=0`` and fails if any case here is
 skipped. Layouts: SmolLM2-135M (3 KV heads of 64 channels, 9 query heads) and a Llama-3-8B-like one (8 KV
 heads of 128 channels, 32 query heads), 4096 quantized tokens plus a ragged residual window; decode attention
-over min–max codes, and over codebook values with a sink (the codebook recipes' layout). The twins run
-on CPU copies of the inputs, so a kernel is never compared with itself (on CUDA, ``dequantize`` inside
-``decode_attention_ref`` would dispatch to Triton). Freed CUDA memory is filled with NaN before each test,
-so an output element that a kernel leaves unwritten shows.
+over min–max codes, and over scalar and vector codebook values with a sink (the codebook recipes' layouts).
+The twins run on CPU copies of the inputs, so a kernel is never compared with itself (on CUDA,
+``dequantize`` inside ``decode_attention_ref`` would dispatch to Triton). Freed CUDA memory is filled with
+NaN before each test, so an output element that a kernel leaves unwritten shows.
 
 Anywhere else the file is skipped, unless ``KVCOMPRESS_KERNEL_SMOKE=1`` with the interpreter on (what
 ``scripts/gpu-check --dry-run`` sets): then the same comparisons run on CPU tensors through Triton's
@@ -178,15 +178,18 @@ SINK = 4  # the codebook recipes' sink
 
 
 def _codebook_inputs(layout: Layout, dtype: torch.dtype, k_bits: int, v_bits: int, key_method: str,
-                     seed: int) -> tuple:
+                     seed: int, value_method: str = "codebook") -> tuple:
     """CPU queries; keys as KIVI codes (groups of 32 tokens) or codebook indices (mean and deviation per 32
-    tokens); codebook values with a norm per 64 channels; a residual window; the sink's 16-bit copies."""
+    tokens; ``key_method="vector"``: vector codebook points); codebook values with a norm per 64 channels
+    (scalar, or ``value_method="vector"``); a residual window; the sink's 16-bit copies."""
     b, hkv, d = BATCH, layout.kv_heads, layout.head_dim
     q = _randn(b, layout.query_heads, d, seed=seed, dtype=dtype)
     keys = _randn(b, hkv, TOKENS, d, seed=seed + 1, scale=2.0)
+    k_tuple = codebook.tuple_dim(k_bits, d) if key_method == "vector" else 1
     k = (quantize(keys, k_bits, 32, "tokens") if key_method == "kivi"
-         else codebook.encode(keys, k_bits, 32, "tokens"))
-    v = codebook.encode(_randn(b, hkv, TOKENS, d, seed=seed + 2), v_bits, 64, "channels")
+         else codebook.encode(keys, k_bits, 32, "tokens", tuple_size=k_tuple))
+    v_tuple = codebook.tuple_dim(v_bits, 64) if value_method == "vector" else 1
+    v = codebook.encode(_randn(b, hkv, TOKENS, d, seed=seed + 2), v_bits, 64, "channels", tuple_size=v_tuple)
     k_res = _randn(b, hkv, RESIDUAL, d, seed=seed + 3, dtype=dtype, scale=2.0)
     v_res = _randn(b, hkv, RESIDUAL, d, seed=seed + 4, dtype=dtype)
     k_sink = _randn(b, hkv, SINK, d, seed=seed + 5, dtype=dtype, scale=6.0)
@@ -194,15 +197,20 @@ def _codebook_inputs(layout: Layout, dtype: torch.dtype, k_bits: int, v_bits: in
     return q, k, v, k_res, v_res, k_sink, v_sink
 
 
-@pytest.mark.parametrize(("k_bits", "v_bits", "key_method"), [(4, 3, "kivi"), (2, 2, "kivi"), (3, 4, "codebook")],
-                         ids=["codebook-4x", "codebook-2bit", "codebook-keys"])
+@pytest.mark.parametrize(("k_bits", "v_bits", "key_method", "value_method"),
+                         [(4, 3, "kivi", "codebook"), (2, 2, "kivi", "codebook"), (3, 4, "codebook", "codebook"),
+                          (4, 2, "kivi", "vector"), (4, 3, "kivi", "vector"), (1, 1, "vector", "vector")],
+                         ids=["codebook-4x", "codebook-2bit", "codebook-keys", "codebook-5x", "vector-pairs",
+                              "vector-keys"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 def test_decode_attention_over_codebook_codes_and_a_sink_matches_twin(layout: Layout, dtype: torch.dtype,
-                                                                      k_bits: int, v_bits: int, key_method: str
-                                                                      ) -> None:
-    """As the min–max case: the same 16-bit inputs, float32 accumulation, agreement to about 1e-4."""
-    inputs = _codebook_inputs(layout, dtype, k_bits, v_bits, key_method, _seed(layout, dtype, k_bits, v_bits))
+                                                                      k_bits: int, v_bits: int, key_method: str,
+                                                                      value_method: str) -> None:
+    """As the min–max case: the same 16-bit inputs, float32 accumulation, agreement to about 1e-4; scalar
+    and vector codebooks (4 channels a point at 1-2 bits, 2 at 3 bits)."""
+    seed = _seed(layout, dtype, k_bits, v_bits, key_method, value_method)
+    inputs = _codebook_inputs(layout, dtype, k_bits, v_bits, key_method, seed, value_method)
     q, k, v, k_res, v_res, k_sink, v_sink = inputs
     sm_scale = layout.head_dim**-0.5
     out, lse = decode_attention_triton(q.to(DEVICE), _to_device(k), _to_device(v), k_res.to(DEVICE),

@@ -191,24 +191,33 @@ def test_vector_store_counts_the_codebook_bytes_and_reads_what_it_encoded(bits):
         assert err < 1.2 * VECTOR_DISTORTION.get((t, bits), lloyd_max(bits)[1])  # about the codebook's distortion
 
 
-def test_a_layer_of_vector_values_reads_dense_and_the_triton_kernel_refuses_its_codes():
+def test_a_layer_of_vector_values_hands_its_codes_to_the_triton_kernel():
     layer = KVCompressLayer(layer_plan(LayerRecipe(0, 16, 16, 2, 3),
                                        Quant(enabled=True, method="vector", key_method="kivi", group_size=16,
                                              residual_length=8)))
-    assert type(layer.value_store) is VectorCodebookStore and not layer.can_read("packed")
+    assert type(layer.value_store) is VectorCodebookStore and layer.can_read("packed")
     g = torch.Generator().manual_seed(4)
     k, v, q = torch.randn(1, 1, 21, 16, generator=g), torch.randn(1, 1, 21, 16, generator=g), torch.randn(1, 2, 16)
     layer.step(k[:, :, :20], v[:, :, :20])  # packs 16 tokens
-    dense = layer.step(k[:, :, 20:], v[:, :, 20:])  # reads them back, and 5 from the residual window
-    keys, values = layer.key_store.packed, layer.value_store.packed
-    assert values.table.shape == (64, 2)  # 3-bit values coded two channels at a time
-    args = (q, keys, values, dense.keys[:, :, 16:], dense.values[:, :, 16:], 0.25)
-    out, _ = decode_attention_ref(*args)  # the kernels' torch twin reads the vector codes as the store does
-    scores = torch.einsum("bhd,bhtd->bht", q, dense.keys.repeat_interleave(2, dim=1)) * 0.25
-    want = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), dense.values.repeat_interleave(2, dim=1))
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="scalar codebooks"):
-        decode_attention_triton(*args)
+    held = layer.step(k[:, :, 20:], v[:, :, 20:], layout="packed")  # codes and the residual, as the kernel reads them
+    assert held.values is layer.value_store.packed and held.values.table.shape == (64, 2)  # 3 bits, 2 channels a point
+    keys, values = layer.key_store.read(), layer.value_store.read()  # the stores' own dense reading, 21 tokens
+    scores = torch.einsum("bhd,bhtd->bht", q, keys.repeat_interleave(2, dim=1)) * 0.25
+    want = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), values.repeat_interleave(2, dim=1))
+    args = (q, held.keys, held.values, held.key_residual, held.value_residual, 0.25, held.key_sink, held.value_sink)
+    torch.testing.assert_close(decode_attention_ref(*args)[0], want, atol=1e-5, rtol=1e-5)  # the torch twin
+    torch.testing.assert_close(decode_attention_triton(*args)[0], want, atol=1e-5, rtol=1e-5)  # the interpreter
+
+
+def test_a_layer_whose_vector_points_straddle_the_kernels_bit_planes_reads_dense():
+    layer = KVCompressLayer(layer_plan(LayerRecipe(0, 16, 16, 2, 1),
+                                       Quant(enabled=True, method="vector", key_method="kivi", group_size=16,
+                                             residual_length=8)))
+    g = torch.Generator().manual_seed(5)
+    layer.step(torch.randn(1, 1, 20, 16, generator=g), torch.randn(1, 1, 20, 16, generator=g))
+    values = layer.value_store.packed
+    assert values.table.shape == (16, 4)  # 1-bit values, 4 channels a point; 16 channels pack in planes of 2 bytes
+    assert not layer.can_read("packed") and layer.can_read("dense")
 
 
 def test_vector_values_export_load_and_generate(llama_gqa, tmp_path, one_thread):

@@ -378,7 +378,8 @@ class CodebookStore(QuantizedStore):
 class VectorCodebookStore(CodebookStore):
     """:class:`CodebookStore` with tuples of channels coded jointly by a vector codebook of ``N(0, I_t)``
     (module docstring; ``t`` = :func:`tuple_dim` of the width and the group): the same bytes and groups, a
-    lower distortion. Read through the dense path on CUDA: the fused decode kernel reads scalar codebooks."""
+    lower distortion. On CUDA the fused decode kernel reads its codes through the points' table, where no point
+    straddles two of the kernel's bit planes (:func:`~kvcompress.kernels.pack.reads_tuples`)."""
 
     def _encode(self, x: torch.Tensor) -> TablePacked:
         group = effective_group(x.shape[-1], self.group_size) if self.along == "channels" else x.shape[-1]

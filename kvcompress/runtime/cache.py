@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcompress.kernels.pack import TablePacked
-from kvcompress.methods import CodebookStore, DenseStore, QuantizedStore, make_store
+from kvcompress.kernels.pack import TablePacked, reads_tuples
+from kvcompress.methods import CodebookStore, DenseStore, QuantizedStore, VectorCodebookStore, make_store
 from kvcompress.methods.kivi import Packed
 from kvcompress.methods.lagkv import compress_step, scored_chunks
 from kvcompress.plan import LayerPlan, layer_plan
@@ -33,7 +33,17 @@ Layout = Literal["dense", "workspace", "packed"]
 """How :meth:`KVCompressLayer.step` hands out what a layer holds: ``"dense"`` and ``"workspace"`` give a
 :class:`DenseKV` (fresh tensors, or the cache's reused workspace buffers), ``"packed"`` a :class:`PackedKV`."""
 
-PACKED_STORES = (QuantizedStore, CodebookStore)  # the stores whose codes the decode kernel reads (exact types)
+PACKED_STORES = (QuantizedStore, CodebookStore, VectorCodebookStore)  # the decode kernel reads these (exact types)
+
+
+def _kernel_reads(store: object) -> bool:
+    """Whether the decode kernel reads ``store``'s codes: its type is one of :data:`PACKED_STORES`, and the points
+    of a vector codebook do not straddle the kernel's bit planes (:func:`~kvcompress.kernels.pack.reads_tuples`)."""
+    if type(store) not in PACKED_STORES:
+        return False
+    p = store.packed
+    return (not isinstance(p, TablePacked) or p.table.dim() == 1
+            or reads_tuples(p.dim, p.bits, p.table.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -154,13 +164,14 @@ class KVCompressLayer(CacheLayerMixin):
         """Whether :meth:`step` can hand out this layer's tokens in ``layout``.
 
         ``"dense"`` and ``"workspace"`` always; ``"packed"`` when each stream is a plain KIVI store or a
-        scalar codebook store (:data:`PACKED_STORES`: not DecoQuant cores, vector codebooks nor channel runs
-        of several widths), both with the same sink and flush block (so both hold the same packed tokens),
-        and no padding flags are stored, which is what the fused decode kernel reads.
+        codebook store (:data:`PACKED_STORES`: not DecoQuant cores nor channel runs of several widths; a
+        vector codebook's points within the kernel's bit planes), both with the same sink and flush block (so
+        both hold the same packed tokens), and no padding flags are stored, which is what the fused decode
+        kernel reads.
         """
         if layout == "packed":
             keys, values = self.key_store, self.value_store
-            return (self.valid is None and all(type(store) in PACKED_STORES for store in (keys, values))
+            return (self.valid is None and all(_kernel_reads(store) for store in (keys, values))
                     and keys.sink == values.sink and keys.block == values.block)
         return layout in ("dense", "workspace")
 
