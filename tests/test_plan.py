@@ -71,7 +71,15 @@ def test_manifest_of_0_1_0_loads_into_the_same_plan_and_model(tmp_path):
     export(open_source(tiny.path), new, recipe, dtype="float32")
     old = tmp_path / "old"
     shutil.copytree(new, old)
-    shutil.copy(OLD_MANIFEST, old / MANIFEST_NAME)  # its checksums cover the same weight and tokenizer bytes
+    manifest = json.loads(OLD_MANIFEST.read_text())
+    written = json.loads((new / MANIFEST_NAME).read_text())["files"]
+    assert manifest["files"].keys() == written.keys()  # 0.1.0 wrote and checksummed the same files
+    assert {n: d for n, d in manifest["files"].items() if n != "model.safetensors"} == {
+        n: d for n, d in written.items() if n != "model.safetensors"}  # config and tokenizer: the same bytes
+    # the low-rank weights' bytes depend on the machine's float kernels (the SVD, the whitening GEMMs): on
+    # some machines this export's differ from those 0.1.0 checksummed, so take this export's digest for them
+    manifest["files"]["model.safetensors"] = written["model.safetensors"]
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
     model_old, _ = kvcompress.load(old)  # verify=True: files checked against the 0.1.0 manifest
     model_new, _ = kvcompress.load(new)
     assert model_old.kvcompress_manifest["schema_version"] == 1 and model_new.kvcompress_manifest["schema_version"] == 2
