@@ -569,20 +569,19 @@ def _tuple_levels(table_ptr, q, mask, BITS: tl.constexpr, TUPLE: tl.constexpr):
     R: tl.constexpr = q.shape[0]
     BLOCK_B: tl.constexpr = q.shape[1]
     PER: tl.constexpr = q.shape[2]
-    shape: tl.constexpr = (R, BLOCK_B // TUPLE, TUPLE, PER)
     i = tl.arange(0, TUPLE)
-    digits = tl.reshape(q, shape) << (BITS * (TUPLE - 1 - i))[None, None, :, None]
+    digits = tl.reshape(q, (R, BLOCK_B // TUPLE, TUPLE, PER)) << (BITS * (TUPLE - 1 - i))[None, None, :, None]
     point = tl.sum(digits, axis=2)  # [R, BLOCK_B / TUPLE, PER], first channel most significant
     entry = point[:, :, None, :] * TUPLE + i[None, None, :, None]
-    levels = tl.load(table_ptr + entry, mask=tl.reshape(mask, shape), other=0.0)
+    levels = tl.load(table_ptr + entry, mask=tl.reshape(mask, (R, BLOCK_B // TUPLE, TUPLE, PER)), other=0.0)
     return tl.reshape(levels, (R, BLOCK_B, PER))
 
 
 def reads_tuples(dim: int, bits: int, t: int) -> bool:
-    """Whether :func:`load_dequant` reads ``t``-channel points of ``dim``-channel rows of ``bits``-wide codes: the
-    widest piece's bytes per row (its plane length) must be a multiple of ``t``, so that no point straddles
-    two planes."""
-    return piece_bytes(dim, pieces(bits)[0]) % t == 0
+    """Whether :func:`load_dequant` reads ``t``-channel points of ``dim``-channel rows of ``bits``-wide codes: ``t``
+    must be a power of two (a Triton block) and the widest piece's bytes per row (its plane length) a multiple
+    of ``t``, so that no point straddles two planes."""
+    return t & (t - 1) == 0 and piece_bytes(dim, pieces(bits)[0]) % t == 0
 
 
 @triton.jit

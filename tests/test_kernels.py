@@ -392,6 +392,7 @@ def test_decode_triton_matches_ref_over_vector_codebook_codes(b: int, hkv: int, 
 ])
 def test_the_kernel_reads_vector_points_only_within_one_bit_plane(dim: int, bits: int, t: int, reads: bool) -> None:
     assert reads_tuples(dim, bits, t) is reads
+    assert not reads_tuples(3 * dim, bits, 3)  # 3-channel points: not a block Triton can reshape into
     q, k, v, k_res, v_res, _, _ = _table_cache(1, 1, 1, 8, 1, 8, dim, "kivi", 4, bits, 0, v_group=dim, seed=2,
                                                v_kind="vector")
     assert v.table.shape[1] == t

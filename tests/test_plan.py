@@ -80,7 +80,7 @@ def test_manifest_of_0_1_0_loads_into_the_same_plan_and_model(tmp_path):
     # some machines this export's differ from those 0.1.0 checksummed, so take this export's digest for them
     manifest["files"]["model.safetensors"] = written["model.safetensors"]
     (old / MANIFEST_NAME).write_text(json.dumps(manifest))
-    model_old, _ = kvcompress.load(old)  # verify=True: files checked against the 0.1.0 manifest
+    model_old, _ = kvcompress.load(old)  # verify=True: files checked against the 0.1.0 manifest's digests (as above)
     model_new, _ = kvcompress.load(new)
     assert model_old.kvcompress_manifest["schema_version"] == 1 and model_new.kvcompress_manifest["schema_version"] == 2
     assert model_old.kvcompress_plan == model_new.kvcompress_plan

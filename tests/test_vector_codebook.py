@@ -213,11 +213,14 @@ def test_a_layer_whose_vector_points_straddle_the_kernels_bit_planes_reads_dense
     layer = KVCompressLayer(layer_plan(LayerRecipe(0, 16, 16, 2, 1),
                                        Quant(enabled=True, method="vector", key_method="kivi", group_size=16,
                                              residual_length=8)))
+    assert not layer.can_read("packed")  # decided from the layout, before anything is packed
     g = torch.Generator().manual_seed(5)
     layer.step(torch.randn(1, 1, 20, 16, generator=g), torch.randn(1, 1, 20, 16, generator=g))
     values = layer.value_store.packed
     assert values.table.shape == (16, 4)  # 1-bit values, 4 channels a point; 16 channels pack in planes of 2 bytes
     assert not layer.can_read("packed") and layer.can_read("dense")
+    with pytest.raises(ValueError, match="vector points"):
+        layer.step(torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g), layout="packed")
 
 
 def test_vector_values_export_load_and_generate(llama_gqa, tmp_path, one_thread):

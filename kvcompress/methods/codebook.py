@@ -381,6 +381,11 @@ class VectorCodebookStore(CodebookStore):
     lower distortion. On CUDA the fused decode kernel reads its codes through the points' table, where no point
     straddles two of the kernel's bit planes (:func:`~kvcompress.kernels.pack.reads_tuples`)."""
 
+    def tuple_size(self, width: int) -> int:
+        """Channels per point for a ``width``-channel stream: :func:`tuple_dim` of the group (values) or of the
+        whole width (keys, whose groups run along tokens)."""
+        group = effective_group(width, self.group_size) if self.along == "channels" else width
+        return tuple_dim(self.bits, group)
+
     def _encode(self, x: torch.Tensor) -> TablePacked:
-        group = effective_group(x.shape[-1], self.group_size) if self.along == "channels" else x.shape[-1]
-        return encode(x, self.bits, self.group_size, self.along, tuple_size=tuple_dim(self.bits, group))
+        return encode(x, self.bits, self.group_size, self.along, tuple_size=self.tuple_size(x.shape[-1]))

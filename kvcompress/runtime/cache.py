@@ -36,14 +36,13 @@ Layout = Literal["dense", "workspace", "packed"]
 PACKED_STORES = (QuantizedStore, CodebookStore, VectorCodebookStore)  # the decode kernel reads these (exact types)
 
 
-def _kernel_reads(store: object) -> bool:
-    """Whether the decode kernel reads ``store``'s codes: its type is one of :data:`PACKED_STORES`, and the points
-    of a vector codebook do not straddle the kernel's bit planes (:func:`~kvcompress.kernels.pack.reads_tuples`)."""
+def _kernel_reads(store: object, width: int) -> bool:
+    """Whether the decode kernel reads the codes of ``store``, a ``width``-channel stream: its type is one of
+    :data:`PACKED_STORES`, and the points of a vector codebook do not straddle the kernel's bit planes
+    (:func:`~kvcompress.kernels.pack.reads_tuples`), decided from the layout before anything is packed."""
     if type(store) not in PACKED_STORES:
         return False
-    p = store.packed
-    return (not isinstance(p, TablePacked) or p.table.dim() == 1
-            or reads_tuples(p.dim, p.bits, p.table.shape[1]))
+    return not isinstance(store, VectorCodebookStore) or reads_tuples(width, store.bits, store.tuple_size(width))
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,8 @@ class KVCompressLayer(CacheLayerMixin):
         """
         if layout == "packed":
             keys, values = self.key_store, self.value_store
-            return (self.valid is None and all(_kernel_reads(store) for store in (keys, values))
+            return (self.valid is None and _kernel_reads(keys, self.plan.keys.rank)
+                    and _kernel_reads(values, self.plan.values.rank)
                     and keys.sink == values.sink and keys.block == values.block)
         return layout in ("dense", "workspace")
 
@@ -221,7 +221,7 @@ class KVCompressLayer(CacheLayerMixin):
         if layout == "packed":
             if not self.can_read("packed"):
                 raise ValueError("this layer's stores are not both KIVI or codebook stores with one sink and "
-                                 "no padding")
+                                 "no padding (nor vector points within the kernel's bit planes)")
             return PackedKV(keys.packed, values.packed, keys.residual(), values.residual(),
                             keys.sink_copy, values.sink_copy)
         if layout == "workspace":
