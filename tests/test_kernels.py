@@ -35,7 +35,7 @@ from kvcompress.kernels.pack import (
     unpack_dequantize_ref,
     unpack_dequantize_triton,
 )
-from kvcompress.methods import codebook
+from kvcompress.methods import VectorCodebookStore, codebook
 from kvcompress.methods.kivi import Packed, dequantize, quantize
 
 LAYOUTS = [
@@ -264,9 +264,9 @@ def _table_cache(b: int, hkv: int, n_rep: int, tq: int, tr: int, dk: int, dv: in
     if k_kind == "kivi":
         k = quantize(keys, k_bits, 8, "tokens")
     else:
-        k = codebook.encode(keys, k_bits, 8, "tokens",
-                            tuple_size=codebook.tuple_dim(k_bits, dk) if k_kind == "vector" else 1)
-    v_tuple = codebook.tuple_dim(v_bits, min(v_group, dv)) if v_kind == "vector" else 1
+        k_tuple = VectorCodebookStore(k_bits, 8, "tokens", 8).tuple_size(dk) if k_kind == "vector" else 1
+        k = codebook.encode(keys, k_bits, 8, "tokens", tuple_size=k_tuple)
+    v_tuple = VectorCodebookStore(v_bits, v_group, "channels", 8).tuple_size(dv) if v_kind == "vector" else 1
     v = codebook.encode(torch.randn(b, hkv, tq, dv, generator=g), v_bits, v_group, "channels", tuple_size=v_tuple)
     k_res = torch.randn(b, hkv, tr, dk, generator=g) * 2
     v_res = torch.randn(b, hkv, tr, dv, generator=g)

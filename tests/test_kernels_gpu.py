@@ -39,7 +39,7 @@ from kvcompress.kernels.pack import (
     unpack_dequantize_ref,
     unpack_dequantize_triton,
 )
-from kvcompress.methods import codebook
+from kvcompress.methods import VectorCodebookStore, codebook
 from kvcompress.methods.kivi import Packed, quantize
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -185,10 +185,10 @@ def _codebook_inputs(layout: Layout, dtype: torch.dtype, k_bits: int, v_bits: in
     b, hkv, d = BATCH, layout.kv_heads, layout.head_dim
     q = _randn(b, layout.query_heads, d, seed=seed, dtype=dtype)
     keys = _randn(b, hkv, TOKENS, d, seed=seed + 1, scale=2.0)
-    k_tuple = codebook.tuple_dim(k_bits, d) if key_method == "vector" else 1
+    k_tuple = VectorCodebookStore(k_bits, 32, "tokens", 32).tuple_size(d) if key_method == "vector" else 1
     k = (quantize(keys, k_bits, 32, "tokens") if key_method == "kivi"
          else codebook.encode(keys, k_bits, 32, "tokens", tuple_size=k_tuple))
-    v_tuple = codebook.tuple_dim(v_bits, 64) if value_method == "vector" else 1
+    v_tuple = VectorCodebookStore(v_bits, 64, "channels", 32).tuple_size(d) if value_method == "vector" else 1
     v = codebook.encode(_randn(b, hkv, TOKENS, d, seed=seed + 2), v_bits, 64, "channels", tuple_size=v_tuple)
     k_res = _randn(b, hkv, RESIDUAL, d, seed=seed + 3, dtype=dtype, scale=2.0)
     v_res = _randn(b, hkv, RESIDUAL, d, seed=seed + 4, dtype=dtype)
