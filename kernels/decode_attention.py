@@ -240,6 +240,9 @@ def _operands(p: Codes) -> tuple[torch.Tensor | int | None, ...]:
     them (contiguous), and the channels per point of the table (1 for a scalar codebook or none)."""
     base, table = (p.mean, p.table.float()) if isinstance(p, TablePacked) else (p.minimum, None)
     t = 1 if table is None or table.dim() == 1 else table.shape[1]
+    if isinstance(p, TablePacked) and p.joint:
+        raise ValueError(f"the Triton decode kernel reads codes of integer widths, not {p.bits}-bit points (one code "
+                         f"per point; read them with decode_attention_ref)")
     if t > 1 and not reads_tuples(p.dim, p.bits, t):
         raise ValueError(f"the Triton decode kernel reads {t}-channel points only when the {p.bits}-bit codes' "
                          f"bit planes of {p.dim} channels split into whole points (read it with decode_attention_ref)")
@@ -277,10 +280,10 @@ def decode_attention_triton(q: torch.Tensor, k: Codes | None, v: Codes | None, k
     q = q.contiguous()
     qk_scale = sm_scale * math.log2(math.e)
     if n_quant:
-        k_per, block_kb = plane_tile(dk, pieces(k.bits)[0])  # packed rows dequantize in the widest piece's planes
-        v_per, block_vb = plane_tile(dv, pieces(v.bits)[0])
         kc, ks, kb, kt, k_tuple = _operands(k)
         vc, vs, vb, vt, v_tuple = _operands(v)
+        k_per, block_kb = plane_tile(dk, pieces(k.bits)[0])  # packed rows dequantize in the widest piece's planes
+        v_per, block_vb = plane_tile(dv, pieces(v.bits)[0])
         _quantized_partial_kernel[(b * hkv, n_quant)](
             q, kc, ks, kb, kt, vc, vs, vb, vt, m, l, acc,
             tq, n_sink, split_size, n_split, qk_scale, n_rep, dk, dv, k.group_size, v.group_size,

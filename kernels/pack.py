@@ -108,7 +108,12 @@ class TablePacked:
     table
         float32 ``[2**bits]``, the level of each code, on the codes' device; or a vector codebook
         ``[2**(bits·t), t]``, whose point :func:`tuple_index` of each run of ``t`` codes gives ``t`` channels.
-    bits, group_size, along, dim
+    bits
+        Bits per channel: an integer 1 to 8 (codes of :class:`Packed`'s layout, a vector codebook's point
+        written as ``t`` digits), or a fractional width such as 1.5 with a vector codebook whose ``bits·t`` is
+        an integer (64 points of 4 channels): then each point is one :attr:`index_bits`-wide code, ``D / t``
+        codes per token packed as any codes (``[..., T, packed_bytes(D / t, bits·t)]``).
+    group_size, along, dim
         As :class:`Packed`'s.
     """
 
@@ -116,7 +121,7 @@ class TablePacked:
     scale: torch.Tensor
     mean: torch.Tensor | None
     table: torch.Tensor
-    bits: int
+    bits: float
     group_size: int
     along: Along
     dim: int
@@ -125,6 +130,21 @@ class TablePacked:
     def num_tokens(self) -> int:
         """``T``, the number of tokens stored."""
         return self.codes.shape[-2]
+
+    @property
+    def joint(self) -> bool:
+        """Whether each point of the vector codebook is one packed code (a fractional :attr:`bits`)."""
+        return self.bits != int(self.bits)
+
+    @property
+    def index_bits(self) -> int:
+        """The width of each packed code: :attr:`bits`, or ``bits·t`` for one code per point."""
+        return round(self.bits * self.table.shape[1]) if self.joint else int(self.bits)
+
+    @property
+    def index_dim(self) -> int:
+        """Packed codes per token: ``D``, or ``D / t`` for one code per point."""
+        return self.dim // self.table.shape[1] if self.joint else self.dim
 
     def nbytes(self) -> int:
         """Exact storage in bytes of codes, scale and mean (the table, shared by every token, left out)."""
@@ -580,8 +600,8 @@ def _tuple_levels(table_ptr, q, mask, BITS: tl.constexpr, TUPLE: tl.constexpr):
 def reads_tuples(dim: int, bits: int, t: int) -> bool:
     """Whether :func:`load_dequant` reads ``t``-channel points of ``dim``-channel rows of ``bits``-wide codes: ``t``
     must be a power of two (a Triton block) and the widest piece's bytes per row (its plane length) a multiple
-    of ``t``, so that no point straddles two planes."""
-    return t & (t - 1) == 0 and piece_bytes(dim, pieces(bits)[0]) % t == 0
+    of ``t``, so that no point straddles two planes. A fractional width (one code per point) is not read."""
+    return bits == int(bits) and t & (t - 1) == 0 and piece_bytes(dim, pieces(int(bits))[0]) % t == 0
 
 
 @triton.jit
@@ -789,9 +809,9 @@ def dequantize(p: Packed | TablePacked, dtype: torch.dtype = torch.float32,
     if isinstance(p, Packed):
         return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype, out)
     *lead, t, _ = p.codes.shape
-    gt, gc = group_shape((*lead, t, p.dim), p.bits, p.group_size, p.along)
-    idx = unpack_indices(p.codes, p.bits, p.dim).long()
-    if p.table.dim() == 2:  # a vector codebook: each run of t codes indexes one point of t channels
+    gt, gc = group_shape((*lead, t, p.dim), p.index_bits, p.group_size, p.along)
+    idx = unpack_indices(p.codes, p.index_bits, p.index_dim).long()
+    if p.table.dim() == 2 and not p.joint:  # a vector codebook: each run of t codes indexes one point of t channels
         idx = tuple_index(idx.view(*idx.shape[:-1], -1, p.table.shape[1]), p.bits)
     x = p.table.float()[idx].view(*lead, t, p.dim)
     shape = (math.prod(lead), t // gt, 1, p.dim // gc, 1)

@@ -47,7 +47,8 @@ class StreamPlan:
     rank
         Latent channels.
     bits
-        Code width; 16 = not quantized; a tuple gives one width per ``segment`` channels.
+        Code width (an int, or a fractional width such as 1.5 for the quantizers that store one); 16 = not
+        quantized; a tuple gives one integer width per ``segment`` channels.
     group
         Quantization group: tokens for keys (per-channel scales), channels for values (per-token scales).
     segment
@@ -61,7 +62,7 @@ class StreamPlan:
     """
 
     rank: int
-    bits: int | tuple[int, ...]
+    bits: float | tuple[int, ...]
     group: int
     segment: int
     block: int
@@ -165,8 +166,8 @@ class Plan:
         return plan
 
 
-def _json_bits(bits: int | tuple[int, ...]) -> int | list[int]:
-    return bits if isinstance(bits, int) else list(bits)
+def _json_bits(bits: float | tuple[int, ...]) -> float | list[int]:
+    return list(bits) if isinstance(bits, tuple) else bits
 
 
 def _layer_from_manifest(lay: dict) -> LayerPlan:
@@ -183,8 +184,9 @@ def layer_plan(lay: LayerRecipe, quant: Quant, folded: bool = True) -> LayerPlan
     """One layer's plan from its recipe entry and ``[quant]``: the one place where stream defaults resolve
     (key group, flush block, 16 bits when quantization is off)."""
 
-    def stream(rank: int, bits: int | list[int], group: int, segment: int, method: str) -> StreamPlan:
-        width = (bits if isinstance(bits, int) else tuple(int(b) for b in bits)) if quant.enabled else DENSE
+    def stream(rank: int, bits: float | list[int], group: int, segment: int, method: str) -> StreamPlan:
+        width = (tuple(int(b) for b in bits) if isinstance(bits, list | tuple) else
+                 int(bits) if bits == int(bits) else float(bits)) if quant.enabled else DENSE
         return StreamPlan(rank, width, group, segment, quant.residual_length or group, method, quant.sink)
 
     return LayerPlan(
@@ -211,6 +213,10 @@ def build_plan(recipe: Recipe, spec: ModelSpec, dtype: str = "float16") -> Plan:
         for name, stream in (("k", lay.keys), ("v", lay.values)):
             if stream.quantized:
                 quantizer(stream.method).check(f"layer {lay.layer}: rank_{name}", stream.rank, stream.block)
+                channel_group = stream.rank if name == "k" else stream.group
+                for b in set(stream.bits) if isinstance(stream.bits, tuple) else {stream.bits}:
+                    quantizer(stream.method).check_bits(f"layer {lay.layer}: bits_{name}", stream.method, b,
+                                                        stream.rank, channel_group)
             if stream.quantized and stream.sink >= stream.block:
                 raise KVCompressError(f"[quant] sink ({stream.sink}) must be shorter than the flush block of layer "
                                       f"{lay.layer}'s {name} ({stream.block} tokens)")

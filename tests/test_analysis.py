@@ -23,6 +23,7 @@ from kvcompress.methods.kivi import dequantize, quantize
 from kvcompress.methods.lowrank import energy_kept, group_svd, whitening_factor
 from kvcompress.methods.minikv import allocate_bits
 from kvcompress.methods.rotation import random_orthogonal
+from kvcompress.plan import build_plan
 from kvcompress.recipe import LayerRecipe, Quant, Recipe, load_recipe, recipe_from_dict
 from kvcompress.sources import ModelSpec, open_source
 
@@ -200,6 +201,36 @@ def test_allocate_bits_spends_on_the_most_sensitive_layer():
     assert allocate_bits([0.1, 5.0, 0.2, 0.3], 2.5, choices=(2, 4, 8)) == [2, 4, 2, 2]
 
 
+def test_a_ladder_with_half_a_bit_takes_the_half_step_where_a_whole_bit_does_not_fit():
+    # a vector codebook's values also store 1.5 bits: from 1 bit everywhere, half a bit of budget per unit
+    vector, kivi = (1, 1.5, 2, 3, 4, 5, 6, 7, 8), tuple(range(1, 9))
+    assert allocate_bits([1.0, 1.0], 1.25, ladders=[vector, kivi]) == [1.5, 1]  # the other's 1-bit step won't fit
+    assert allocate_bits([1.0, 1.0], 1.25) == [1, 1]
+    assert allocate_bits([1.0, 1.0], 1.5, ladders=[vector, vector]) == [1.5, 1.5]
+    # per bit, 1 -> 1.5 halves the damage (1/2 per half bit) and beats 1 -> 2 (3/4 per bit); then 1.5 -> 2 follows
+    assert allocate_bits([1.0, 1.0], 1.5, ladders=[vector, kivi]) == [2, 1]
+    assert sorted(allocate_bits([1.0, 1.0], 1.5)) == [1, 2]  # integer ladders: the whole bit goes to one of them
+    # the damage model s·4^-(b-1): the 1.5 step halves a unit's damage, so the more sensitive unit goes first
+    assert allocate_bits([1.0, 3.0], 1.25, ladders=[vector, vector]) == [1, 1.5]
+
+
+@settings(max_examples=200, deadline=None)
+@given(sens=SENS, avg=st.floats(min_value=1.0, max_value=8.0), seed=st.integers(0, 1000))
+def test_allocate_bits_over_per_unit_ladders_stays_on_each_ladder_and_within_the_budget(sens, avg, seed):
+    g = torch.Generator().manual_seed(seed)
+    ladders = [(1, 1.5, 2, 3, 4, 5, 6, 7, 8) if int(torch.randint(0, 2, (1,), generator=g)) else tuple(range(1, 9))
+               for _ in sens]
+    widths = torch.randint(1, 33, (len(sens),), generator=g).tolist()
+    bits = allocate_bits(sens, avg, widths=widths, ladders=ladders)
+    assert all(b in ladder for b, ladder in zip(bits, ladders, strict=True))
+    spent = sum(b * w for b, w in zip(bits, widths, strict=True))
+    assert spent <= avg * sum(widths) + 1e-6
+    # greedy stops only when no unit's next step fits what is left
+    left = avg * sum(widths) - spent
+    for b, w, ladder in zip(bits, widths, ladders, strict=True):
+        assert b == 8 or (ladder[ladder.index(b) + 1] - b) * w > left - 1e-9
+
+
 def test_equal_sensitivities_get_uniform_bits():
     # --no-sensitivity measures nothing (all zeros): the budget must spread evenly, not pile onto one stream
     assert allocate_bits([0.0] * 4, 4.0) == [4, 4, 4, 4]
@@ -310,6 +341,30 @@ def test_analyze_end_to_end_with_sensitivity(tiny_factory, name):
     rec.validate(source.spec)
 
 
+@pytest.mark.parametrize("half_bits", [False, True])
+def test_the_allocation_gives_vector_values_half_bits_only_when_asked(llama_gqa, half_bits):
+    source = open_source(llama_gqa.path)
+    rec = _small_calibration(Recipe())
+    rec.lowrank.target_ratio = 1.0
+    avg = 13 / 12  # three layers, six streams: half a bit over 1 bit each, too little for a whole-bit step
+    for key, value in dict(enabled=True, method="vector", key_method="kivi", avg_bits=avg, group_size=8,
+                           key_group_size=4, residual_length=8, half_bits=half_bits).items():
+        setattr(rec.quant, key, value)
+    rows = analyze(source, source.tokenizer(), rec, sensitivity=True).to_json()["layers"]
+    vector, kivi = (1, 1.5, *range(2, 9)), tuple(range(1, 9))
+    want = allocate_bits([s for r in rows for s in (r["sensitivity_k"], r["sensitivity_v"])], avg,
+                         ladders=[kivi, vector if half_bits else kivi] * len(rows))
+    assert [b for r in rows for b in (r["bits_k"], r["bits_v"])] == want  # the measured sensitivities, allocated
+    assert want.count(1.5) == half_bits and sum(want) <= 6.5  # with half bits, one value stream takes 1.5
+    build_plan(rec, source.spec)
+
+
+def test_half_bits_needs_a_quantizer_that_stores_them():
+    with pytest.raises(KVCompressError, match=r"half_bits needs a quantizer that stores 1.5 bits \(method = "
+                                              r"'vector'\), got 'codebook'"):
+        recipe_from_dict({"quant": {"enabled": True, "method": "codebook", "half_bits": True}})
+
+
 def test_analyze_cli_per_head_groups_on_gqa(llama_gqa):
     res = run_cli("analyze", llama_gqa.path, "--head-group", "1", "--no-sensitivity", "--json")
     assert res.exit_code == 0, res.stderr
@@ -402,8 +457,11 @@ def _layers(rank_k=8, rank_v=8, bits_k=16, bits_v=16):
 @pytest.mark.parametrize(("data", "pattern"), [
     ({"lowrank": {"target_ratio": 0}}, r"target_ratio must be in \(0, 1\], got 0"),
     ({"lowrank": {"target_ratio": 1.5}}, r"target_ratio must be in \(0, 1\], got 1.5"),
-    ({"layers": _layers(bits_k=9)}, r"layer 0: bits_k must be an integer from 1 to 8 \(or 16 = off\), got 9"),
-    ({"layers": _layers(bits_v=0)}, r"bits_v must be an integer from 1 to 8 .*got 0"),
+    ({"layers": _layers(bits_k=9)}, r"layer 0: bits_k must be a code width from 1 to 8 \(an integer, or 1.5 for "
+                                    r"method = 'vector'; 16 = off\), got 9"),
+    ({"layers": _layers(bits_v=0)}, r"bits_v must be a code width from 1 to 8 .*got 0"),
+    ({"layers": _layers(bits_v=2.25)}, r"bits_v must be a code width from 1 to 8 .*got 2.25"),
+    ({"quant": {"key_bits": 4, "value_bits": 2.25}}, r"key_bits and value_bits must both be 0 .*got 4 and 2.25"),
     ({"layers": _layers(bits_k=[4])}, r"bits_k is a list; that needs \[quant\] allocation = 'channels'"),
     ({"quant": {"allocation": "channels", "segment": 4}, "layers": _layers(bits_k=[4, 12])},
      r"bits_k entries must be integers from 1 to 8, got \[4, 12\]"),
@@ -426,7 +484,7 @@ def _layers(rank_k=8, rank_v=8, bits_k=16, bits_v=16):
     ({"quant": {"enabled": 1}}, r"\[quant\] enabled must be true or false, got 1"),
     ({"lowrank": {"head_group": 1.5}}, r"\[lowrank\] head_group must be an integer, got 1.5"),
     ({"layers": [{"layer": 0, "rank_k": 8, "rank_v": 8, "bits_k": "4"}]},
-     r"\[\[layers\]\] entry 1 bits_k must be an integer or a list of integers, got '4'"),
+     r"\[\[layers\]\] entry 1 bits_k must be a number or a list of integers, got '4'"),
     ({"quant": 4}, r"\[quant\] must be a table"),
     ({"name": 3}, r"recipe name must be a string"),
     ({"lowrank": {"svd": "qr"}}, r"svd must be one of"),

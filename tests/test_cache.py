@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -642,7 +640,8 @@ def test_lagkv_quantized_decode_is_pinned(llama_gqa, tmp_path, one_thread, monke
     import kvcompress.analysis.analyze as analyze_mod
 
     # the pinned runs allocated from {2, 4, 8}, before any width 1-8 could be chosen
-    monkeypatch.setattr(analyze_mod, "allocate_bits", functools.partial(analyze_mod.allocate_bits, choices=(2, 4, 8)))
+    allocate = analyze_mod.allocate_bits
+    monkeypatch.setattr(analyze_mod, "allocate_bits", lambda sens, avg, **_: allocate(sens, avg, choices=(2, 4, 8)))
     monkeypatch.setattr(analyze_mod, "BITS", (2, 4, 8))  # so a 3-bit average is measured and mixed
     model = _export(llama_gqa, tmp_path, **PINNED_CASES[case])
     monkeypatch.undo()

@@ -22,8 +22,9 @@ from kvcompress.methods import make_store
 from kvcompress.methods.codebook import CodebookStore
 from kvcompress.methods.key_axes import KeyMoments, query_axes, segment_bits
 from kvcompress.methods.rotation import random_orthogonal
+from kvcompress.plan import build_plan
 from kvcompress.recipe import LayerRecipe, load_recipe, recipe_from_dict, shipped_recipe_path
-from kvcompress.sources import open_source
+from kvcompress.sources import ModelSpec, open_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -279,11 +280,14 @@ def test_impossible_key_axes_recipes_are_refused(quant, pattern):
 
 def test_fractional_layer_bits_are_refused_in_one_line():
     recipe = _axes_recipe()
-    recipe.layers = [LayerRecipe(0, 8, 8, 3.5, 3)]
-    with pytest.raises(KVCompressError, match=r"layer 0: bits_k must be an integer from 1 to 8 or a list of them, "
-                                              r"got 3.5") as e:
-        recipe.validate()
+    recipe.layers = [LayerRecipe(0, 8, 8, 3.5, 3)]  # a width by its form, which no key quantizer stores
+    with pytest.raises(KVCompressError, match=r"layer 0: bits_k: kivi codes are 1, 2, 3, 4, 5, 6, 7, 8 bits wide, "
+                                              r"got 3.5$") as e:
+        build_plan(recipe, ModelSpec("llama", 1, 16, 2, 1, 8, 1e4, False, False))
     assert "\n" not in str(e.value)
+    recipe.layers = [LayerRecipe(0, 8, 8, 3.25, 3)]
+    with pytest.raises(KVCompressError, match=r"layer 0: bits_k must be a code width from 1 to 8 .*got 3.25"):
+        recipe.validate()
 
 
 def test_analyze_with_quantization_off_ignores_the_key_axes(llama_gqa):

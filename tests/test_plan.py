@@ -14,6 +14,8 @@ from conftest import build_tiny
 import kvcompress
 from kvcompress.checkpoint.export import export
 from kvcompress.checkpoint.manifest import MANIFEST_NAME
+from kvcompress.errors import KVCompressError
+from kvcompress.methods import VectorCodebookStore, make_store
 from kvcompress.plan import Plan, build_plan
 from kvcompress.recipe import LayerRecipe, load_recipe, recipe_from_dict
 from kvcompress.sources import ModelSpec, open_source
@@ -51,6 +53,39 @@ def test_plan_survives_the_manifest(quant):
     keys = plan.layers[0].keys
     assert keys.quantized == rec.quant.enabled and plan.eviction.keep_ratio == 0.25
     assert plan.eviction is not rec.lagkv  # the plan keeps its own copy: editing the recipe later changes nothing
+
+
+def _half_bit(method: str, bits_v: float = 1.5, group_size: int = 16):
+    return recipe_from_dict({"quant": {"enabled": True, "method": method, "key_method": "kivi", "key_rope": "post",
+                                       "group_size": group_size, "residual_length": 32},
+                             "lowrank": {"enabled": False, "head_group": 1},
+                             "layers": [{"layer": i, "rank_k": 16, "rank_v": 16, "bits_k": 2, "bits_v": bits_v}
+                                        for i in range(2)]})
+
+
+def test_a_vector_codebook_plan_holds_half_bit_values_through_the_manifest():
+    plan = build_plan(_half_bit("vector"), SPEC)
+    manifest = plan.to_manifest()
+    assert [lay["bits_v"] for lay in manifest["layers"]] == [1.5, 1.5]
+    again = Plan.from_manifest(json.loads(json.dumps(manifest)))
+    assert again == plan and again.layers[0].values.bits == 1.5 and again.layers[0].keys.bits == 2
+    store = make_store(1.5, 16, "channels", 32, "vector")
+    assert type(store) is VectorCodebookStore and store.tuple_size(16) == 4
+
+
+@pytest.mark.parametrize(("method", "bits_v", "group", "pattern"), [
+    ("codebook", 1.5, 16, r"layer 0: bits_v: codebook codes are 1, 2, 3, 4, 5, 6, 7, 8 bits wide, got 1.5 "
+                          r"\(1.5 bits is a vector codebook's width: \[quant\] method = \"vector\"\)"),
+    ("kivi", 1.5, 16, r"kivi codes are 1, 2, .* got 1.5 \(1.5 bits is a vector codebook's width"),
+    ("vector", 2.5, 16, r"layer 0: bits_v: vector codes are 1, 1.5, 2, 3, 4, 5, 6, 7, 8 bits wide, got 2.5$"),
+    ("vector", 1.5, 1, r"layer 0: bits_v: 1.5-bit codes need groups of an even number of channels, got 1"),
+])
+def test_a_width_the_quantizer_does_not_store_is_refused_when_the_plan_is_built(method, bits_v, group, pattern):
+    rec = _half_bit(method, bits_v, group)
+    rec.quant.residual_length = 0
+    with pytest.raises(KVCompressError, match=pattern) as e:
+        build_plan(rec, SPEC)
+    assert "\n" not in str(e.value)
 
 
 def test_plan_resolves_the_flush_block_without_a_window():

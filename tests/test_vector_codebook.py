@@ -17,6 +17,7 @@ from kvcompress.kernels.pack import dequantize, tuple_index, unpack_codes
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import QUANTIZERS, CodebookStore, VectorCodebookStore
 from kvcompress.methods.codebook import (
+    FRACTIONAL,
     TUPLES,
     VECTOR_DISTORTION,
     decode,
@@ -47,11 +48,14 @@ def _gauss(*shape: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize(("t", "bits"), sorted(VECTOR_DISTORTION))
 def test_shipped_codebooks_have_the_quoted_distortion_on_fresh_gaussian_tuples(t, bits):
     points = vector_points(t, bits, CPU)
-    assert points.shape == (2 ** (bits * t), t) and points.dtype == torch.float32
+    assert points.shape == (2 ** round(bits * t), t) and points.dtype == torch.float32
     assert torch.unique(points, dim=0).shape[0] == points.shape[0]  # no point repeated
     x = torch.randn(400_000, t, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     mse = float((x - points.double()[nearest(x.float(), points)]).square().mean())
     assert mse == pytest.approx(VECTOR_DISTORTION[(t, bits)], rel=0.01)
+    if bits in FRACTIONAL:  # between the scalar codes of the integer widths around it
+        assert lloyd_max(math.ceil(bits))[1] < mse < lloyd_max(math.floor(bits))[1] * 0.6
+        return
     # joint coding never loses to the scalar Lloyd–Max code of the same width, and wins from 2 bits
     assert mse < lloyd_max(bits)[1] * (1.005 if bits == 1 else 0.97)
 
@@ -79,6 +83,9 @@ def test_lloyd_gaussian_fits_a_small_codebook_to_the_shipped_distortion():
 def test_tuple_dim_follows_the_table_and_divides_the_group():
     assert [tuple_dim(b, 64) for b in range(1, 9)] == [4, 4, 2, 2, 1, 1, 1, 1]
     assert tuple_dim(2, 6) == 2 and tuple_dim(3, 7) == 1 and tuple_dim(4, 66) == 2 and tuple_dim(4, 9) == 1
+    assert tuple_dim(1.5, 64) == 4 and tuple_dim(1.5, 6) == 2  # 6 bits a point, or 3 for pairs
+    with pytest.raises(ValueError, match="even number of channels"):
+        tuple_dim(1.5, 7)  # a point of one channel would hold half a bit
     assert set(TUPLES) == {b for _, b in VECTOR_DISTORTION}
     with pytest.raises(ValueError, match="no vector codebook"):
         vector_points(4, 3, CPU)
@@ -87,13 +94,20 @@ def test_tuple_dim_follows_the_table_and_divides_the_group():
 # --------------------------------------------------------------------------- encode / decode
 
 
+def _point_index(p) -> torch.Tensor:
+    """Each point's index, written out: ``t`` digits of ``bits`` bits, first most significant; or one code per point
+    (a fractional width)."""
+    t = p.table.view(len(p.table), -1).shape[1]
+    if p.bits != int(p.bits):
+        return unpack_codes(p.codes, round(p.bits * t), p.dim // t).long()
+    codes = unpack_codes(p.codes, p.bits, p.dim).long()
+    return (codes.unflatten(-1, (-1, t)) * (2 ** (p.bits * torch.arange(t - 1, -1, -1)))).sum(-1)
+
+
 def _reference(p) -> torch.Tensor:
     """The decode written out: the point of each run of ``t`` codes, times the scale, plus the mean."""
     table = p.table.view(len(p.table), -1)
-    t = table.shape[1]
-    codes = unpack_codes(p.codes, p.bits, p.dim).long()
-    idx = (codes.unflatten(-1, (-1, t)) * (2 ** (p.bits * torch.arange(t - 1, -1, -1)))).sum(-1)
-    x = table[idx].flatten(-2)
+    x = table[_point_index(p)].flatten(-2)
     if p.along == "channels":
         return (x.unflatten(-1, (-1, p.group_size)) * p.scale.float().unsqueeze(-1)).flatten(-2)
     x = x.unflatten(-2, (-1, p.group_size)) * p.scale.float().unsqueeze(-2)
@@ -102,13 +116,19 @@ def _reference(p) -> torch.Tensor:
 
 @pytest.mark.parametrize("dim", [8, 64, 66, 128])
 @pytest.mark.parametrize("along", ["channels", "tokens"])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 1.5, 2, 3, 4])
 def test_decode_and_the_kernel_twin_read_are_bit_for_bit_the_formula(bits, along, dim):
-    x = _gauss(2, 3, 16, dim, seed=bits * 1000 + dim) * 5.0 + 1.5
+    x = _gauss(2, 3, 16, dim, seed=int(bits * 1000) + dim) * 5.0 + 1.5
     group = 64 if along == "channels" else 8
-    t = tuple_dim(bits, effective_group(dim, group) if along == "channels" else dim)  # as the store picks it
+    channels = effective_group(dim, group) if along == "channels" else dim
+    if bits in FRACTIONAL and channels % 2:  # 66 channels in groups of 33: no whole number of bits per point
+        with pytest.raises(ValueError, match="even number of channels"):
+            encode(x, bits, group, along, tuple_size=tuple_dim(bits, channels))
+        return
+    t = tuple_dim(bits, channels)  # as the store picks it
     p = encode(x, bits, group, along, tuple_size=t)
-    assert p.table.shape == ((2 ** (bits * t), t) if t > 1 else (2**bits,))
+    assert p.table.shape == ((2 ** round(bits * t), t) if t > 1 else (2**bits,))
+    assert p.codes.shape[-1] == VectorCodebookStore.code_bytes(dim, bits, along, group)
     want = _reference(p).view(torch.int32)
     assert torch.equal(decode(p).view(torch.int32), want)
     assert torch.equal(dequantize(p).view(torch.int32), want)  # the reading the kernels' torch twin takes
@@ -122,26 +142,26 @@ def test_tuple_index_reads_the_first_code_as_the_most_significant_digit():
     assert tuple_index(digits, 3).tolist() == [1 * 512 + 2 * 64 + 3 * 8, 4095]
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize(("bits", "group"), [(1, 512), (1.5, 512), (1.5, 510), (2, 512), (3, 512), (4, 512)])
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-3.0, 3.0))
-def test_gaussian_mse_per_coordinate_is_the_vector_codebook_distortion(bits, seed, log_scale):
-    sigma, t = 10.0**log_scale, tuple_dim(bits, 512)
-    x = _gauss(256, 512, seed=seed) * sigma  # 256 vectors of 512 i.i.d. N(0, sigma^2) coordinates
-    p = encode(x, bits, 512, "channels", tuple_size=t)
+def test_gaussian_mse_per_coordinate_is_the_vector_codebook_distortion(bits, group, seed, log_scale):
+    sigma, t = 10.0**log_scale, tuple_dim(bits, group)  # 1.5 bits in groups of 510: pairs of 8 points
+    x = _gauss(256, 2 * group, seed=seed) * sigma  # 256 tokens of two groups of i.i.d. N(0, sigma^2) coordinates
+    p = encode(x, bits, group, "channels", tuple_size=t)
     mse = (decode(p) - x).square().mean().item()
     # the least-squares norm takes a little off the codebook's distortion, never more than 5%
     assert mse == pytest.approx(VECTOR_DISTORTION[(t, bits)] * sigma**2, rel=0.05)
-    assert mse < lloyd_max(bits)[1] * sigma**2 * (1.0 if bits == 1 else 0.97)
+    assert mse < lloyd_max(math.floor(bits))[1] * sigma**2 * (1.0 if bits == 1 else 0.97)
 
 
 @st.composite
 def _points_case(draw):
     """``[T, D]`` whose every group of ``g`` channels is a permutation of one multiset of at most
     ``2**(bits·t)`` distinct ``t``-tuples, normalized to RMS 1; the codebook is those tuples; and a scale."""
-    bits = draw(st.integers(1, 4))
+    bits = draw(st.sampled_from([1, 1.5, 2, 3, 4]))
     t = draw(st.sampled_from([2, 4] if bits <= 2 else [2]))  # the widths' largest tuples (TUPLES)
-    distinct = draw(st.integers(1, min(6, 2 ** (bits * t))))
+    distinct = draw(st.integers(1, min(6, 2 ** round(bits * t))))
     tuples = torch.randint(-20, 21, (distinct, t), generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
     tuples[0, 0] = 25  # distinct rows, not all zero
     tuples = torch.unique(tuples, dim=0).double()
@@ -163,8 +183,8 @@ def test_norms_and_indices_reproduce_the_vector_when_the_codebook_has_its_points
     t = points.shape[1]
     x = v * scale
     p = encode(x, bits, g, "channels", points=points)
-    codes = unpack_codes(p.codes, bits, x.shape[-1]).long()
-    assert torch.equal(points[tuple_index(codes.unflatten(-1, (-1, t)), bits)].flatten(-2), v)  # exactly its points
+    assert p.codes.shape[-1] == VectorCodebookStore.code_bytes(x.shape[-1], bits, "channels", g) or t == 2
+    assert torch.equal(points[_point_index(p)].flatten(-2), v)  # exactly its points
     assert torch.allclose(decode(p), x, rtol=F16_REL, atol=0)  # and x up to the float16 norm
     n = x.reshape(x.shape[0], -1, g).square().mean(-1).sqrt()
     assert torch.allclose(p.scale.float(), n, rtol=F16_REL, atol=0)
@@ -173,22 +193,26 @@ def test_norms_and_indices_reproduce_the_vector_when_the_codebook_has_its_points
 # --------------------------------------------------------------------------- the store and the cache
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("bits", [1, 1.5, 2, 3, 4, 5, 6, 7, 8])
 def test_vector_store_counts_the_codebook_bytes_and_reads_what_it_encoded(bits):
     assert QUANTIZERS["vector"] is VectorCodebookStore
     for along, group in (("channels", 64), ("tokens", 8)):
         store = VectorCodebookStore(bits, group, along, 8)
-        x = _gauss(1, 3, 21, 64, seed=bits)
+        x = _gauss(1, 3, 21, 64, seed=int(2 * bits))
         store.append(x)
         store.flush(21)
         assert store.packed.table.dim() == (2 if bits in TUPLES else 1)
-        assert store.nbytes() == pytest.approx(
-            16 * CodebookStore.coded_bytes(64, bits, along, group, 8) * 3 + 5 * 64 * 2 * 3)
+        coded = VectorCodebookStore.coded_bytes(64, bits, along, group, 8)
+        if bits in FRACTIONAL:  # one 6-bit code per 4 channels: 1.5 bits per channel, plus the norms
+            assert coded == 64 * 1.5 / 8 + (2 * 64 / 64 if along == "channels" else 2 * 2 * 64 / 8)
+        else:
+            assert coded == CodebookStore.coded_bytes(64, bits, along, group, 8)  # digits: the scalar code's bytes
+        assert store.nbytes() == pytest.approx(16 * coded * 3 + 5 * 64 * 2 * 3)
         read = store.read()
         assert torch.equal(read[..., :16, :], decode(store.packed))
         err = (read[..., :16, :] - x[..., :16, :]).square().mean() / x.square().mean()
         t = store.packed.table.view(len(store.packed.table), -1).shape[1]
-        assert err < 1.2 * VECTOR_DISTORTION.get((t, bits), lloyd_max(bits)[1])  # about the codebook's distortion
+        assert err < 1.2 * VECTOR_DISTORTION.get((t, bits), lloyd_max(math.floor(bits))[1])  # the codebook's distortion
 
 
 def test_a_layer_of_vector_values_hands_its_codes_to_the_triton_kernel():
@@ -242,6 +266,50 @@ def test_vector_values_export_load_and_generate(llama_gqa, tmp_path, one_thread)
         exact = llama_gqa.model(ids).logits[:, -10:]
     assert all(type(layer.value_store) is VectorCodebookStore for layer in cache.layers)
     assert (logits - exact).abs().max() < 0.2 * exact.abs().max()  # the 4-bit codebook values' bound
+    spec, plan = open_source(llama_gqa.path).spec, model.kvcompress_plan
+    assert cache.kv_bytes() == pytest.approx(40 * compressed_bytes_per_token(spec, plan, 40))
+    out = model.generate(ids[:, :13], max_new_tokens=12, do_sample=False)
+    assert out.shape == (1, 25) and torch.equal(out, model.generate(ids[:, :13], max_new_tokens=12, do_sample=False))
+
+
+def test_a_layer_of_half_bit_values_reads_dense_and_the_kernel_refuses_their_codes():
+    layer = KVCompressLayer(layer_plan(LayerRecipe(0, 16, 16, 2, 1.5),
+                                       Quant(enabled=True, method="vector", key_method="kivi", group_size=16,
+                                             residual_length=8)))
+    assert type(layer.value_store) is VectorCodebookStore and not layer.can_read("packed")
+    g = torch.Generator().manual_seed(6)
+    k, v, q = torch.randn(1, 1, 21, 16, generator=g), torch.randn(1, 1, 21, 16, generator=g), torch.randn(1, 2, 16)
+    layer.step(k[:, :, :20], v[:, :, :20])
+    values = layer.value_store.packed
+    assert values.joint and values.index_bits == 6 and values.codes.shape[-1] == 3  # four 6-bit codes per token
+    dense = layer.step(k[:, :, 20:], v[:, :, 20:])
+    torch.testing.assert_close(dense.values[..., :16, :], decode(values))
+    torch.testing.assert_close(dense.values[..., 16:, :], v[:, :, 16:].half().float())  # the 16-bit residual window
+    with pytest.raises(ValueError, match=r"integer widths, not 1\.5-bit points"):
+        decode_attention_triton(q, layer.key_store.packed, values, k[:, :, 16:], v[:, :, 16:], 0.25)
+    # the torch twin reads them as the store does
+    keys, vals = layer.key_store.read(), layer.value_store.read()
+    scores = torch.einsum("bhd,bhtd->bht", q, keys.repeat_interleave(2, dim=1)) * 0.25
+    want = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), vals.repeat_interleave(2, dim=1))
+    got = decode_attention_ref(q, layer.key_store.packed, values, layer.key_store.fp, layer.value_store.fp, 0.25)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_half_bit_values_export_load_and_generate_with_the_bytes_of_their_formula(llama_gqa, tmp_path, one_thread):
+    rec = Recipe()
+    rec.lowrank.target_ratio = 1.0
+    rec.calibration.max_tokens, rec.calibration.seq_len = 256, 128
+    for key, value in dict(enabled=True, method="vector", key_method="kivi", key_bits=4, value_bits=1.5,
+                           group_size=8, key_group_size=4, residual_length=8).items():
+        setattr(rec.quant, key, value)
+    export(open_source(llama_gqa.path), tmp_path / "ckpt", rec, dtype="float32")
+    model = kvcompress.load(tmp_path / "ckpt")[0]
+    assert all(lay["bits_v"] == 1.5 for lay in model.kvcompress_manifest["layers"])
+    ids = torch.randint(4, 300, (1, 40), generator=torch.Generator().manual_seed(3))
+    cache = kvcompress.make_cache(model)
+    with torch.no_grad():
+        model(input_ids=ids, **{CACHE_ARG: cache})
+    assert all(layer.value_store.packed.joint for layer in cache.layers)
     spec, plan = open_source(llama_gqa.path).spec, model.kvcompress_plan
     assert cache.kv_bytes() == pytest.approx(40 * compressed_bytes_per_token(spec, plan, 40))
     out = model.generate(ids[:, :13], max_new_tokens=12, do_sample=False)

@@ -12,7 +12,7 @@ import torch
 from kvcompress.analysis import schedule as schedules
 from kvcompress.analysis.calibration import calibration_ids, layer_statistics
 from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
-from kvcompress.methods import make_store
+from kvcompress.methods import make_store, quantizer
 from kvcompress.methods.channels import channel_bits
 from kvcompress.methods.key_axes import query_axes, segment_bits
 from kvcompress.methods.lowrank import (
@@ -44,8 +44,8 @@ class LayerReport:
     kappa_v: float
     energy_k: float
     energy_v: float
-    bits_k: int | list[int]
-    bits_v: int | list[int]
+    bits_k: float | list[int]
+    bits_v: float | list[int]
     sensitivity: float
     sensitivity_k: float
     sensitivity_v: float
@@ -248,7 +248,9 @@ def analyze(
         bits_k, bits_v = channel_bits(energies, sens, (q.segment_size("k"), q.segment_size("v")), q.avg_bits,
                                       q.key_rope == "post")
     else:
-        bits = allocate_bits([s for pair in sens for s in pair], recipe.quant.avg_bits)
+        ladders = tuple(tuple(w for w in quantizer(m).widths if q.half_bits or w == int(w))
+                        for m in (q.key_quantizer, q.method)) * n  # K, V of each layer: the widths they store
+        bits = allocate_bits([s for pair in sens for s in pair], recipe.quant.avg_bits, ladders=ladders)
         bits_k, bits_v = bits[0::2], bits[1::2]
     if key_weights is not None:  # each layer's key bits spread over the axes by their weights
         bits_k = [segment_bits(w, b, q.segment) for w, b in zip(key_weights, bits_k, strict=True)]

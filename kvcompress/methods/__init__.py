@@ -48,11 +48,11 @@ def quantizer(method: str) -> type[QuantizedStore]:
     return QUANTIZERS[method]
 
 
-def make_store(bits: int | tuple[int, ...], group_size: int, along: str, block: int,
+def make_store(bits: float | tuple[int, ...], group_size: int, along: str, block: int,
                method: str = "kivi", segment: int = 0, sink: int = 0) -> Store:
     """A dense store for 16 bits, otherwise the quantizer ``method``'s (with ``sink`` 16-bit first tokens).
     A tuple of bits (one per ``segment`` channels) makes a :class:`~kvcompress.methods.channels.SegmentedStore`."""
-    if not isinstance(bits, int):
+    if isinstance(bits, tuple):
         if len(set(bits)) == 1:
             return make_store(bits[0], group_size, along, block, method, sink=sink)
         return SegmentedStore(tuple(bits), segment, group_size, along, block, sink, quantizer(method))

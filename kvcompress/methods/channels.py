@@ -28,7 +28,7 @@ import torch
 from kvcompress.methods.kivi import QuantizedStore
 from kvcompress.methods.minikv import allocate_bits
 
-Bits = int | Sequence[int]
+Bits = float | Sequence[int]  # one width (an int, or 1.5 for vector codebooks), or one int per segment
 
 
 def segment_widths(width: int, size: int) -> list[int]:
@@ -53,7 +53,7 @@ def bit_runs(bits: Bits, width: int, size: int) -> list[tuple[int, int]]:
     ValueError
         When a list does not have one entry per segment.
     """
-    if isinstance(bits, int):
+    if not isinstance(bits, list | tuple):
         return [(width, bits)]
     widths = segment_widths(width, size)
     if len(bits) != len(widths):
@@ -74,8 +74,8 @@ def mean_bits(bits: Bits, width: int, size: int) -> float:
 
 def describe(bits: Bits, width: int, size: int) -> str:
     """Short text: ``"4"`` for one width, else runs as ``bits:channels`` (``"8:16 4:32 2:80"``)."""
-    if isinstance(bits, int):
-        return str(bits)
+    if not isinstance(bits, list | tuple):
+        return f"{bits:g}"
     return " ".join(f"{b}:{w}" for w, b in bit_runs(bits, width, size))
 
 

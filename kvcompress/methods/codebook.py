@@ -35,6 +35,13 @@ points, searched exhaustively), halved until it divides the group. The ``t`` cod
 digits of its point's index, first channel most significant, packed as any ``b``-bit codes: the bytes are
 the scalar codebook's.
 
+**Half a bit more** (:data:`FRACTIONAL`): a vector codebook also gives widths between the integers. At 1.5
+bits per coordinate, 64 points of ``N(0, I_4)`` (0.1843 per coordinate, between 1 bit's 0.3417 and 2 bits'
+0.0969 at ``t = 4``) code 4 channels with one 6-bit index; 8 points of ``N(0, I_2)`` where only pairs
+divide the group. Such a point is one packed code (``D / t`` codes of ``b·t`` bits per token, the same
+layout as any ``b·t``-bit codes), not ``t`` digits. It is what fills the gap of a whole bit between 1 and 2
+bits, where a 6× cache of SmolLM2 spends most of its value layers (README, Measured).
+
 The rotation is the latent rotation of :mod:`kvcompress.methods.rotation`, already folded into the
 weights (or ``k_rot`` for post-RoPE keys), so this store sees rotated vectors and adds no run-time cost
 for it. The codebook is data-free: computed once per width from the Gaussian density and cached; nothing
@@ -59,6 +66,7 @@ from importlib import resources
 import torch
 from safetensors.torch import load
 
+from kvcompress.errors import KVCompressError
 from kvcompress.kernels.pack import TablePacked, pack_codes, packed_bytes, tuple_index, unpack_indices
 from kvcompress.methods.dense import FP16
 from kvcompress.methods.kivi import QuantizedStore, effective_group
@@ -112,16 +120,18 @@ def lloyd_max(bits: int, iterations: int = 20_000, tol: float = 1e-12) -> tuple[
 # 3 and 4 bits), scalar above. The search for the nearest point is exhaustive, so its cost grows with the points:
 # quads at 3 bits (4,096 points, 0.0260 per coordinate) took 111 s instead of 27 s to stream 4096 tokens of
 # SmolLM2 through the cache.
-TUPLES = {1: 4, 2: 4, 3: 2, 4: 2}
+TUPLES = {1: 4, 1.5: 4, 2: 4, 3: 2, 4: 2}
+FRACTIONAL = (1.5,)  # widths between the integers: vector codebooks whose point is one code of bits·t bits
 # Mean squared error per coordinate of the shipped codebooks, keyed (t, bits), on 10^6 fresh N(0, 1) tuples: what
 # ``scripts/gaussian_codebooks.py`` printed when it wrote them
-VECTOR_DISTORTION = {(2, 1): 0.3632, (2, 2): 0.1090, (2, 3): 0.02982, (2, 4): 0.007832,
-                     (4, 1): 0.3417, (4, 2): 0.09689}
+VECTOR_DISTORTION = {(2, 1): 0.3632, (2, 1.5): 0.2013, (2, 2): 0.1090, (2, 3): 0.02982, (2, 4): 0.007832,
+                     (4, 1): 0.3417, (4, 1.5): 0.1843, (4, 2): 0.09689}
 
 
-def lloyd_gaussian(dim: int, bits: int, samples: int = 1_000_000, iterations: int = 100,
+def lloyd_gaussian(dim: int, bits: float, samples: int = 1_000_000, iterations: int = 100,
                    seed: int = 0) -> tuple[torch.Tensor, float]:
-    """The generalized-Lloyd codebook of ``N(0, I_dim)`` with ``2^(bits·dim)`` points, fitted on seeded samples.
+    """The generalized-Lloyd codebook of ``N(0, I_dim)`` with ``2^(bits·dim)`` points (an integer), fitted on
+    seeded samples.
 
     Alternates nearest-point cells (found in float32) and their centroids (LBG) on ``samples`` draws, starting
     from the first ``2^(bits·dim)`` of them (the product of the scalar Lloyd–Max points would not move: its
@@ -136,7 +146,7 @@ def lloyd_gaussian(dim: int, bits: int, samples: int = 1_000_000, iterations: in
     """
     x = torch.randn(samples, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     x32, ones = x.float(), torch.ones(samples, dtype=torch.float64)
-    points = x[:2 ** (bits * dim)].clone()
+    points = x[:2 ** round(bits * dim)].clone()
     for _ in range(iterations):
         cell = nearest(x32, points.float())
         sums = torch.zeros_like(points).index_add_(0, cell, x)
@@ -158,23 +168,31 @@ def nearest(x: torch.Tensor, points: torch.Tensor, rows: int = 2048) -> torch.Te
     return out
 
 
-def tuple_dim(bits: int, group: int) -> int:
+def tuple_dim(bits: float, group: int) -> int:
     """Coordinates per point of the vector codebook for ``bits`` and a group of ``group`` coordinates:
-    :data:`TUPLES`'s, halved until it divides ``group``."""
+    :data:`TUPLES`'s, halved until it divides ``group``; ``ValueError`` where a fractional width is left with
+    no whole number of bits per point."""
     t = TUPLES.get(bits, 1)
     while group % t:
         t //= 2
+    if bits * t != round(bits * t):
+        raise ValueError(f"{bits:g}-bit codes need groups of an even number of channels, got {group}")
     return t
 
 
+def codebook_name(dim: int, bits: float) -> str:
+    """The tensor of :func:`vector_points` in ``gaussian_codebooks.safetensors``: ``dim4_bits2``, ``dim4_bits1.5``."""
+    return f"dim{dim}_bits{bits:g}"
+
+
 @functools.cache
-def vector_points(dim: int, bits: int, device: torch.device) -> torch.Tensor:
+def vector_points(dim: int, bits: float, device: torch.device) -> torch.Tensor:
     """The shipped codebook of ``N(0, I_dim)`` for ``bits``-bit coordinates: float32 ``[2^(bits·dim), dim]``."""
     if (dim, bits) not in VECTOR_DISTORTION:
         raise ValueError(f"no vector codebook of {dim} coordinates at {bits} bits; shipped (coordinates, bits): "
                          f"{sorted(VECTOR_DISTORTION)}")
     data = resources.files("kvcompress").joinpath("data/gaussian_codebooks.safetensors").read_bytes()
-    return load(data)[f"dim{dim}_bits{bits}"].to(device=device, dtype=torch.float32)
+    return load(data)[codebook_name(dim, bits)].to(device=device, dtype=torch.float32)
 
 
 @functools.cache
@@ -210,7 +228,8 @@ def encode(x: torch.Tensor, bits: int, group: int, along: str = "channels",
     ``points``, ascending), and the float16 scale stored is the least-squares one for those points.
     With ``tuple_size`` ``t > 1`` (or 2-D ``points`` ``[2^(bits·t), t]``), each run of ``t`` consecutive
     channels of ``y`` (within a group of channels) is coded by the nearest point of the vector codebook
-    (:func:`vector_points`), its index written as ``t`` digits of ``bits`` bits, first channel most significant.
+    (:func:`vector_points`), its index written as ``t`` digits of ``bits`` bits, first channel most significant;
+    at a fractional width (:data:`FRACTIONAL`), as one code of ``bits·t`` bits.
     """
     d = x.shape[-1]
     if along == "channels":
@@ -232,14 +251,17 @@ def encode(x: torch.Tensor, bits: int, group: int, along: str = "channels",
     else:
         cell = nearest(y.reshape(-1, t), points)
         c = points[cell].view(y.shape)
-        shifts = bits * torch.arange(t - 1, -1, -1, device=x.device)
-        grouped_idx = ((cell[:, None] >> shifts) & (2**bits - 1)).view(y.shape)
+        if bits == int(bits):
+            shifts = bits * torch.arange(t - 1, -1, -1, device=x.device)
+            grouped_idx = ((cell[:, None] >> shifts) & (2**bits - 1)).view(y.shape)
     # the scale that minimizes |centred - scale * c|^2 for these indices (the RMS when c reproduces y)
     cc = c.square().sum(dim=axis, keepdim=True)  # 0 only for a codebook with a 0 point and y all 0
     scale = torch.where(cc > 0, (centred * c).sum(dim=axis, keepdim=True) / cc.clamp_min(1e-30), 0.0)
     scale = scale.clamp_max(torch.finfo(torch.float16).max).to(torch.float16)
-    return TablePacked(pack_codes(grouped_idx.reshape(x.shape), bits), scale.squeeze(axis),
-                       None if mean is None else mean.squeeze(axis), points, bits, group, along, d)
+    codes = (pack_codes(grouped_idx.reshape(x.shape), bits) if bits == int(bits)  # one code per point:
+             else pack_codes(cell.to(torch.uint8).view(*x.shape[:-1], d // t), round(bits * t)))
+    return TablePacked(codes, scale.squeeze(axis), None if mean is None else mean.squeeze(axis), points, bits,
+                       group, along, d)
 
 
 # A lookup element: ``k`` float32 points of consecutive channels, moved by one gather as one wider number
@@ -308,6 +330,11 @@ def _lookup(codes: torch.Tensor, bits: int, dim: int, out: torch.Tensor, points:
         _lookup(codes, bits, dim, fresh, points)
         out.copy_(fresh)
         return
+    if bits != int(bits):  # one code per point: gather the points themselves, t channels as one element
+        idx = unpack_indices(codes, round(bits * t), dim // t).int()
+        torch.index_select(points.contiguous().view(_ELEMENTS[t]).view(-1), 0, idx.view(-1),
+                           out=out.view(_ELEMENTS[t]).view(-1))
+        return
     k = next(k for k in (4, 2, 1) if k % t == 0 and (k < 4 or bits <= _QUAD_BITS) and dim % k == 0
              and out.storage_offset() % k == 0)
     stores_codebook = ((t == 1 or (t, bits) in VECTOR_DISTORTION)  # the stores' codebook: its tables are cached
@@ -353,12 +380,17 @@ class CodebookStore(QuantizedStore):
     interface, flush blocks and residual window as :class:`~kvcompress.methods.kivi.QuantizedStore`.
     """
 
-    @staticmethod
-    def coded_bytes(width: int, bits: int, along: str, group: int, block: int) -> float:
+    @classmethod
+    def coded_bytes(cls, width: int, bits: float, along: str, group: int, block: int) -> float:
         """Bytes of one quantized token: indices, and a mean and deviation per channel and token group (keys)
         or a norm per channel group (values)."""
         meta = 2 * FP16 * width / group if along == "tokens" else FP16 * width / effective_group(width, group)
-        return packed_bytes(width, bits) + meta
+        return cls.code_bytes(width, bits, along, group) + meta
+
+    @staticmethod
+    def code_bytes(width: int, bits: float, along: str, group: int) -> int:
+        """Bytes of one token's packed indices: :func:`~kvcompress.kernels.pack.packed_bytes`."""
+        return packed_bytes(width, int(bits))
 
     def _encode(self, x: torch.Tensor) -> TablePacked:
         return encode(x, self.bits, self.group_size, self.along)
@@ -379,13 +411,38 @@ class VectorCodebookStore(CodebookStore):
     """:class:`CodebookStore` with tuples of channels coded jointly by a vector codebook of ``N(0, I_t)``
     (module docstring; ``t`` = :func:`tuple_dim` of the width and the group): the same bytes and groups, a
     lower distortion. On CUDA the fused decode kernel reads its codes through the points' table, where no point
-    straddles two of the kernel's bit planes (:func:`~kvcompress.kernels.pack.reads_tuples`)."""
+    straddles two of the kernel's bit planes (:func:`~kvcompress.kernels.pack.reads_tuples`). It also stores the
+    fractional widths of :data:`FRACTIONAL`, one ``bits·t``-bit code per point, which the kernel does not read:
+    a layer holding them reads dense."""
+
+    widths = tuple(sorted((*range(1, 9), *FRACTIONAL)))
+
+    @staticmethod
+    def _tuple(bits: float, along: str, group: int, width: int) -> int:
+        """:func:`tuple_dim` of the channel group (values) or of the whole width (keys, grouped along tokens)."""
+        return tuple_dim(bits, effective_group(width, group) if along == "channels" else width)
+
+    @classmethod
+    def check_bits(cls, name: str, method: str, bits: float, width: int, group: int) -> None:
+        super().check_bits(name, method, bits, width, group)
+        try:
+            tuple_dim(bits, effective_group(width, group))
+        except ValueError as e:
+            raise KVCompressError(f"{name}: {e}") from None
+
+    @classmethod
+    def code_bytes(cls, width: int, bits: float, along: str, group: int) -> int:
+        """Bytes of one token's packed indices: ``t`` digits per point of an integer width, one ``bits·t``-bit
+        code per point of a fractional one."""
+        if bits == int(bits):
+            return packed_bytes(width, int(bits))
+        t = cls._tuple(bits, along, group, width)
+        return packed_bytes(width // t, round(bits * t))
 
     def tuple_size(self, width: int) -> int:
         """Channels per point for a ``width``-channel stream: :func:`tuple_dim` of the group (values) or of the
         whole width (keys, whose groups run along tokens)."""
-        group = effective_group(width, self.group_size) if self.along == "channels" else width
-        return tuple_dim(self.bits, group)
+        return self._tuple(self.bits, self.along, self.group_size, width)
 
     def _encode(self, x: torch.Tensor) -> TablePacked:
         return encode(x, self.bits, self.group_size, self.along, tuple_size=self.tuple_size(x.shape[-1]))

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvcompress.errors import KVCompressError
 from kvcompress.kernels.pack import Along, Packed, dequantize, packed_bytes, quantize_pack
 from kvcompress.methods.dense import FP16, gather_tokens
 
@@ -133,9 +134,20 @@ class QuantizedStore:
     of the codes does not change; subclasses get the sink by overriding only the encoder and decoder.
     """
 
+    widths: tuple[float, ...] = tuple(range(1, 9))  # the code widths this quantizer stores (bits per channel)
+
     @staticmethod
     def check(name: str, width: int, block: int) -> None:
         """Refuse a stream this quantizer cannot hold (every width fits min–max groups)."""
+
+    @classmethod
+    def check_bits(cls, name: str, method: str, bits: float, width: int, group: int) -> None:
+        """Refuse a code width this quantizer (registered as ``method``) does not store for a ``width``-channel
+        stream whose channels are grouped by ``group`` (values; keys: ``width``), naming the stream."""
+        if bits not in cls.widths:
+            extra = ' (1.5 bits is a vector codebook\'s width: [quant] method = "vector")' if bits == 1.5 else ""
+            raise KVCompressError(f"{name}: {method} codes are {', '.join(f'{b:g}' for b in cls.widths)} bits "
+                                  f"wide, got {bits:g}{extra}")
 
     @staticmethod
     def coded_bytes(width: int, bits: int, along: str, group: int, block: int) -> float:

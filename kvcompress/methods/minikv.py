@@ -18,7 +18,7 @@ with the stream's quantizer, whose formula gives the bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,26 +96,30 @@ def layer_sensitivity(
     return scores
 
 
-def allocate_bits(sensitivity: list[float], avg_bits: float, choices: tuple[int, ...] = tuple(range(1, 9)),
-                  widths: list[int] | None = None) -> list[int]:
+def allocate_bits(sensitivity: list[float], avg_bits: float, choices: Sequence[float] = tuple(range(1, 9)),
+                  widths: list[int] | None = None, ladders: Sequence[Sequence[float]] | None = None) -> list[float]:
     """Bits for each unit under an average budget (a unit: one layer's K or V, or a segment of one).
 
     Quantization error energy falls about 4x per extra bit, so a unit's damage at b bits is modelled
     as ``s · 4^-(b - b_min)``. Starting from the lowest width everywhere, we greedily take the upgrade
     with the largest damage reduction per extra bit (per extra bit *and channel*, for units of
     ``widths`` channels) while the channel-weighted mean stays within ``avg_bits``.
+
+    ``choices`` are the widths every unit may take; ``ladders`` gives each unit its own (the widths its
+    quantizer stores: a vector codebook's values also take 1.5 bits, a step of half a bit).
     """
     widths = widths or [1] * len(sensitivity)
-    bits = [min(choices)] * len(sensitivity)
+    ladders = [sorted(x) for x in ladders] if ladders is not None else [sorted(choices)] * len(sensitivity)
+    bits = [ladder[0] for ladder in ladders]
     budget = avg_bits * sum(widths) - sum(b * w for b, w in zip(bits, widths, strict=True))
-    ladder = sorted(choices)
+    low = min(bits)
 
-    def damage(s: float, b: int) -> float:
-        return s * 4.0 ** -(b - ladder[0])
+    def damage(s: float, b: float) -> float:
+        return s * 4.0 ** -(b - low)
 
     while True:
-        best, best_key = None, (0.0, 0.0, 0)
-        for i, (s, b, w) in enumerate(zip(sensitivity, bits, widths, strict=True)):
+        best, best_key = None, (0.0, 0.0, 0.0)
+        for i, (s, b, w, ladder) in enumerate(zip(sensitivity, bits, widths, ladders, strict=True)):
             up = ladder.index(b) + 1
             if up == len(ladder) or (ladder[up] - b) * w > budget + 1e-9:
                 continue
@@ -125,6 +129,7 @@ def allocate_bits(sensitivity: list[float], avg_bits: float, choices: tuple[int,
                 best, best_key = i, key
         if best is None:
             return bits
+        ladder = ladders[best]
         nxt = ladder[ladder.index(bits[best]) + 1]
         budget -= (nxt - bits[best]) * widths[best]
         bits[best] = nxt
