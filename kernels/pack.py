@@ -597,7 +597,7 @@ def _tuple_levels(table_ptr, q, mask, BITS: tl.constexpr, TUPLE: tl.constexpr):
     return tl.reshape(levels, (R, BLOCK_B, PER))
 
 
-def reads_tuples(dim: int, bits: int, t: int) -> bool:
+def reads_tuples(dim: int, bits: float, t: int) -> bool:
     """Whether :func:`load_dequant` reads ``t``-channel points of ``dim``-channel rows of ``bits``-wide codes: ``t``
     must be a power of two (a Triton block) and the widest piece's bytes per row (its plane length) a multiple
     of ``t``, so that no point straddles two planes. A fractional width (one code per point) is not read."""

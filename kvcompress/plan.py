@@ -163,7 +163,41 @@ class Plan:
         bad = [lay.layer for lay in plan.layers if {lay.keys.method, lay.values.method} - set(QUANT_METHODS)]
         if plan.key_rope not in ("pre", "post") or bad:
             raise KVCompressError(f"corrupt manifest: key_rope {plan.key_rope!r}, quant method of layers {bad}")
+        try:
+            for lay in plan.layers:
+                check_widths(lay)
+        except KVCompressError as e:
+            raise KVCompressError(f"corrupt manifest: {e}") from None
         return plan
+
+
+def _channel_group(name: str, stream: StreamPlan) -> int:
+    """The channels a stream's codes are grouped by: its whole width for keys (groups run along tokens)."""
+    return stream.rank if name == "k" else stream.group
+
+
+def check_widths(lay: LayerPlan) -> None:
+    """Refuse, in one line naming the stream, a code width that a quantized stream's quantizer does not store."""
+    for name, stream in (("k", lay.keys), ("v", lay.values)):
+        if stream.quantized:
+            for b in sorted(set(stream.bits)) if isinstance(stream.bits, tuple) else [stream.bits]:
+                quantizer(stream.method).check_bits(f"layer {lay.layer}: bits_{name}", stream.method, b,
+                                                    stream.rank, _channel_group(name, stream))
+
+
+def stream_widths(name: str, stream: StreamPlan, half_bits: bool) -> tuple[float, ...]:
+    """The widths the allocation may give ``stream`` (``name`` ``"k"`` or ``"v"``): those its quantizer stores
+    for its width and groups, the fractional ones only with ``half_bits``."""
+    store = quantizer(stream.method)
+    out = []
+    for b in store.widths:
+        try:
+            if half_bits or b == int(b):
+                store.check_bits("", stream.method, b, stream.rank, _channel_group(name, stream))
+                out.append(b)
+        except KVCompressError:
+            continue
+    return tuple(out)
 
 
 def _json_bits(bits: float | tuple[int, ...]) -> float | list[int]:
@@ -210,13 +244,10 @@ def build_plan(recipe: Recipe, spec: ModelSpec, dtype: str = "float16") -> Plan:
     recipe.validate(spec)
     layers = tuple(layer_plan(lay, recipe.quant, value_folded(spec, lay.rank_v)) for lay in recipe.layers)
     for lay in layers:
+        check_widths(lay)
         for name, stream in (("k", lay.keys), ("v", lay.values)):
             if stream.quantized:
                 quantizer(stream.method).check(f"layer {lay.layer}: rank_{name}", stream.rank, stream.block)
-                channel_group = stream.rank if name == "k" else stream.group
-                for b in set(stream.bits) if isinstance(stream.bits, tuple) else {stream.bits}:
-                    quantizer(stream.method).check_bits(f"layer {lay.layer}: bits_{name}", stream.method, b,
-                                                        stream.rank, channel_group)
             if stream.quantized and stream.sink >= stream.block:
                 raise KVCompressError(f"[quant] sink ({stream.sink}) must be shorter than the flush block of layer "
                                       f"{lay.layer}'s {name} ({stream.block} tokens)")

@@ -79,8 +79,10 @@ class Quant:
     ``sink``: the first tokens keep a 16-bit copy once quantized (the attention sink).
     ``key_bits`` / ``value_bits``: every layer's K and V widths, instead of allocating ``avg_bits``
     (both 0: allocate). ``value_bits`` may be 1.5 with ``method = "vector"`` (64-point codebooks of 4 channels).
-    ``half_bits``: the allocation of ``avg_bits`` may also give a stream 1.5 bits where its quantizer stores
-    that width (``method = "vector"``); off, it allocates integer widths. It pays at 6× on SmolLM2 (×1.067
+    ``half_bits``: the allocation of ``avg_bits`` (``allocation = "stream"``, an ``avg_bits`` that is not an
+    integer width) may also give a stream 1.5 bits where its quantizer stores that width (``method`` or
+    ``key_method = "vector"``, an even channel group); off, it allocates integer widths. Fixed widths and
+    ``allocation = "channels"`` ignore it. It pays at 6× on SmolLM2 (×1.067
     → ×1.048 over seven slices) and costs at 5× (×1.023 → ×1.032), where the whole bits of the 4^-b damage
     model already fit (README, Measured).
     ``key_axes``: post-RoPE keys turned into the principal axes of the queries, measured on the calibration
@@ -251,7 +253,8 @@ class Recipe:
         _check(not q.key_axes or (q.key_rope == "post" and q.rotation == "orthogonal" and q.allocation == "stream"),
                "key_axes needs key_rope = 'post', rotation = 'orthogonal' and allocation = 'stream'")
         _check(not q.half_bits or "vector" in (q.method, q.key_quantizer),
-               f"half_bits needs a quantizer that stores 1.5 bits (method = 'vector'), got {q.method!r}")
+               f"half_bits needs a quantizer that stores 1.5 bits (method or key_method = 'vector'), got "
+               f"{q.method!r} and {q.key_quantizer!r}")
         _check(not q.key_axes or q.key_quantizer == "kivi",
                f"key_axes needs KIVI's per-channel key codes (key_method = 'kivi'), got {q.key_quantizer!r}")
         cal = self.calibration

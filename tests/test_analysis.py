@@ -360,9 +360,26 @@ def test_the_allocation_gives_vector_values_half_bits_only_when_asked(llama_gqa,
 
 
 def test_half_bits_needs_a_quantizer_that_stores_them():
-    with pytest.raises(KVCompressError, match=r"half_bits needs a quantizer that stores 1.5 bits \(method = "
-                                              r"'vector'\), got 'codebook'"):
+    with pytest.raises(KVCompressError, match=r"half_bits needs a quantizer that stores 1.5 bits \(method or "
+                                              r"key_method = 'vector'\), got 'codebook' and 'codebook'"):
         recipe_from_dict({"quant": {"enabled": True, "method": "codebook", "half_bits": True}})
+
+
+def test_allocate_bits_takes_one_ladder_for_all_or_one_per_unit_not_both():
+    with pytest.raises(ValueError, match="not both"):
+        allocate_bits([1.0], 2.0, choices=(2, 4), ladders=[(2, 4)])
+
+
+def test_analyze_refuses_fixed_widths_the_quantizer_does_not_store_before_any_work(llama_gqa, monkeypatch):
+    import kvcompress.analysis.analyze as analyze_mod
+
+    monkeypatch.setattr(analyze_mod, "calibration_ids", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    source = open_source(llama_gqa.path)
+    rec = recipe_from_dict({"quant": {"enabled": True, "method": "codebook", "key_bits": 4, "value_bits": 1.5,
+                                      "group_size": 8}})
+    with pytest.raises(KVCompressError, match=r"layer 0: bits_v: codebook codes are 1, .* got 1.5 \(1.5 bits is a "
+                                              r"vector codebook's width"):
+        analyze(source, source.tokenizer(), rec)
 
 
 def test_analyze_cli_per_head_groups_on_gqa(llama_gqa):

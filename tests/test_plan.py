@@ -88,6 +88,20 @@ def test_a_width_the_quantizer_does_not_store_is_refused_when_the_plan_is_built(
     assert "\n" not in str(e.value)
 
 
+def test_a_manifest_holding_a_width_its_quantizer_does_not_store_is_corrupt():
+    manifest = build_plan(_half_bit("vector"), SPEC).to_manifest()
+    manifest["layers"][1]["method"] = "codebook"
+    with pytest.raises(KVCompressError, match=r"^corrupt manifest: layer 1: bits_v: codebook codes are 1, 2, .* "
+                                              r"got 1.5 \(1.5 bits is a vector codebook's width"):
+        Plan.from_manifest(manifest)
+
+
+def test_make_store_takes_segment_bits_as_a_list_or_a_tuple():
+    for bits in ([4, 2], (4, 2)):
+        store = make_store(bits, 8, "tokens", 8, segment=8)
+        assert type(store).__name__ == "SegmentedStore"
+
+
 def test_plan_resolves_the_flush_block_without_a_window():
     rec = recipe_from_dict({"quant": {"enabled": True, "group_size": 8, "key_group_size": 4, "residual_length": 0},
                             "layers": [{"layer": i, "rank_k": 16, "rank_v": 16, "bits_k": 2, "bits_v": 2}

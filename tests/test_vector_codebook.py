@@ -13,7 +13,7 @@ import kvcompress
 from kvcompress.checkpoint.export import export
 from kvcompress.compat import CACHE_ARG
 from kvcompress.kernels.decode_attention import decode_attention_ref, decode_attention_triton
-from kvcompress.kernels.pack import dequantize, tuple_index, unpack_codes
+from kvcompress.kernels.pack import dequantize, packed_bytes, tuple_index, unpack_codes
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods import QUANTIZERS, CodebookStore, VectorCodebookStore
 from kvcompress.methods.codebook import (
@@ -183,7 +183,8 @@ def test_norms_and_indices_reproduce_the_vector_when_the_codebook_has_its_points
     t = points.shape[1]
     x = v * scale
     p = encode(x, bits, g, "channels", points=points)
-    assert p.codes.shape[-1] == VectorCodebookStore.code_bytes(x.shape[-1], bits, "channels", g) or t == 2
+    d = x.shape[-1]  # the points' own t: one code of bits·t bits per point, or t digits of bits bits
+    assert p.codes.shape[-1] == (packed_bytes(d // t, round(bits * t)) if bits in FRACTIONAL else packed_bytes(d, bits))
     assert torch.equal(points[_point_index(p)].flatten(-2), v)  # exactly its points
     assert torch.allclose(decode(p), x, rtol=F16_REL, atol=0)  # and x up to the float16 norm
     n = x.reshape(x.shape[0], -1, g).square().mean(-1).sqrt()
@@ -208,6 +209,13 @@ def test_vector_store_counts_the_codebook_bytes_and_reads_what_it_encoded(bits):
         else:
             assert coded == CodebookStore.coded_bytes(64, bits, along, group, 8)  # digits: the scalar code's bytes
         assert store.nbytes() == pytest.approx(16 * coded * 3 + 5 * 64 * 2 * 3)
+        if bits in FRACTIONAL and along == "channels":  # groups of 6 channels: three pairs, a 3-bit code each
+            pairs = VectorCodebookStore(bits, 6, along, 8)
+            pairs.append(x[..., :6])
+            pairs.flush(21)
+            assert pairs.packed.table.shape == (8, 2) and pairs.packed.index_bits == 3
+            assert pairs.nbytes() == pytest.approx(16 * 3 * (packed_bytes(3, 3) + 2) + 5 * 6 * 2 * 3)
+            assert VectorCodebookStore.coded_bytes(6, bits, along, 6, 8) == packed_bytes(3, 3) + 2
         read = store.read()
         assert torch.equal(read[..., :16, :], decode(store.packed))
         err = (read[..., :16, :] - x[..., :16, :]).square().mean() / x.square().mean()

@@ -12,7 +12,7 @@ import torch
 from kvcompress.analysis import schedule as schedules
 from kvcompress.analysis.calibration import calibration_ids, layer_statistics
 from kvcompress.memory import baseline_bytes_per_token, compressed_bytes_per_token
-from kvcompress.methods import make_store, quantizer
+from kvcompress.methods import make_store
 from kvcompress.methods.channels import channel_bits
 from kvcompress.methods.key_axes import query_axes, segment_bits
 from kvcompress.methods.lowrank import (
@@ -25,7 +25,7 @@ from kvcompress.methods.lowrank import (
 )
 from kvcompress.methods.minikv import Probe, allocate_bits, layer_sensitivity
 from kvcompress.methods.rotation import random_orthogonal
-from kvcompress.plan import StreamPlan, build_plan, layer_plan
+from kvcompress.plan import StreamPlan, build_plan, check_widths, layer_plan, stream_widths
 from kvcompress.recipe import BITS, LayerRecipe, Quant, Recipe
 from kvcompress.skeleton import load_full
 from kvcompress.sources import Source, attn_prefix
@@ -140,6 +140,13 @@ def sensitivity_probes(quant: Quant, width: int) -> tuple[Probe, Probe, str]:
     return stream_probe(lay.keys, "tokens", rotate), stream_probe(lay.values, "channels", rotate), label
 
 
+def _check_fixed_widths(q: Quant, width: int) -> None:
+    """Refuse fixed ``key_bits`` / ``value_bits`` that the streams' quantizers do not store, before any work."""
+    if q.enabled and q.allocation == "stream" and q.key_bits and q.value_bits:
+        fixed = layer_plan(LayerRecipe(0, width, width, 16 if q.key_axes else q.key_bits, q.value_bits), q)
+        check_widths(fixed)
+
+
 def analyze(
     source: Source,
     tokenizer,
@@ -172,6 +179,7 @@ def analyze(
     start = time.perf_counter()
     spec = source.spec
     recipe.validate(spec)
+    _check_fixed_widths(recipe.quant, recipe.head_group(spec) * spec.head_dim)
     lr, cal = recipe.lowrank, recipe.calibration
     g = recipe.head_group(spec)
     width = g * spec.head_dim
@@ -248,8 +256,9 @@ def analyze(
         bits_k, bits_v = channel_bits(energies, sens, (q.segment_size("k"), q.segment_size("v")), q.avg_bits,
                                       q.key_rope == "post")
     else:
-        ladders = tuple(tuple(w for w in quantizer(m).widths if q.half_bits or w == int(w))
-                        for m in (q.key_quantizer, q.method)) * n  # K, V of each layer: the widths they store
+        streams = [layer_plan(LayerRecipe(i, ranks_k[i], ranks_v[i]), replace(q, enabled=True)) for i in range(n)]
+        ladders = [stream_widths(name, getattr(lay, attr), q.half_bits)  # K, V of each layer: the widths they store
+                   for lay in streams for name, attr in (("k", "keys"), ("v", "values"))]
         bits = allocate_bits([s for pair in sens for s in pair], recipe.quant.avg_bits, ladders=ladders)
         bits_k, bits_v = bits[0::2], bits[1::2]
     if key_weights is not None:  # each layer's key bits spread over the axes by their weights

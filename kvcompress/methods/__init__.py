@@ -52,7 +52,7 @@ def make_store(bits: float | tuple[int, ...], group_size: int, along: str, block
                method: str = "kivi", segment: int = 0, sink: int = 0) -> Store:
     """A dense store for 16 bits, otherwise the quantizer ``method``'s (with ``sink`` 16-bit first tokens).
     A tuple of bits (one per ``segment`` channels) makes a :class:`~kvcompress.methods.channels.SegmentedStore`."""
-    if isinstance(bits, tuple):
+    if isinstance(bits, list | tuple):
         if len(set(bits)) == 1:
             return make_store(bits[0], group_size, along, block, method, sink=sink)
         return SegmentedStore(tuple(bits), segment, group_size, along, block, sink, quantizer(method))

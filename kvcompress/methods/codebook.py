@@ -212,7 +212,7 @@ def _grouped(x: torch.Tensor, group: int, along: str) -> torch.Tensor:
     return x.reshape(*lead, t, d // group, group) if along == "channels" else x.reshape(*lead, t // group, group, d)
 
 
-def encode(x: torch.Tensor, bits: int, group: int, along: str = "channels",
+def encode(x: torch.Tensor, bits: float, group: int, along: str = "channels",
            points: torch.Tensor | None = None, tuple_size: int = 1) -> TablePacked:
     """Quantize ``x`` (``[..., T, D]``) into codebook indices with one normalization per group.
 
@@ -314,7 +314,7 @@ def _lookup_table(bits: int, t: int, k: int, device: torch.device) -> torch.Tens
     return _element_table(_codebook(bits, t, device), bits, k)
 
 
-def _lookup(codes: torch.Tensor, bits: int, dim: int, out: torch.Tensor, points: torch.Tensor) -> None:
+def _lookup(codes: torch.Tensor, bits: float, dim: int, out: torch.Tensor, points: torch.Tensor) -> None:
     """``out = c[idx]``: the points of packed indices ``codes``, into a contiguous float32 ``out`` ``[..., dim]``.
 
     The indices are unpacked to uint8 (:func:`~kvcompress.kernels.pack.unpack_indices`), then one gather

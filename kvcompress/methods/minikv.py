@@ -96,20 +96,23 @@ def layer_sensitivity(
     return scores
 
 
-def allocate_bits(sensitivity: list[float], avg_bits: float, choices: Sequence[float] = tuple(range(1, 9)),
+def allocate_bits(sensitivity: list[float], avg_bits: float, choices: Sequence[float] | None = None,
                   widths: list[int] | None = None, ladders: Sequence[Sequence[float]] | None = None) -> list[float]:
     """Bits for each unit under an average budget (a unit: one layer's K or V, or a segment of one).
 
     Quantization error energy falls about 4x per extra bit, so a unit's damage at b bits is modelled
-    as ``s · 4^-(b - b_min)``. Starting from the lowest width everywhere, we greedily take the upgrade
+    as ``s · 4^-(b - b_min)``. Starting from each unit's lowest width, we greedily take the upgrade
     with the largest damage reduction per extra bit (per extra bit *and channel*, for units of
     ``widths`` channels) while the channel-weighted mean stays within ``avg_bits``.
 
-    ``choices`` are the widths every unit may take; ``ladders`` gives each unit its own (the widths its
-    quantizer stores: a vector codebook's values also take 1.5 bits, a step of half a bit).
+    ``choices`` are the widths every unit may take (default 1 to 8); ``ladders`` instead gives each unit its own
+    (the widths its quantizer stores: a vector codebook's values also take 1.5 bits, a step of half a bit).
     """
+    if choices is not None and ladders is not None:
+        raise ValueError("give choices (one ladder for every unit) or ladders (one per unit), not both")
     widths = widths or [1] * len(sensitivity)
-    ladders = [sorted(x) for x in ladders] if ladders is not None else [sorted(choices)] * len(sensitivity)
+    ladders = ([sorted(x) for x in ladders] if ladders is not None
+               else [sorted(choices or range(1, 9))] * len(sensitivity))
     bits = [ladder[0] for ladder in ladders]
     budget = avg_bits * sum(widths) - sum(b * w for b, w in zip(bits, widths, strict=True))
     low = min(bits)
