@@ -191,12 +191,13 @@ def stream_widths(name: str, stream: StreamPlan, half_bits: bool) -> tuple[float
     store = quantizer(stream.method)
     out = []
     for b in store.widths:
-        try:
-            if half_bits or b == int(b):
-                store.check_bits("", stream.method, b, stream.rank, _channel_group(name, stream))
-                out.append(b)
-        except KVCompressError:
+        if not half_bits and b != int(b):
             continue
+        try:
+            store.check_bits("", stream.method, b, stream.rank, _channel_group(name, stream))
+        except KVCompressError:  # not stored for this width and these groups
+            continue
+        out.append(b)
     return tuple(out)
 
 

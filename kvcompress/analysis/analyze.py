@@ -179,10 +179,10 @@ def analyze(
     start = time.perf_counter()
     spec = source.spec
     recipe.validate(spec)
-    _check_fixed_widths(recipe.quant, recipe.head_group(spec) * spec.head_dim)
     lr, cal = recipe.lowrank, recipe.calibration
     g = recipe.head_group(spec)
     width = g * spec.head_dim
+    _check_fixed_widths(recipe.quant, width)
     tick = progress or (lambda *_: None)
     ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
 
