@@ -342,6 +342,7 @@ def inspect(
                "recipe": plan.recipe, "model_type": plan.model_type, "dtype": plan.dtype,
                "head_group": plan.head_group, "key_rope": plan.key_rope, "key_rotation": plan.key_rotation,
                "key_axes": plan.key_axes,
+               "values_predicted_from_keys": sum(lay.predicts_values for lay in plan.layers),
                "method": sorted({s.method for lay in plan.layers for s in (lay.keys, lay.values) if s.quantized}),
                "eviction": None if plan.eviction is None else asdict(plan.eviction),
                "source": m["source"]["model"], "files": len(m.get("files", {})), "verified": verify,

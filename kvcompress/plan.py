@@ -84,6 +84,7 @@ class LayerPlan:
     values: StreamPlan
     residual_length: int
     value_folded: bool  # U_v folded into o_proj, or kept apart as v_up
+    predicts_values: bool = False  # value codes hold the residual from the keys' prediction (v_pred)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class Plan:
                  "group_size": lay.values.group, "key_group_size": lay.keys.group,
                  "key_segment": lay.keys.segment, "residual_length": lay.residual_length,
                  "method": lay.values.method, "key_method": lay.keys.method, "sink": lay.keys.sink,
-                 "value_folded": lay.value_folded}
+                 "value_folded": lay.value_folded, "predicts_values": lay.predicts_values}
                 for lay in self.layers
             ],
         }
@@ -210,7 +211,8 @@ def _layer_from_manifest(lay: dict) -> LayerPlan:
     quant = Quant(enabled=True, method=method, key_method=str(lay.get("key_method", method)),
                   sink=int(lay.get("sink", 0)),
                   group_size=int(lay["group_size"]), key_group_size=int(lay.get("key_group_size") or 0),
-                  residual_length=int(lay["residual_length"]), segment=int(lay.get("key_segment", 16)))
+                  residual_length=int(lay["residual_length"]), segment=int(lay.get("key_segment", 16)),
+                  predict_values=bool(lay.get("predicts_values", False)))
     recipe = LayerRecipe(int(lay["layer"]), int(lay["rank_k"]), int(lay["rank_v"]), lay["bits_k"], lay["bits_v"])
     return layer_plan(recipe, quant, bool(lay.get("value_folded", True)))  # manifests before v_up: folded
 
@@ -230,6 +232,7 @@ def layer_plan(lay: LayerRecipe, quant: Quant, folded: bool = True) -> LayerPlan
         values=stream(lay.rank_v, lay.bits_v, quant.group_size, quant.segment_size("v"), quant.method),
         residual_length=quant.residual_length,
         value_folded=folded,
+        predicts_values=quant.enabled and quant.predict_values,
     )
 
 

@@ -92,6 +92,11 @@ class Quant:
     instead, the stream allocation comes first, from keys probed in a random rotation at uniform bits, and
     each layer's share is then spread over its axes. Needs ``key_rope = "post"``, ``rotation =
     "orthogonal"``, ``allocation = "stream"`` and KIVI's per-channel key codes.
+    ``predict_values``: each layer's values are predicted from its keys by a linear map fitted on the
+    calibration text, and the value codes hold only the residual (AQUA-KV's predictor,
+    ``kvcompress.methods.value_prediction``): no bytes per token more, and on SmolLM2 2-bit residuals do what
+    3-bit values do. Needs ``key_rope = "post"``, fixed ``key_bits`` and ``value_bits``, ``allocation =
+    "stream"`` and no ``[lagkv]``.
     ``probe_bits``: the width at which ``analyze`` fake-quantizes each stream alone, with these quantizers,
     to measure the sensitivity that allocates ``avg_bits``; near the widths allocated is best.
     """
@@ -113,6 +118,7 @@ class Quant:
     probe_bits: int = 2
     half_bits: bool = False
     key_axes: bool = False
+    predict_values: bool = False
 
     @property
     def key_quantizer(self) -> str:
@@ -257,6 +263,10 @@ class Recipe:
                f"{q.method!r} and {q.key_quantizer!r}")
         _check(not q.key_axes or q.key_quantizer == "kivi",
                f"key_axes needs KIVI's per-channel key codes (key_method = 'kivi'), got {q.key_quantizer!r}")
+        _check(not q.predict_values or (q.enabled and q.key_rope == "post" and q.value_bits > 0
+                                        and q.allocation == "stream" and not lag.enabled),
+               "predict_values needs [quant] enabled, key_rope = 'post', fixed key_bits and value_bits, "
+               "allocation = 'stream' and no [lagkv]")
         cal = self.calibration
         _check(not q.key_axes or min(cal.seq_len, cal.max_tokens) >= q.key_group,
                f"key_axes measures keys in whole groups of {q.key_group} tokens: [calibration] seq_len and "

@@ -126,7 +126,7 @@ def _hf_post_rope(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Te
 def test_layer_statistics_moments_match_the_source_models_own_attention(tiny_factory, name):
     tiny = tiny_factory(name)
     ids = torch.randint(4, 400, (1, 64), generator=torch.Generator().manual_seed(2))
-    grams, got = layer_statistics(open_source(tiny.path), ids, grams=False, key_group=16)
+    grams, got, _ = layer_statistics(open_source(tiny.path), ids, grams=False, key_group=16)
     assert grams is None
     captured = _hf_post_rope(tiny.model, ids)
     assert len(got) == len(captured) == tiny.config.num_hidden_layers
@@ -139,11 +139,11 @@ def test_layer_statistics_moments_match_the_source_models_own_attention(tiny_fac
 def test_one_walk_collects_the_grams_and_the_moments_that_separate_walks_do(llama_gqa):
     source = open_source(llama_gqa.path)
     ids = torch.randint(4, 400, (2, 32), generator=torch.Generator().manual_seed(6))
-    grams, moments = layer_statistics(source, ids, grams=True, key_group=16)
-    alone, none = layer_statistics(source, ids, grams=True, key_group=0)
+    grams, moments, _ = layer_statistics(source, ids, grams=True, key_group=16)
+    alone, none, _ = layer_statistics(source, ids, grams=True, key_group=0)
     assert none is None and len(grams) == len(moments) == llama_gqa.config.num_hidden_layers
     assert all(torch.equal(a, b) for a, b in zip(grams, alone, strict=True))
-    _, again = layer_statistics(source, ids, grams=False, key_group=16)
+    _, again, _ = layer_statistics(source, ids, grams=False, key_group=16)
     assert all(torch.equal(a.queries, b.queries) and torch.equal(a.keys, b.keys) and a.counts == b.counts
                for a, b in zip(moments, again, strict=True))
     x = llama_gqa.model.model.layers[0].input_layernorm(llama_gqa.model.model.embed_tokens(ids)).reshape(-1, 64)

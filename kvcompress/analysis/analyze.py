@@ -25,6 +25,7 @@ from kvcompress.methods.lowrank import (
 )
 from kvcompress.methods.minikv import Probe, allocate_bits, layer_sensitivity
 from kvcompress.methods.rotation import random_orthogonal
+from kvcompress.methods.value_prediction import PredictorMoments
 from kvcompress.plan import StreamPlan, build_plan, check_widths, layer_plan, stream_widths
 from kvcompress.recipe import BITS, LayerRecipe, Quant, Recipe
 from kvcompress.skeleton import load_full
@@ -71,6 +72,7 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     svds: list[tuple[list[GroupSVD], list[GroupSVD]]] = field(default_factory=list, repr=False)  # for export
     key_axes: list[torch.Tensor] | None = field(default=None, repr=False)  # per layer, k_rot (for export)
+    predictors: list[PredictorMoments] | None = field(default=None, repr=False)  # per layer, for v_pred (export)
 
     def to_json(self) -> dict:
         """The ``--json`` object."""
@@ -186,13 +188,14 @@ def analyze(
     tick = progress or (lambda *_: None)
     ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
 
-    grams = moments = None
+    grams = moments = predictors = None
     by_channels = recipe.quant.enabled and recipe.quant.allocation == "channels"
     whitened = lr.svd == "whitened"  # the latents' principal axes, as exported
     key_group = recipe.quant.key_group if recipe.quant.enabled and recipe.quant.key_axes else 0
-    if whitened or key_group:
-        grams, moments = layer_statistics(source, ids, whitened, key_group,
-                                          lambda i: tick("calibrate", i + 1, spec.num_layers))
+    predict = recipe.quant.enabled and recipe.quant.predict_values
+    if whitened or key_group or predict:
+        grams, moments, predictors = layer_statistics(source, ids, whitened, key_group, predict,
+                                                      lambda i: tick("calibrate", i + 1, spec.num_layers))
 
     key_axes = key_weights = None
     if moments is not None:  # post-RoPE keys in the queries' principal axes
@@ -277,5 +280,5 @@ def analyze(
         head_dim=spec.head_dim, head_group=g, group_width=width, layers=reports,
         kv_bytes_per_token={"baseline": base, "compressed": comp}, compression_ratio=base / comp,
         context=context, sensitivity_method=method, seconds=time.perf_counter() - start,
-        svds=svds, key_axes=key_axes,
+        svds=svds, key_axes=key_axes, predictors=predictors,
     )

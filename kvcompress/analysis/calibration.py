@@ -15,6 +15,7 @@ from torch import nn
 
 from kvcompress.errors import KVCompressError
 from kvcompress.methods.key_axes import KeyMoments
+from kvcompress.methods.value_prediction import PredictorMoments
 from kvcompress.runtime.attention import rotate
 from kvcompress.skeleton import materialize, release, rotary, skeleton
 from kvcompress.sources import Source
@@ -66,8 +67,9 @@ def _layer_inputs(source: Source, ids: torch.Tensor, on_layer: Callable[[int], N
 
 @torch.no_grad()
 def layer_statistics(
-    source: Source, ids: torch.Tensor, grams: bool, key_group: int, on_layer: Callable[[int], None] | None = None
-) -> tuple[list[torch.Tensor] | None, list[KeyMoments] | None]:
+    source: Source, ids: torch.Tensor, grams: bool, key_group: int, predict: bool = False,
+    on_layer: Callable[[int], None] | None = None
+) -> tuple[list[torch.Tensor] | None, list[KeyMoments] | None, list[PredictorMoments] | None]:
     """Per layer, in one walk over the calibration tokens, what analysis and export need of the activations.
 
     Parameters
@@ -81,28 +83,36 @@ def layer_statistics(
         When positive, collect the second moments of the post-RoPE queries and keys (:class:`KeyMoments`,
         keys centred per ``key_group`` tokens) in the model's channel order, as attention turns them by
         ``k_rot``, for ``key_axes``.
+    predict
+        Whether to collect the sums that fit the value predictor (:class:`PredictorMoments`: the pre-RoPE keys
+        against themselves and against the layer inputs), for ``predict_values``.
     on_layer
         Called with each layer's index once it is done.
 
     Returns
     -------
     tuple
-        ``(grams, moments)``, each a list with one entry per layer, or None when not asked for.
+        ``(grams, moments, predictors)``, each a list with one entry per layer, or None when not asked for.
     """
     spec = source.spec
     gram_list = [] if grams else None
     moments = [] if key_group > 0 else None
+    predictors = [] if predict else None
     for layer, x, (cos, sin) in _layer_inputs(source, ids, on_layer):
         if gram_list is not None:
             flat = x.reshape(-1, x.shape[-1]).double()
             gram_list.append(flat.T @ flat)
+        if moments is None and predictors is None:
+            continue
+        attn = layer.self_attn
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, spec.num_heads, spec.head_dim)
+        k = attn.k_proj(x).view(b, t, spec.num_kv_heads, spec.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMS norms before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        if predictors is not None:
+            predictors.append(PredictorMoments.measure(x, k))
         if moments is not None:
-            attn = layer.self_attn
-            b, t, _ = x.shape
-            q = attn.q_proj(x).view(b, t, spec.num_heads, spec.head_dim)
-            k = attn.k_proj(x).view(b, t, spec.num_kv_heads, spec.head_dim)
-            if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMS norms before RoPE
-                q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = (rotate(y.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1)) for y in (q, k))
             moments.append(KeyMoments.measure(q, k, key_group))
-    return gram_list, moments
+    return gram_list, moments, predictors

@@ -20,6 +20,8 @@ from kvcompress.checkpoint.manifest import write_manifest
 from kvcompress.errors import KVCompressError
 from kvcompress.methods.key_axes import query_axes
 from kvcompress.methods.lowrank import factorized_attention, layer_group_svds, whitening_factor
+from kvcompress.methods.value_prediction import PredictorMoments
+from kvcompress.methods.value_prediction import fit as fit_predictor
 from kvcompress.plan import Plan, build_plan, check_dtype
 from kvcompress.recipe import Recipe
 from kvcompress.sources import Source, attn_prefix, sha256_file
@@ -128,18 +130,18 @@ def export(
     check_dtype(dtype)  # before any calibration or SVD
     tick = progress or (lambda *_: None)
     tokenizer = source.tokenizer()
-    svds = key_axes = None
-    if not recipe.layers:  # its calibration, SVDs and key axes serve the factorization below
+    svds = key_axes = predictors = None
+    if not recipe.layers:  # its calibration, SVDs, key axes and predictor sums serve the factorization below
         analysis = analyze(source, tokenizer, recipe, sensitivity=recipe.quant.enabled, progress=progress,
                            keep_svds=True)
-        svds, key_axes = analysis.svds, analysis.key_axes
+        svds, key_axes, predictors = analysis.svds, analysis.key_axes, analysis.predictors
     plan = build_plan(recipe, spec, dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        shards = _write(source, tmp, recipe, plan, shard_bytes, tokenizer, tick, svds, key_axes)
+        shards = _write(source, tmp, recipe, plan, shard_bytes, tokenizer, tick, svds, key_axes, predictors)
         _write_config(source, tmp, dtype)
         write_manifest(tmp, {"format": "kvcompress-latent", "source": {
             "model": source.origin, "files": {p.name: sha256_file(p) for p in source.files()}}, **plan.to_manifest()})
@@ -183,22 +185,25 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def _write(source: Source, folder: Path, recipe: Recipe, plan: Plan, shard_bytes: int, tokenizer,
            tick: Callable[[str, int, int], None], svds: list | None = None,
-           key_axes: list[torch.Tensor] | None = None) -> int:
+           key_axes: list[torch.Tensor] | None = None, predictors: list[PredictorMoments] | None = None) -> int:
     """Stream every tensor into shards: the untouched ones as they are, each layer's attention factorized
     from ``svds`` (analyze's, per layer) or from SVDs computed here, one layer at a time; ``k_rot`` from
-    ``key_axes`` (analyze's) or measured here when the plan turns keys into the queries' axes."""
+    ``key_axes`` (analyze's) or measured here when the plan turns keys into the queries' axes; ``v_pred``
+    fitted from ``predictors`` (analyze's, or measured here) when the plan predicts values."""
     spec, dtype = source.spec, getattr(torch, plan.dtype)
     rotate = recipe.quant.enabled and recipe.quant.rotation == "orthogonal"
     grams = None
     cal = recipe.calibration
     whitened = svds is None and recipe.lowrank.svd == "whitened"
     key_group = recipe.quant.key_group if plan.key_axes and key_axes is None else 0
-    if whitened or key_group:
+    predict = predictors is None and any(lay.predicts_values for lay in plan.layers)
+    if whitened or key_group or predict:
         ids = calibration_ids(tokenizer, cal.text or None, cal.max_tokens, cal.seq_len)
-        grams, moments = layer_statistics(source, ids, whitened, key_group,
-                                          lambda i: tick("calibrate", i + 1, spec.num_layers))
+        grams, moments, measured = layer_statistics(source, ids, whitened, key_group, predict,
+                                                    lambda i: tick("calibrate", i + 1, spec.num_layers))
         if moments is not None:
             key_axes = [query_axes(m)[0] for m in moments]
+        predictors = measured or predictors
     writer = ShardWriter(folder, shard_bytes)
     replaced = {f"{attn_prefix(i)}{proj}.{kind}" for i in range(spec.num_layers)
                 for proj in _REPLACED for kind in ("weight", "bias")}
@@ -212,7 +217,10 @@ def _write(source: Source, folder: Path, recipe: Recipe, plan: Plan, shard_bytes
             s = whitening_factor(grams[i]) if grams is not None else None
             layer_svds = layer_group_svds(source, i, plan.head_group, s)
         key_rot = key_axes[i] if plan.key_axes else None
-        for name, tensor in factorized_attention(source, i, plan, layer_svds, rotate, key_rot).items():
+        tensors = factorized_attention(source, i, plan, layer_svds, rotate, key_rot)
+        if plan.layers[i].predicts_values:
+            tensors[f"{attn_prefix(i)}v_pred"] = fit_predictor(predictors[i], tensors[f"{attn_prefix(i)}v_down.weight"])
+        for name, tensor in tensors.items():
             writer.add(name, tensor.to(dtype))
         if svds is not None:
             svds[i] = None  # release each layer's SVDs once written

@@ -154,6 +154,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
                 config, old.layer_idx, entry.keys.rank, entry.values.rank, plan.head_group, model.model.rotary_emb,
                 bias=spec.attention_bias, q_norm=getattr(old, "q_norm", None), k_norm=getattr(old, "k_norm", None),
                 key_rope=plan.key_rope, key_rotation=plan.key_rotation, value_folded=entry.value_folded,
+                predicts_values=entry.predicts_values,
             )
     expected = set(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):

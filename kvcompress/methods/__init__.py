@@ -1,24 +1,26 @@
 """The compression methods, one file each: its paper and equations, validation, bytes formula, the
 tensors it writes and the runtime that reads them.
 
-=================  ==========================================  =========================================
-file               method                                      role
-=================  ==========================================  =========================================
-``lowrank.py``     LoRC low-rank K/V (arXiv 2410.03111)        SVDs, factorized tensors, o_proj folding
-``rotation.py``    random orthogonal latent / key rotation     folded into the weights, ``k_rot``
-``dense.py``       16-bit storage                              the store every quantizer builds on
-``kivi.py``        KIVI min–max groups (arXiv 2402.02750)      quantizer ``"kivi"``
-``decoquant.py``   DecoQuant two-core MPO (arXiv 2405.12591)   quantizer ``"decoquant"``
-``codebook.py``    Lloyd–Max codebook + norm per vector         quantizers ``"codebook"`` and ``"vector"``
-                   (TurboQuant, arXiv 2504.19874); vector      (tuples of channels coded jointly)
-                   codebooks of N(0, I_t) (LBG 1980)
-``channels.py``    bits per channel segment                    allocation and segmented store
-``key_axes.py``    post-RoPE keys in the queries' principal    moments, axes (``k_rot``), their weights
-                   axes (transform coding)
-``minikv.py``      MiniKV layer-discriminative bits            sensitivity and bit allocation
-                   (arXiv 2411.18077)
-``lagkv.py``       LagKV eviction (arXiv 2504.04704)           scores and the eviction step
-=================  ==========================================  =========================================
+========================  ==========================================  =========================================
+file                      method                                      role
+========================  ==========================================  =========================================
+``lowrank.py``            LoRC low-rank K/V (arXiv 2410.03111)        SVDs, factorized tensors, o_proj folding
+``rotation.py``           random orthogonal latent / key rotation     folded into the weights, ``k_rot``
+``dense.py``              16-bit storage                              the store every quantizer builds on
+``kivi.py``               KIVI min–max groups (arXiv 2402.02750)      quantizer ``"kivi"``
+``decoquant.py``          DecoQuant two-core MPO (arXiv 2405.12591)   quantizer ``"decoquant"``
+``codebook.py``           Lloyd–Max codebook + norm per vector         quantizers ``"codebook"`` and ``"vector"``
+                          (TurboQuant, arXiv 2504.19874); vector      (tuples of channels coded jointly)
+                          codebooks of N(0, I_t) (LBG 1980)
+``channels.py``           bits per channel segment                    allocation and segmented store
+``key_axes.py``           post-RoPE keys in the queries' principal    moments, axes (``k_rot``), their weights
+                          axes (transform coding)
+``minikv.py``             MiniKV layer-discriminative bits            sensitivity and bit allocation
+                          (arXiv 2411.18077)
+``lagkv.py``              LagKV eviction (arXiv 2504.04704)           scores and the eviction step
+``value_prediction.py``   values predicted from the same layer's      fit (``v_pred``), inverse RoPE, the
+                          keys (AQUA-KV, arXiv 2501.19392)            cache's closed-loop predictor
+========================  ==========================================  =========================================
 
 A quantizer is a store class registered in :data:`QUANTIZERS` under the name a recipe's ``[quant]
 method`` gives. It provides ``check(name, width, block)`` (refuse a stream it cannot hold, when the plan is

@@ -26,7 +26,7 @@ packed layout (:class:`Packed`), :func:`dequantize` and the kernels live in :mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -190,14 +190,20 @@ class QuantizedStore:
         x = x.to(torch.float16) if x.element_size() > 2 else x
         self.fp = x if self.fp is None else torch.cat([self.fp, x], dim=-2)
 
-    def flush(self, settled: int) -> None:
-        """Quantize whole blocks of the residual that lie within the first ``settled`` stored tokens."""
+    def flush(self, settled: int, prediction: Callable[[int, int], torch.Tensor] | None = None) -> None:
+        """Quantize whole blocks of the residual that lie within the first ``settled`` stored tokens.
+
+        With ``prediction`` (``(first token, count) -> [B, H, count, D]``), the codes hold each token's
+        difference from it, which the reader adds back (:mod:`kvcompress.methods.value_prediction`).
+        """
         if self.fp is None:
             return
         ready = min(settled - self.quantized_length, self.fp.shape[-2]) // self.block * self.block
         if ready <= 0:
             return
         x = self.fp[..., :ready, :].detach().to(self.dtype)  # rounding has no gradient
+        if prediction is not None:
+            x = x - prediction(self.quantized_length, ready).to(x.dtype)
         if self.sink and self.packed is None:
             self.sink_copy = self.fp[..., :self.sink, :].clone()
             x = torch.cat([x[..., self.sink:self.sink + 1, :].expand(*x.shape[:-2], self.sink, -1),

@@ -149,6 +149,8 @@ def tensor_shapes(spec: ModelSpec, plan: Plan, lay: LayerPlan) -> dict[str, tupl
     }
     if not lay.value_folded:
         shapes[f"{p}v_up"] = (groups, width, rank_v)
+    if lay.predicts_values:  # kvcompress.methods.value_prediction's A, its last column the intercept
+        shapes[f"{p}v_pred"] = (groups * rank_v, spec.num_kv_heads * spec.head_dim + 1)
     return shapes
 
 

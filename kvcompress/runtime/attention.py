@@ -38,6 +38,7 @@ from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
 from kvcompress.kernels.lowrank_rope import lowrank_rope, pair_order, pair_ordered_up, reconstruct, rope_pairs
 from kvcompress.methods.rotation import turn_keys
+from kvcompress.methods.value_prediction import ValuePredictor
 from kvcompress.runtime import latent_decode
 from kvcompress.runtime.cache import DenseKV, KVCompressLayer, Layout, PackedKV
 
@@ -82,11 +83,15 @@ class LatentAttention(nn.Module):
         after RoPE, before the keys are cached.
     value_folded : bool
         Whether ``U_v`` is folded into ``o_proj`` (else it is the parameter ``v_up``).
+    predicts_values : bool
+        Whether the cache predicts the value latents from the stored keys (the parameter ``v_pred``,
+        :mod:`kvcompress.methods.value_prediction`) and codes only the residual.
     """
 
     def __init__(self, config, layer_idx: int, rank_k: int, rank_v: int, head_group: int, rotary: nn.Module,
                  bias: bool = False, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
-                 key_rope: str = "pre", key_rotation: bool = False, value_folded: bool = True):
+                 key_rope: str = "pre", key_rotation: bool = False, value_folded: bool = True,
+                 predicts_values: bool = False):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -107,6 +112,8 @@ class LatentAttention(nn.Module):
         self.q_norm, self.k_norm = q_norm, k_norm
         self.key_rope = key_rope
         self.k_rot = nn.Parameter(torch.empty(self.num_kv_heads, d, d)) if key_rotation else None
+        self.v_pred = (nn.Parameter(torch.empty(self.groups * rank_v, self.num_kv_heads * d + 1))
+                       if predicts_values else None)
         self._rotary = (rotary,)  # shared with the model; a tuple keeps it out of this module's state dict
         self._up_cache: tuple = (None, None, None)  # (parameter identity, U_kᵀ, bias) in pair order
 
@@ -156,10 +163,19 @@ class LatentAttention(nn.Module):
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         path = self.decode_path(layer, q, valid)
         if layer is not None:
-            held = layer.step(ck, cv, positions, valid, path.reads)
+            held = layer.step(ck, cv, positions, valid, path.reads, self.value_predictor())
         else:
             held = DenseKV(ck, cv, positions.unsqueeze(1), valid.unsqueeze(1) if valid is not None else None)
         return self._output(path.attend(self, q, held)), None
+
+    def value_predictor(self) -> ValuePredictor | None:
+        """What the cache calls to predict this layer's value latents from its stored keys (None unless
+        ``predicts_values``): ``v_pred``, ``k_rot`` and this model's RoPE."""
+        if self.v_pred is None:
+            return None
+        rotary = self._rotary[0]
+        probe = self.v_pred[:1, :1]
+        return ValuePredictor(self.v_pred, lambda positions: rotary(probe, positions), self.k_rot)
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         """``o_proj`` of the attention-weighted value latents ``[B, Hq, T, r_v]``, through ``v_up`` if kept."""

@@ -21,10 +21,12 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvcompress.errors import KVCompressError
 from kvcompress.kernels.pack import TablePacked, reads_tuples
 from kvcompress.methods import CodebookStore, DenseStore, QuantizedStore, VectorCodebookStore, make_store
 from kvcompress.methods.kivi import Packed
 from kvcompress.methods.lagkv import compress_step, scored_chunks
+from kvcompress.methods.value_prediction import ValuePredictor
 from kvcompress.plan import LayerPlan, layer_plan
 from kvcompress.recipe import LagKV, LayerRecipe, Quant
 from kvcompress.runtime.workspace import Workspace
@@ -165,18 +167,19 @@ class KVCompressLayer(CacheLayerMixin):
         ``"dense"`` and ``"workspace"`` always; ``"packed"`` when each stream is a plain KIVI store or a
         codebook store (:data:`PACKED_STORES`: not DecoQuant cores nor channel runs of several widths; a
         vector codebook's points within the kernel's bit planes), both with the same sink and flush block (so
-        both hold the same packed tokens), and no padding flags are stored, which is what the fused decode
-        kernel reads.
+        both hold the same packed tokens), no padding flags are stored and the values are not predicted from
+        the keys, which is what the fused decode kernel reads.
         """
         if layout == "packed":
             keys, values = self.key_store, self.value_store
-            return (self.valid is None and _kernel_reads(keys, self.plan.keys.rank)
+            return (self.valid is None and not self.plan.predicts_values and _kernel_reads(keys, self.plan.keys.rank)
                     and _kernel_reads(values, self.plan.values.rank)
                     and keys.sink == values.sink and keys.block == values.block)
         return layout in ("dense", "workspace")
 
     def step(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None,
-             valid: torch.Tensor | None = None, layout: Layout = "dense") -> DenseKV | PackedKV:
+             valid: torch.Tensor | None = None, layout: Layout = "dense", predictor: ValuePredictor | None = None
+             ) -> DenseKV | PackedKV:
         """Store new key/value features, read everything held in ``layout``, then evict.
 
         Parameters
@@ -189,6 +192,9 @@ class KVCompressLayer(CacheLayerMixin):
             ``[B, T]`` bool padding flags of the new tokens, or None.
         layout
             What to hand out; ``"packed"`` only where :meth:`can_read` allows it.
+        predictor
+            The layer's value predictor (:mod:`kvcompress.methods.value_prediction`), required when its plan
+            predicts values: the value store then holds the residual of the values from the de-quantized keys.
 
         Returns
         -------
@@ -199,8 +205,11 @@ class KVCompressLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, _, t, _ = key_states.shape
+        counting = torch.arange(self.seen, self.seen + t, device=key_states.device).expand(b, t)
+        if self.plan.predicts_values:
+            _check_predicted(predictor, positions, counting, valid)
         if positions is None:
-            positions = torch.arange(self.seen, self.seen + t, device=key_states.device).expand(b, t)
+            positions = counting
         self.key_store.append(key_states)
         self.value_store.append(value_states)
         if self.keep_positions:
@@ -212,11 +221,12 @@ class KVCompressLayer(CacheLayerMixin):
             if old is None:  # padding appears now: everything before was valid
                 old = torch.ones(b, 1, self.stored_length - t, dtype=torch.bool, device=new_valid.device)
             self.valid = _cat(old, new_valid.reshape(b, 1, t))
-        held = self._read(layout, key_states)
-        self._evict()
+        held = self._read(layout, key_states, predictor)
+        self._evict(predictor)
         return held
 
-    def _read(self, layout: Layout, like: torch.Tensor) -> DenseKV | PackedKV:
+    def _read(self, layout: Layout, like: torch.Tensor, predictor: ValuePredictor | None = None
+              ) -> DenseKV | PackedKV:
         keys, values = self.key_store, self.value_store
         if layout == "packed":
             if not self.can_read("packed"):
@@ -225,12 +235,18 @@ class KVCompressLayer(CacheLayerMixin):
             return PackedKV(keys.packed, values.packed, keys.residual(), values.residual(),
                             keys.sink_copy, values.sink_copy)
         if layout == "workspace":
-            return DenseKV(_read_into(keys, self.workspace, "keys", like),
+            held = DenseKV(_read_into(keys, self.workspace, "keys", like),
                            _read_into(values, self.workspace, "values", like), self.positions, self.valid,
                            self.workspace)
-        return DenseKV(keys.read(), values.read(), self.positions, self.valid)
+        else:
+            held = DenseKV(keys.read(), values.read(), self.positions, self.valid)
+        if predictor is not None and values.quantized_length:  # codes hold residuals: add the prediction back
+            first = values.sink if values.sink_copy is not None else 0  # the sink's copies are the values
+            tq = values.quantized_length
+            held.values[..., first:tq, :] += predictor(held.keys[..., first:tq, :], first).to(held.values.dtype)
+        return held
 
-    def _evict(self) -> None:
+    def _evict(self, predictor: ValuePredictor | None = None) -> None:
         """Apply the eviction policy to the fp tokens, then quantize whatever is settled.
 
         Without a policy every stored token is settled. LagKV scores each chunk against the next and
@@ -241,7 +257,11 @@ class KVCompressLayer(CacheLayerMixin):
         else:
             self.settled = self.stored_length
         self.key_store.flush(self.settled)
-        self.value_store.flush(self.settled)
+        if predictor is None:
+            self.value_store.flush(self.settled)
+        else:  # the keys of the tokens about to be coded are coded already: predict from what reads will see
+            self.value_store.flush(self.settled, lambda start, n: predictor(
+                self.key_store.read()[..., start:start + n, :], start))
 
     def _lagkv(self) -> None:
         done = self.key_store.quantized_length  # packed tokens are settled, so scoring starts after them
@@ -304,6 +324,17 @@ class KVCompressLayer(CacheLayerMixin):
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
         if self.valid is not None:
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+
+
+def _check_predicted(predictor: ValuePredictor | None, positions: torch.Tensor | None, counting: torch.Tensor,
+                     valid: torch.Tensor | None) -> None:
+    """Refuse a step that a layer predicting its values cannot store: no predictor given, or tokens whose
+    positions are not their index in the cache (left padding), at which the predictor reads keys."""
+    if predictor is None:
+        raise ValueError("this layer predicts its values from its keys: step() needs the attention's predictor")
+    if valid is not None or (positions is not None and not torch.equal(positions.to(counting.dtype), counting)):
+        raise KVCompressError("a checkpoint that predicts values from keys (predict_values) reads each stored "
+                              "token at its index: positions must count 0, 1, 2, ... with no padding")
 
 
 def _read_into(store, workspace: Workspace, name: str, like: torch.Tensor) -> torch.Tensor:
