@@ -218,3 +218,14 @@ def test_inspect_counts_the_predicted_layers(predicted, llama_gqa):
     result = run_cli("inspect", predicted, "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["values_predicted_from_keys"] == llama_gqa.config.num_hidden_layers
+
+
+def test_stock_generate_runs_through_the_predicted_cache(predicted):
+    model, _ = kvcompress.load(predicted)
+    ids = torch.randint(4, 400, (1, 40), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+        cache = kvcompress.make_cache(model)
+        again = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    assert out.shape == (1, 48) and torch.equal(out, again)
+    assert cache.layers[0].value_store.quantized_length == 32  # two blocks of 16 coded as residuals
