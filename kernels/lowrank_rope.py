@@ -119,6 +119,14 @@ def reconstruct(latents: torch.Tensor, up_t: torch.Tensor, bias: torch.Tensor | 
     return k.view(b, groups, s, up_t.shape[-1] // head_dim, head_dim)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half layout used by Hugging Face Llama-family models (the model's channel order);
+    ``sin`` negated turns back."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
 def rope_pairs(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of token-major keys in pair order, ``[B, G, S, g, d]``, by half tables ``[B, 1 or G, d/2, S]``.
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from kvcompress.errors import KVCompressError
+from kvcompress.kernels.lowrank_rope import rotate
 from kvcompress.methods.key_axes import KeyMoments
 from kvcompress.methods.value_prediction import PredictorMoments
-from kvcompress.runtime.attention import rotate
 from kvcompress.skeleton import materialize, release, rotary, skeleton
 from kvcompress.sources import Source
 
@@ -106,13 +106,16 @@ def layer_statistics(
             continue
         attn = layer.self_attn
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, spec.num_heads, spec.head_dim)
         k = attn.k_proj(x).view(b, t, spec.num_kv_heads, spec.head_dim)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMS norms before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        qwen3 = getattr(attn, "q_norm", None) is not None  # Qwen3: per-head RMS norms before RoPE
+        if qwen3:
+            k = attn.k_norm(k)
         if predictors is not None:
             predictors.append(PredictorMoments.measure(x, k))
         if moments is not None:
+            q = attn.q_proj(x).view(b, t, spec.num_heads, spec.head_dim)
+            if qwen3:
+                q = attn.q_norm(q)
             q, k = (rotate(y.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1)) for y in (q, k))
             moments.append(KeyMoments.measure(q, k, key_group))
     return gram_list, moments, predictors

@@ -35,6 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcompress.kernels.lowrank_rope import rotate
+from kvcompress.methods.rotation import turn_keys
+
 RIDGE = 0.01  # λ, relative to the mean diagonal of S_kk: chosen on the two tuning texts (README, Measured)
 
 
@@ -80,12 +83,9 @@ def unrope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_rot: torc
     d = cos.shape[-1]
     k = keys.float().reshape(b, groups, t, width // d, d)
     if k_rot is not None:
-        k = torch.einsum("bgtje,gjed->bgtjd", k, k_rot.float().view(groups, width // d, d, d))
+        k = turn_keys(k, k_rot.float().transpose(-1, -2))  # k̂ R: the inverse of attention's turn k Rᵀ
     k = k.permute(0, 2, 1, 3, 4).reshape(b, t, -1, d)
-    half = d // 2
-    turned = torch.cat([k[..., half:], -k[..., :half]], dim=-1)  # rotate-half of k, negated: the inverse turn
-    cos, sin = cos.float().unsqueeze(2), sin.float().unsqueeze(2)
-    return (k * cos + turned * sin).reshape(b, t, -1)
+    return rotate(k, cos.float().unsqueeze(2), -sin.float().unsqueeze(2)).reshape(b, t, -1)
 
 
 @dataclass

@@ -36,19 +36,18 @@ from torch import nn
 
 from kvcompress.compat import pop_cache
 from kvcompress.kernels.decode_attention import decode_attention
-from kvcompress.kernels.lowrank_rope import lowrank_rope, pair_order, pair_ordered_up, reconstruct, rope_pairs
+from kvcompress.kernels.lowrank_rope import (
+    lowrank_rope,
+    pair_order,
+    pair_ordered_up,
+    reconstruct,
+    rope_pairs,
+    rotate,
+)
 from kvcompress.methods.rotation import turn_keys
 from kvcompress.methods.value_prediction import ValuePredictor
 from kvcompress.runtime import latent_decode
 from kvcompress.runtime.cache import DenseKV, KVCompressLayer, Layout, PackedKV
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in the rotate-half layout used by Hugging Face Llama-family models."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
 
 # Query rows scored at once in a prefill block after earlier ones (a first prompt goes through SDPA). The
 # [heads, rows, keys] scores and their softmax are the largest transients of a long blocked prefill (2 x 19 MB

@@ -205,11 +205,12 @@ class KVCompressLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, _, t, _ = key_states.shape
-        counting = torch.arange(self.seen, self.seen + t, device=key_states.device).expand(b, t)
-        if self.plan.predicts_values:
-            _check_predicted(predictor, positions, counting, valid)
         if positions is None:
-            positions = counting
+            positions = torch.arange(self.seen, self.seen + t, device=key_states.device).expand(b, t)
+        elif self.plan.predicts_values:
+            _check_counting(positions, self.seen)
+        if self.plan.predicts_values:
+            _check_predicted(predictor, valid)
         self.key_store.append(key_states)
         self.value_store.append(value_states)
         if self.keep_positions:
@@ -326,15 +327,24 @@ class KVCompressLayer(CacheLayerMixin):
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
 
 
-def _check_predicted(predictor: ValuePredictor | None, positions: torch.Tensor | None, counting: torch.Tensor,
-                     valid: torch.Tensor | None) -> None:
-    """Refuse a step that a layer predicting its values cannot store: no predictor given, or tokens whose
-    positions are not their index in the cache (left padding), at which the predictor reads keys."""
+def _check_predicted(predictor: ValuePredictor | None, valid: torch.Tensor | None) -> None:
+    """Refuse a step that a layer predicting its values cannot store: no predictor given, or padding (a
+    padded token's position is not its index in the cache, at which the predictor reads keys)."""
     if predictor is None:
         raise ValueError("this layer predicts its values from its keys: step() needs the attention's predictor")
-    if valid is not None or (positions is not None and not torch.equal(positions.to(counting.dtype), counting)):
-        raise KVCompressError("a checkpoint that predicts values from keys (predict_values) reads each stored "
-                              "token at its index: positions must count 0, 1, 2, ... with no padding")
+    if valid is not None:
+        raise KVCompressError(_NOT_COUNTING)
+
+
+def _check_counting(positions: torch.Tensor, seen: int) -> None:
+    """Refuse positions ``[B, T]`` that do not continue ``seen, seen + 1, …`` in every sequence."""
+    counting = torch.arange(seen, seen + positions.shape[-1], device=positions.device, dtype=positions.dtype)
+    if not torch.equal(positions, counting.expand_as(positions)):
+        raise KVCompressError(_NOT_COUNTING)
+
+
+_NOT_COUNTING = ("a checkpoint that predicts values from keys (predict_values) reads each stored token at its "
+                 "index: positions must count 0, 1, 2, ... with no padding")
 
 
 def _read_into(store, workspace: Workspace, name: str, like: torch.Tensor) -> torch.Tensor:
