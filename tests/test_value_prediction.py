@@ -18,9 +18,10 @@ from kvcompress.checkpoint.export import export
 from kvcompress.checkpoint.manifest import MANIFEST_NAME
 from kvcompress.compat import CACHE_ARG
 from kvcompress.errors import KVCompressError
+from kvcompress.kernels.lowrank_rope import pair_order
 from kvcompress.memory import compressed_bytes_per_token
 from kvcompress.methods.rotation import key_rotations, turn_keys
-from kvcompress.methods.value_prediction import PredictorMoments, fit, unrope
+from kvcompress.methods.value_prediction import HeldPrediction, PredictorMoments, ValuePredictor, fit
 from kvcompress.recipe import recipe_from_dict
 from kvcompress.sources import open_source
 
@@ -50,18 +51,39 @@ def test_fit_recovers_an_exact_linear_map_from_the_sums():
     assert shrunk[:, :-1].norm() < 0.9 * m.norm()  # the ridge shrinks the map
 
 
-def test_unrope_undoes_rope_and_the_key_turn():
+def test_pre_rope_undoes_rope_and_the_key_turn():
     gen = torch.Generator().manual_seed(1)
-    b, heads, t, d = 2, 4, 7, 16
+    b, heads, t, d, start = 2, 4, 7, 16, 3
     pre = torch.randn(b, heads, t, d, generator=gen)
-    angles = torch.arange(3, 3 + t)[:, None] * torch.rand(d // 2, generator=gen)
+    freqs = torch.rand(d // 2, generator=gen)
+    angles = torch.arange(start, start + t)[:, None] * freqs
     cos, sin = angles.cos().repeat(1, 2).expand(b, t, d), angles.sin().repeat(1, 2).expand(b, t, d)
     post, _ = apply_rotary_pos_emb(pre, pre, cos, sin)  # what attention caches, before the turn
     rot = key_rotations(0, heads, d).float()
     grouped = post.transpose(1, 2).reshape(b, t, 2, 2, d).transpose(1, 2)  # 2 latent groups of 2 heads
     stored = turn_keys(grouped, rot).reshape(b, 2, t, 2 * d)
-    got = unrope(stored, cos, sin, rot)
-    torch.testing.assert_close(got, pre.transpose(1, 2).reshape(b, t, heads * d), atol=1e-5, rtol=1e-5)
+    phases = lambda positions: torch.polar(torch.ones(len(positions), d // 2), positions[:, None] * freqs)  # noqa: E731
+    weight = torch.randn(6, heads * d + 1, generator=gen)
+    for k_rot, keys in ((rot, stored), (None, post.transpose(1, 2).reshape(b, t, 2, 2 * d).transpose(1, 2))):
+        predictor = ValuePredictor(weight, phases, k_rot, d)
+        got = predictor.pre_rope(keys, start)
+        torch.testing.assert_close(got, pair_order(pre, d), atol=1e-5, rtol=1e-5)
+        flat = pre.transpose(1, 2).reshape(b * t, heads * d)  # the model's channel order, as A was fitted
+        want = (flat @ weight[:, :-1].T + weight[:, -1]).view(b, t, 2, 3).transpose(1, 2)
+        torch.testing.assert_close(predictor(keys, start), want, atol=1e-4, rtol=1e-4)
+
+
+def test_attend_is_the_weighted_sum_of_the_predictions():
+    gen = torch.Generator().manual_seed(2)
+    b, groups, g, t, d, r, q = 2, 3, 1, 9, 8, 5, 4
+    weight = torch.randn(groups * r, groups * g * d + 1, generator=gen)
+    freqs = torch.rand(d // 2, generator=gen)
+    phases = lambda positions: torch.polar(torch.ones(len(positions), d // 2), positions[:, None] * freqs)  # noqa: E731
+    predictor = ValuePredictor(weight, phases, key_rotations(3, groups * g, d).float(), d)
+    keys = torch.randn(b, groups, t, g * d, generator=gen)
+    probs = torch.rand(b, groups, q, t, generator=gen)
+    want = probs @ predictor(keys, 5)  # each group's rows weigh that group's predicted latents
+    torch.testing.assert_close(predictor.attend(probs, keys, 5), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "qwen3"])
@@ -164,12 +186,16 @@ def test_codes_hold_the_residual_and_reads_add_the_prediction_back(predicted, ll
     assert err < 0.9 * plain_err  # 0.82 here: this random layer's keys see a quarter of its input
 
 
-def test_decode_reads_the_same_values_as_the_dense_path(predicted):
+def test_decode_reads_the_same_values_as_the_dense_path(predicted, monkeypatch):
     model, _ = kvcompress.load(predicted)
     ids = torch.randint(4, 400, (1, 50), generator=torch.Generator().manual_seed(6))
     cache = _stream(model, ids[:, :48])
+    folded = []  # the one-token step adds the prediction's weighted sum, not a prediction per token
+    attend = HeldPrediction.attend
+    monkeypatch.setattr(HeldPrediction, "attend", lambda self, *a: folded.append(self.stop) or attend(self, *a))
     with torch.no_grad():
         step = model(ids[:, 48:49], position_ids=torch.tensor([[48]]), **{CACHE_ARG: cache}).logits[0, -1]
+    assert folded and set(folded) == {48}  # every predicted layer, over its 48 coded tokens
     again = _stream(model, ids[:, :48])
     with torch.no_grad():  # two query rows: the generic dense path, not the one-token decode path
         both = model(ids[:, 48:50], position_ids=torch.tensor([[48, 49]]), **{CACHE_ARG: again}).logits[0, 0]

@@ -23,9 +23,13 @@ quantization error alone, and through the cache the residual holds about a quart
 values' energy on SmolLM2 (0.23–0.68 by layer), so 2-bit residual codes do what 3-bit value codes do.
 
 Keys are stored after RoPE (and turned by ``k_rot``), so a read undoes both per token (``k̂ R``, then
-RoPE at minus the token's angle) before the product; a token's position is its index in the cache, which
-the layer checks (no eviction, no left padding). The predictor adds no bytes per token; the checkpoint
-holds ``A`` per layer as ``v_pred`` (``[G·r_v, H·d + 1]``, its last column the intercept).
+RoPE at minus the token's angle, :meth:`ValuePredictor.pre_rope`) before the product; a token's position
+is its index in the cache, which the layer checks (no eviction, no left padding). A decode step needs the
+values only through attention's weighted sum ``Σ_t p_t c_v(t)``, and the prediction is linear, so it adds
+``A [Σ_t p_t k̂_t; Σ_t p_t]`` once (:meth:`ValuePredictor.attend`) instead of a prediction per token: the
+``T × H·d × G·r_v`` product of every step becomes ``T × H·d`` per query row. The predictor adds no bytes
+per token; the checkpoint holds ``A`` per layer as ``v_pred`` (``[G·r_v, H·d + 1]``, its last column the
+intercept).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcompress.kernels.lowrank_rope import rotate
+from kvcompress.kernels.lowrank_rope import pair_order
 from kvcompress.methods.rotation import turn_keys
 
 RIDGE = 0.01  # λ, relative to the mean diagonal of S_kk: chosen on the two tuning texts (README, Measured)
@@ -75,38 +79,84 @@ def fit(moments: PredictorMoments, v_down: torch.Tensor, ridge: float = RIDGE) -
     return torch.linalg.solve(s_kk + reg, s_vk.T).T  # S_kk is symmetric
 
 
-def unrope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_rot: torch.Tensor | None) -> torch.Tensor:
-    """Pre-RoPE keys ``[B, T, H·d]`` from stored keys ``[B, G, T, g·d]`` (the model's channel order, turned
-    by ``k_rot`` ``[H, d, d]`` when given): ``k̂ R_h`` per head, then RoPE at minus each token's angle
-    (rotate-half layout, ``cos``/``sin`` ``[B, T, d]``)."""
-    b, groups, t, width = keys.shape
-    d = cos.shape[-1]
-    k = keys.float().reshape(b, groups, t, width // d, d)
-    if k_rot is not None:
-        k = turn_keys(k, k_rot.float().transpose(-1, -2))  # k̂ R: the inverse of attention's turn k Rᵀ
-    k = k.permute(0, 2, 1, 3, 4).reshape(b, t, -1, d)
-    return rotate(k, cos.float().unsqueeze(2), -sin.float().unsqueeze(2)).reshape(b, t, -1)
-
-
 @dataclass
 class ValuePredictor:
     """What a layer's cache calls to predict its value latents from its stored keys.
 
-    ``weight``: ``A`` ``[G·r_v, H·d + 1]``; ``rope``: ``(positions [B, T]) -> (cos, sin)`` of the model's
-    rotary embedding; ``k_rot``: the keys' turn after RoPE, or None.
+    ``weight``: ``A`` ``[G·r_v, H·d + 1]`` (keys in the model's channel order); ``phases``: ``(positions [T])
+    -> e^{i n θ}`` ``[T, d/2]`` (complex64) of the model's rotary embedding, one angle per channel pair;
+    ``k_rot``: the keys' turn after RoPE ``[H, d, d]``, or None; ``head_dim``: ``d``.
     """
 
     weight: torch.Tensor
-    rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    phases: Callable[[torch.Tensor], torch.Tensor]
     k_rot: torch.Tensor | None
+    head_dim: int
+
+    def pre_rope(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Pre-RoPE keys ``[B, H, T, d]`` (float32, each head's channels in RoPE pair order) of stored keys
+        ``[B, G, T, g·d]`` at positions ``start, start + 1, …``.
+
+        ``k̂ R_h`` by one batched GEMM whose columns come out in pair order (``R_h``'s columns permuted, a
+        ``d × d`` copy per head), then each channel pair times ``e^{−i n θ}`` in place: RoPE undone as one
+        complex multiply (``kvcompress.kernels.lowrank_rope``: in pair order RoPE is ``(k[2i] + i·k[2i+1]) ·
+        e^{iθ}``).
+        """
+        b, groups, t, width = keys.shape
+        d = self.head_dim
+        k = keys.float().reshape(b, groups, t, width // d, d)
+        if self.k_rot is None:
+            k = pair_order(k, d)
+        else:  # k̂ R with R's columns in pair order; turn_keys multiplies by the transpose of what it is given
+            k = turn_keys(k, pair_order(self.k_rot.float(), d).transpose(-1, -2))
+        k = k.transpose(2, 3).reshape(b, groups * (width // d), t, d).contiguous()
+        phases = self.phases(torch.arange(start, start + t, device=keys.device))
+        torch.view_as_complex(k.view(*k.shape[:-1], d // 2, 2)).mul_(phases.conj())
+        return k
+
+    def _weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A``'s key columns in pair order ``[G·r_v, H·d]`` and its intercept ``[G·r_v]``, float32."""
+        w = self.weight.float()
+        return pair_order(w[:, :-1], self.head_dim), w[:, -1]
 
     def __call__(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         """Predicted value latents ``[B, G, T, r_v]`` (float32) of stored keys ``[B, G, T, g·d]`` at
         positions ``start, start + 1, …``."""
         b, groups, t, _ = keys.shape
-        positions = torch.arange(start, start + t, device=keys.device).expand(b, t)
-        cos, sin = self.rope(positions)
-        k = unrope(keys, cos, sin, self.k_rot)
-        w = self.weight.float()
-        out = torch.addmm(w[:, -1], k.reshape(b * t, -1), w[:, :-1].T)
+        k = self.pre_rope(keys, start)
+        a, a0 = self._weight()
+        out = torch.addmm(a0, k.transpose(1, 2).reshape(b * t, -1), a.T)
         return out.view(b, t, groups, -1).transpose(1, 2)
+
+    def attend(self, probs: torch.Tensor, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """``Σ_t p_t ĉ_v(t)`` ``[B, G, q, r_v]`` for attention weights ``probs`` ``[B, G, q, T]`` over stored keys
+        ``[B, G, T, g·d]`` at positions ``start, start + 1, …``, without a prediction per token.
+
+        The prediction is linear in the keys, so the weighted sum of predictions is the prediction of the
+        weighted sum: ``A [Σ_t p_t k_t; Σ_t p_t]``, one ``[q, T] × [T, d]`` product per KV head and one of
+        ``[G·q, H·d] × [H·d, G·r_v]``, where a prediction per token costs ``T × H·d × G·r_v``.
+        """
+        b, groups, q, t = probs.shape
+        k = self.pre_rope(keys, start)  # [B, H, T, d]
+        rows = probs.reshape(b, 1, groups * q, t)
+        summed = (rows @ k).transpose(1, 2).reshape(b, groups * q, -1)  # [B, G·q, H·d]
+        a, a0 = self._weight()
+        full = summed @ a.T + rows.sum(dim=-1).view(b, groups * q, 1) * a0  # every group's A: [B, G·q, G·r_v]
+        own = full.view(b, groups, q, groups, -1).diagonal(dim1=1, dim2=3)  # each query row's own group
+        return own.permute(0, 3, 1, 2)
+
+
+@dataclass
+class HeldPrediction:
+    """The predicted values of one read, left unformed: the values read hold residuals at tokens ``start …
+    stop − 1``, and attention adds :meth:`attend` of its weights to what it reads from them."""
+
+    predictor: ValuePredictor
+    start: int
+    stop: int
+
+    def attend(self, probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """:meth:`ValuePredictor.attend` of ``probs`` ``[B, G, q, S]`` over all the keys read ``[B, G, S, g·d]``,
+        restricted to the predicted tokens."""
+        span = slice(self.start, self.stop)
+        return self.predictor.attend(probs[..., span], keys[..., span, :], self.start)

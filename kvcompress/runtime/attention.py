@@ -173,8 +173,7 @@ class LatentAttention(nn.Module):
         if self.v_pred is None:
             return None
         rotary = self._rotary[0]
-        probe = self.v_pred[:1, :1]
-        return ValuePredictor(self.v_pred, lambda positions: rotary(probe, positions), self.k_rot)
+        return ValuePredictor(self.v_pred, lambda positions: rope_phases(rotary, positions), self.k_rot, self.head_dim)
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         """``o_proj`` of the attention-weighted value latents ``[B, Hq, T, r_v]``, through ``v_up`` if kept."""

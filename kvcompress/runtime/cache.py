@@ -26,7 +26,7 @@ from kvcompress.kernels.pack import TablePacked, reads_tuples
 from kvcompress.methods import CodebookStore, DenseStore, QuantizedStore, VectorCodebookStore, make_store
 from kvcompress.methods.kivi import Packed
 from kvcompress.methods.lagkv import compress_step, scored_chunks
-from kvcompress.methods.value_prediction import ValuePredictor
+from kvcompress.methods.value_prediction import HeldPrediction, ValuePredictor
 from kvcompress.plan import LayerPlan, layer_plan
 from kvcompress.recipe import LagKV, LayerRecipe, Quant
 from kvcompress.runtime.workspace import Workspace
@@ -63,6 +63,11 @@ class DenseKV:
     workspace
         For layout ``"workspace"``: the buffers ``keys`` and ``values`` lie in, from which the rest of this
         step may take more (under other names); None for ``"dense"``.
+    prediction
+        For layout ``"workspace"`` of a layer that predicts its values from its keys: which tokens of
+        ``values`` hold only the residuals, and what attention adds for them
+        (:class:`~kvcompress.methods.value_prediction.HeldPrediction`); None otherwise, ``values`` then
+        being the values.
     """
 
     keys: torch.Tensor
@@ -70,6 +75,7 @@ class DenseKV:
     positions: torch.Tensor | None
     valid: torch.Tensor | None
     workspace: Workspace | None = None
+    prediction: HeldPrediction | None = None
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,10 @@ class KVCompressLayer(CacheLayerMixin):
         if predictor is not None and values.quantized_length:  # codes hold residuals: add the prediction back
             first = values.sink if values.sink_copy is not None else 0  # the sink's copies are the values
             tq = values.quantized_length
-            held.values[..., first:tq, :] += predictor(held.keys[..., first:tq, :], first).to(held.values.dtype)
+            if layout == "workspace":  # attention adds it to its weighted sum, not token by token
+                held = replace(held, prediction=HeldPrediction(predictor, first, tq))
+            else:
+                held.values[..., first:tq, :] += predictor(held.keys[..., first:tq, :], first).to(held.values.dtype)
         return held
 
     def _evict(self, predictor: ValuePredictor | None = None) -> None:

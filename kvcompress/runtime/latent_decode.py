@@ -14,7 +14,9 @@ each):
    instead of ``g`` strided ones, and with the tokens as its long output dim it runs about 3x faster
    than ``K Qᵀ`` on MKL;
 4. softmax over tokens, then one GEMM ``P c_v`` gives the attention-weighted value latents (LoRC: ``U_v``
-   comes after, in ``o_proj``).
+   comes after, in ``o_proj``). Where the layer predicts its values from its keys, ``c_v`` holds residuals
+   and the prediction's weighted sum is added once, ``A [P k̂; P 1]``
+   (``kvcompress.methods.value_prediction.ValuePredictor.attend``).
 
 Nothing here allocates a buffer the size of the cache: on the CPU a fresh one costs a page fault per 4 KiB
 on every step, which is slower than the arithmetic it holds.
@@ -81,4 +83,7 @@ def latent_decode(q: torch.Tensor, held: DenseKV, scaling: float, heads: int,
     if valid is not None:
         scores.masked_fill_(~valid.unsqueeze(-2), float("-inf"))
     probs = scores.softmax(dim=-1)
-    return (probs @ held.values).view(b, hq, held.values.shape[-1])
+    out = probs @ held.values
+    if held.prediction is not None:  # values predicted from the keys: their weighted sum, added once
+        out += held.prediction.attend(probs, held.keys)
+    return out.view(b, hq, held.values.shape[-1])
