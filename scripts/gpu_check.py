@@ -184,7 +184,8 @@ def judge_kernel_tests(report: JUnitReport, returncode: int, compiled: bool) -> 
 
 def kernel_tests(plan: Plan, out: Path) -> dict:
     """Run the kernel tests in a pytest of their own: compiled on the GPU, interpreted in the dry run."""
-    env = dict(os.environ, TRITON_INTERPRET="1" if plan.dry_run else "0")
+    # PYTHONSAFEPATH: the checkout is not put on the path, where kernels/ would shadow Hugging Face's `kernels`
+    env = dict(os.environ, TRITON_INTERPRET="1" if plan.dry_run else "0", PYTHONSAFEPATH="1")
     env.pop("KVCOMPRESS_KERNEL_SMOKE", None)
     if plan.dry_run:
         env["KVCOMPRESS_KERNEL_SMOKE"] = "1"

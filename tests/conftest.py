@@ -209,6 +209,14 @@ class CLIResult:
     exception: BaseException | None
 
 
+def python_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a ``python -c`` or ``python -m`` child of a test: ``base`` (default: this process's)
+    with ``PYTHONSAFEPATH=1``, so the child does not put the working directory (the checkout) on its path,
+    where the source folder ``kernels/`` would shadow Hugging Face's ``kernels`` package, which transformers
+    imports when installed (5.25 and newer)."""
+    return {**(os.environ if base is None else base), "PYTHONSAFEPATH": "1", **extra}
+
+
 def run_cli(*args: str) -> CLIResult:
     """Run ``kvcompress ARGS`` in-process with typer's CliRunner (stdout and stderr kept apart)."""
     from kvcompress.cli import app

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import python_env
 
 from kvcompress.methods import QUANTIZERS, make_store, quantizer
 from kvcompress.recipe import QUANT_METHODS
@@ -40,7 +41,8 @@ def test_kernels_import_nothing_from_kvcompress():
 ])
 def test_imports_point_down(module, forbidden):
     code = f"import sys, {module}; print('\\n'.join(sys.modules))"
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env=python_env()).stdout.split()
     pulled = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden)]
     assert not pulled, f"importing {module} loads {pulled[:5]}"
 

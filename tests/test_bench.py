@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, python_env, run_cli
 
 from kvcompress.compat import CACHE_ARG
 from kvcompress.evaluate.bench import (
@@ -277,8 +277,8 @@ def test_installed_peers_are_measured_like_the_recipes(llama_gqa, tmp_path, text
 def _run_piped(code: str, *args: str) -> subprocess.CompletedProcess:
     """``python -c CODE ARGS`` in a fresh process, stdout and stderr piped, kineto and rich left to their
     defaults (no log level or terminal forced from outside)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("KINETO_LOG_LEVEL", "FORCE_TERMINAL", "TTY_COMPATIBLE")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = python_env({k: v for k, v in os.environ.items()
+                      if k not in ("KINETO_LOG_LEVEL", "FORCE_TERMINAL", "TTY_COMPATIBLE")}, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
                           env=env)
 

@@ -4,7 +4,6 @@ nothing new left on disk beside the output or the checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, build_tiny, copy_checkpoint, run_cli, tiny_config
+from conftest import assert_one_line_error, build_tiny, copy_checkpoint, python_env, run_cli, tiny_config
 
 from kvcompress.checkpoint.export import export
 from kvcompress.checkpoint.manifest import MANIFEST_NAME, SELF_CHECKSUM, _self_digest
@@ -230,7 +229,7 @@ app()
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_during_export_leaves_nothing(setup, tmp_path, sig):
     out = tmp_path / "out"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = python_env(TRITON_INTERPRET="1")
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_EXPORT, "export", str(setup[0]), "-o", str(out),
                              "--recipe", "kivi-4bit", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
