@@ -51,6 +51,11 @@ def test_fit_recovers_an_exact_linear_map_from_the_sums():
     assert shrunk[:, :-1].norm() < 0.9 * m.norm()  # the ridge shrinks the map
 
 
+def _phase_table(freqs: torch.Tensor):
+    """A ``phases`` callable for :class:`ValuePredictor`: ``e^{i n θ}`` ``[T, d/2]`` at positions ``n``."""
+    return lambda positions: torch.polar(torch.ones(len(positions), len(freqs)), positions[:, None] * freqs)
+
+
 def test_pre_rope_undoes_rope_and_the_key_turn():
     gen = torch.Generator().manual_seed(1)
     b, heads, t, d, start = 2, 4, 7, 16, 3
@@ -62,7 +67,7 @@ def test_pre_rope_undoes_rope_and_the_key_turn():
     rot = key_rotations(0, heads, d).float()
     grouped = post.transpose(1, 2).reshape(b, t, 2, 2, d).transpose(1, 2)  # 2 latent groups of 2 heads
     stored = turn_keys(grouped, rot).reshape(b, 2, t, 2 * d)
-    phases = lambda positions: torch.polar(torch.ones(len(positions), d // 2), positions[:, None] * freqs)  # noqa: E731
+    phases = _phase_table(freqs)
     weight = torch.randn(6, heads * d + 1, generator=gen)
     for k_rot, keys in ((rot, stored), (None, post.transpose(1, 2).reshape(b, t, 2, 2 * d).transpose(1, 2))):
         predictor = ValuePredictor(weight, phases, k_rot, d)
@@ -78,7 +83,7 @@ def test_attend_is_the_weighted_sum_of_the_predictions():
     b, groups, g, t, d, r, q = 2, 3, 1, 9, 8, 5, 4
     weight = torch.randn(groups * r, groups * g * d + 1, generator=gen)
     freqs = torch.rand(d // 2, generator=gen)
-    phases = lambda positions: torch.polar(torch.ones(len(positions), d // 2), positions[:, None] * freqs)  # noqa: E731
+    phases = _phase_table(freqs)
     predictor = ValuePredictor(weight, phases, key_rotations(3, groups * g, d).float(), d)
     keys = torch.randn(b, groups, t, g * d, generator=gen)
     probs = torch.rand(b, groups, q, t, generator=gen)
