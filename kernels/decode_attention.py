@@ -5,8 +5,9 @@ The Triton path is split over the sequence (flash-decoding): each program takes 
 runs an online softmax; a second kernel merges the partial ``(max, sum, acc)`` of all chunks. The
 quantized tokens come first in the sequence, then the residual window; the result does not depend on the
 order, since softmax attention is permutation invariant over keys. Keys and values may have any code width
-1–8 and any head dim: :func:`~.pack.load_dequant` dequantizes a packed row in the bit planes of its widest
-piece, gathering the narrower pieces into the same slots, and the queries are loaded in that channel order.
+1–8 and any head dim: :func:`~.pack.load_dequant` dequantizes a packed row in the slots of its widest
+piece's bytes (bit planes for min–max codes, runs of consecutive channels for table codes), gathering the
+narrower pieces into the same slots, and the queries are loaded in that channel order.
 
 Either stream may be min–max codes (:class:`~.pack.Packed`, KIVI) or codes that index a table of levels
 (:class:`~.pack.TablePacked`: ``mean + scale * table[code]``, the codebook of TurboQuant, arXiv 2504.19874,
@@ -146,9 +147,9 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, bh, split, n_split, m_i, l_i, acc, N_R
 
 
 @triton.jit
-def _plane_columns(D, PER: tl.constexpr, BLOCK_B: tl.constexpr):
+def _plane_columns(D, PER: tl.constexpr, BLOCK_B: tl.constexpr, RUNS: tl.constexpr):
     """Channels (and validity) of a dequantized packed row flattened from ``[BLOCK_B, PER]`` slots."""
-    cols, valid = plane_channels(D, PER, BLOCK_B)
+    cols, valid = plane_channels(D, PER, BLOCK_B, RUNS)
     return tl.reshape(cols, (BLOCK_B * PER,)), tl.reshape(valid, (BLOCK_B * PER,))
 
 
@@ -164,8 +165,8 @@ def _quantized_partial_kernel(
     """Splits of the quantized tokens ``skip .. T - 1`` of one KV head (the first ``skip`` are the sink's)."""
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    k_cols, k_valid = _plane_columns(DK, K_PER, BLOCK_KB)  # packed rows come out in bit-plane order
-    v_cols, v_valid = _plane_columns(DV, V_PER, BLOCK_VB)
+    k_cols, k_valid = _plane_columns(DK, K_PER, BLOCK_KB, K_TABLE)  # min-max rows come out in bit-plane order
+    v_cols, v_valid = _plane_columns(DV, V_PER, BLOCK_VB, V_TABLE)
     q = _load_query(q_ptr, bh, qk_scale, N_REP, DK, k_cols, k_valid, BLOCK_R)
     m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_R,), tl.float32)
@@ -243,9 +244,9 @@ def _operands(p: Codes) -> tuple[torch.Tensor | int | None, ...]:
     if isinstance(p, TablePacked) and p.joint:
         raise ValueError(f"the Triton decode kernel reads codes of integer widths, not {p.bits}-bit points (one code "
                          f"per point; read them with decode_attention_ref)")
-    if t > 1 and not reads_tuples(p.dim, p.bits, t):
-        raise ValueError(f"the Triton decode kernel reads {t}-channel points only when the {p.bits}-bit codes' "
-                         f"bit planes of {p.dim} channels split into whole points (read it with decode_attention_ref)")
+    if t > 1 and not reads_tuples(p.bits, t):
+        raise ValueError(f"the Triton decode kernel reads points of a power of two channels, not {t} "
+                         f"(read them with decode_attention_ref)")
     return *(None if x is None else x.contiguous() for x in (p.codes, p.scale, base, table)), t
 
 

@@ -18,9 +18,15 @@ consecutive channels of a piece; on the CPU one ``and`` unpacks every plane at o
 bit offset (:func:`plane_codes`). The Triton kernels and the decode-attention kernel read this layout
 directly: the encode kernel writes one piece per launch, the decoders read a row in the bit planes of its
 widest piece and gather the narrower pieces into the same slots (:func:`load_dequant`). :class:`Packed` holds
-one such tensor with its layout, :func:`dequantize` reads it back. :class:`TablePacked` holds codes of the same
-layout that index a table of levels instead (codebook quantization, e.g. TurboQuant, arXiv 2504.19874):
-``mean + scale * table[code]`` per group, which :func:`load_dequant` reads too.
+one such tensor with its layout, :func:`dequantize` reads it back.
+
+:class:`TablePacked` holds codes that index a table of levels instead (codebook quantization, e.g. TurboQuant,
+arXiv 2504.19874): ``mean + scale * table[code]`` per group, which :func:`load_dequant` reads too. Its codes are
+packed in *runs* (``pack_codes(..., runs=True)``): the same pieces, but byte ``d // (8 // p)`` of a piece holds
+``8 // p`` consecutive channels, channel ``d`` at bit offset ``p * (d % (8 // p))``. A byte of the widest piece
+and the bits of the narrower pieces for the same channels then form one index (:func:`run_index`) that a
+single gather turns into that many consecutive float32 outputs, where bit planes would scatter them ``nb``
+apart: on the CPU the table read is one gather and one scaling pass, no unpacking (:mod:`kvcompress.methods.codebook`).
 
 Rounding: the minimum is rounded *down* and the scale *up* to float16, so every value of a group lies in
 ``[minimum, minimum + (2**bits - 1) * scale]`` and the reconstruction error is at most ``scale / 2`` (plus
@@ -211,17 +217,18 @@ def packed_bytes(dim: int, bits: int) -> int:
     return sum(piece_bytes(dim, p) for p in pieces(bits))
 
 
-def _pack_piece(codes: torch.Tensor, piece: int) -> torch.Tensor:
+def _pack_piece(codes: torch.Tensor, piece: int, runs: bool) -> torch.Tensor:
     per, d = 8 // piece, codes.shape[-1]
     nb = piece_bytes(d, piece)
     if nb * per != d:
         codes = torch.nn.functional.pad(codes, (0, nb * per - d))
-    planes = codes.reshape(*codes.shape[:-1], per, nb)
+    lead = codes.shape[:-1]
+    planes = codes.reshape(*lead, nb, per).transpose(-1, -2) if runs else codes.reshape(*lead, per, nb)
     shifts = torch.arange(0, 8, piece, dtype=torch.uint8, device=codes.device).view(per, 1)
     return (planes << shifts).sum(-2, dtype=torch.uint8)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_codes(codes: torch.Tensor, bits: int, runs: bool = False) -> torch.Tensor:
     """Pack integer codes ``[..., D]`` (values below ``2**bits``) into uint8 ``[..., packed_bytes(D, bits)]``.
 
     Parameters
@@ -230,6 +237,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         Integer tensor, any last dim.
     bits
         Code width, 1 to 8.
+    runs
+        Each byte of a piece holds consecutive channels (:class:`TablePacked`'s layout) instead of bit planes.
 
     Returns
     -------
@@ -239,7 +248,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     codes = codes.to(torch.uint8)
     parts, shift = [], 0
     for piece in pieces(bits):
-        parts.append(_pack_piece((codes >> shift) & (2**piece - 1), piece))
+        parts.append(_pack_piece((codes >> shift) & (2**piece - 1), piece, runs))
         shift += piece
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
@@ -261,10 +270,10 @@ def tuple_index(digits: torch.Tensor, bits: int) -> torch.Tensor:
     return (digits.long() * weights).sum(dim=-1)
 
 
-def unpack_indices(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """The codes of :func:`pack_codes` back as uint8 ``[..., dim]``, for table lookups (codebook indices).
+def unpack_indices(packed: torch.Tensor, bits: int, dim: int, runs: bool = False) -> torch.Tensor:
+    """The codes of :func:`pack_codes` back as uint8 ``[..., dim]``.
 
-    Works on whole integer lanes of up to 8 bytes (the widest that every piece's bytes and ``packed``'s
+    Bit planes work on whole integer lanes of up to 8 bytes (the widest that every piece's bytes and ``packed``'s
     strides allow): per bit plane, one shift by a scalar and one ``and`` with the lane's mask, ``or``-ed in
     for the pieces after the first; no float conversion. On one CPU thread, 3 × 2048 × 64 codes take 20 µs
     (8-bit) to 280 µs (7-bit): 52 µs 4-bit, 68 µs 2-bit, 200 µs 3-bit, 1.2 to 3.3 times faster than
@@ -278,6 +287,8 @@ def unpack_indices(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         Code width, 1 to 8.
     dim
         ``D``, the unpacked channels.
+    runs
+        The codes were packed in runs (``pack_codes(..., runs=True)``).
 
     Returns
     -------
@@ -285,6 +296,8 @@ def unpack_indices(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         uint8 ``[..., dim]``, contiguous.
     """
     sizes = [piece_bytes(dim, p) for p in pieces(bits)]
+    if runs:
+        return _unpack_runs(packed, bits, dim, sizes)
     width, lane = _lane(packed, sizes)
     span = max(nb * (8 // p) for p, nb in zip(pieces(bits), sizes, strict=True))  # channels, padding included
     out = packed.new_empty((*packed.shape[:-1], span))
@@ -310,7 +323,64 @@ def unpack_indices(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return out if span == dim else out[..., :dim].contiguous()
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def _unpack_runs(packed: torch.Tensor, bits: int, dim: int, sizes: list[int]) -> torch.Tensor:
+    """:func:`unpack_indices` of codes packed in runs: per piece, every byte's slots shifted down at once."""
+    out = torch.zeros((*packed.shape[:-1], dim), dtype=torch.uint8, device=packed.device)
+    start, shift = 0, 0
+    for piece, nb in zip(pieces(bits), sizes, strict=True):
+        offsets = torch.arange(0, 8, piece, dtype=torch.uint8, device=packed.device)
+        slots = (packed[..., start:start + nb, None] >> offsets) & (2**piece - 1)  # [..., nb, 8 // piece]
+        out |= slots.flatten(-2)[..., :dim] << shift
+        start, shift = start + nb, shift + piece
+    return out
+
+
+def run_index(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """One int32 index per byte of the widest piece of codes packed in runs: the codes of its ``u`` slots.
+
+    ``packed`` holds ``n`` ``bits``-wide codes per row (``[..., packed_bytes(n, bits)]``, runs); the widest
+    piece, of ``p`` bits, packs ``u = 8 // p`` consecutive codes per byte. The index of byte ``i`` is that
+    byte, then the ``u · q`` bits that each narrower ``q``-bit piece holds for the same ``u`` codes, widest
+    piece first: ``u · bits`` bits in all (12 at 3 bits, 14 at most), which :func:`run_slots` splits back
+    into codes. Returns int32 ``[..., ceil(n / u)]``; the slots past ``n`` of the last byte hold zeros.
+    """
+    sizes = [piece_bytes(n, p) for p in pieces(bits)]
+    u, nb = 8 // pieces(bits)[0], sizes[0]
+    index = packed[..., :nb].int()
+    start, offset = nb, 8
+    for piece, size in zip(pieces(bits)[1:], sizes[1:], strict=True):
+        lanes = _run_lanes(u * piece, offset, packed.device)  # each byte's chunks of u codes, in place
+        element = _LANE_ELEMENTS[lanes.shape[1]]
+        narrow = packed[..., start:start + size].int()
+        parts = torch.index_select(lanes.view(element).view(-1), 0, narrow.view(-1)).view(torch.int32)
+        index |= parts.view(*narrow.shape[:-1], -1)[..., :nb]
+        start, offset = start + size, offset + u * piece
+    return index
+
+
+_LANE_ELEMENTS = {2: torch.int64, 4: torch.complex128}  # 2 or 4 int32 moved as one element (bits only)
+
+
+@functools.cache
+def _run_lanes(chunk: int, offset: int, device: torch.device) -> torch.Tensor:
+    """int32 ``[256, 8 // chunk]``: byte ``b``'s ``chunk``-bit chunks, low first, each shifted up by ``offset``."""
+    k = torch.arange(8 // chunk, device=device)
+    return ((torch.arange(256, device=device)[:, None] >> (chunk * k)) & (2**chunk - 1)).int() << offset
+
+
+def run_slots(index: torch.Tensor, bits: int) -> torch.Tensor:
+    """The ``u`` codes ``[..., u]`` (int64) of each :func:`run_index` ``index``, in channel order."""
+    index, codes = index.long(), 0
+    u, offset, shift = 8 // pieces(bits)[0], 0, 0
+    j = torch.arange(u, device=index.device)
+    for piece in pieces(bits):
+        codes = codes | ((index[..., None] >> (offset + piece * j)) & (2**piece - 1)) << shift
+        offset, shift = offset + u * piece, shift + piece  # the widest piece's u codes fill one byte
+    return codes
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int, out: torch.Tensor | None = None,
+                 runs: bool = False) -> torch.Tensor:
     """The codes of :func:`pack_codes` back as float32 ``[..., dim]`` (exact integers).
 
     The integer codes of :func:`unpack_indices`, cast once: for codes of several pieces (3, 5, 6 and 7 bits)
@@ -326,8 +396,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int, out: torch.Tensor | 
         ``D``, the unpacked channels.
     out
         Optional float32 ``[..., dim]`` tensor to write into.
+    runs
+        The codes were packed in runs (``pack_codes(..., runs=True)``).
     """
-    codes = unpack_indices(packed, bits, dim)
+    codes = unpack_indices(packed, bits, dim, runs)
     return codes.float() if out is None else out.copy_(codes)
 
 
@@ -506,10 +578,11 @@ def _group_index(rows, c, D, GT, GC):
 
 
 @triton.jit
-def plane_channels(D, PER: tl.constexpr, BLOCK_B: tl.constexpr):
+def plane_channels(D, PER: tl.constexpr, BLOCK_B: tl.constexpr, RUNS: tl.constexpr = False):
     """Channels ``[BLOCK_B, PER]`` of the (byte, plane) slots of one ``8 // PER``-bit piece of a packed row.
 
-    Slot ``(b, j)`` holds channel ``j * nb + b``, ``nb = cdiv(D, PER)`` being the piece's bytes per row.
+    Slot ``(b, j)`` holds channel ``j * nb + b``, ``nb = cdiv(D, PER)`` being the piece's bytes per row; in
+    runs (``RUNS``, :class:`TablePacked`'s layout), channel ``b * PER + j``.
 
     Parameters
     ----------
@@ -519,6 +592,8 @@ def plane_channels(D, PER: tl.constexpr, BLOCK_B: tl.constexpr):
         Codes per byte of the piece (8, 4, 2 or 1).
     BLOCK_B
         Byte slots, a power of two at least ``nb`` (:func:`plane_tile`).
+    RUNS
+        Whether the codes are packed in runs.
 
     Returns
     -------
@@ -529,7 +604,7 @@ def plane_channels(D, PER: tl.constexpr, BLOCK_B: tl.constexpr):
     b = tl.arange(0, BLOCK_B)
     j = tl.arange(0, PER)
     n_bytes = tl.cdiv(D, PER)
-    c = j[None, :] * n_bytes + b[:, None]
+    c = b[:, None] * PER + j[None, :] if RUNS else j[None, :] * n_bytes + b[:, None]
     return c, (b < n_bytes)[:, None] & (c < D)
 
 
@@ -544,26 +619,31 @@ def _row_bytes(D, BITS: tl.constexpr):
 
 
 @triton.jit
-def _gather_piece(row, c, mask, D, P: tl.constexpr):
+def _gather_piece(row, c, mask, D, P: tl.constexpr, RUNS: tl.constexpr):
     """Bits of the ``P``-bit piece whose bytes start at pointers ``row`` ``[R]``, for channels ``c`` ``[B, PER]``:
     int32 ``[R, B, PER]`` (0 where masked), and the piece's bytes per row."""
     n_bytes = tl.cdiv(D, 8 // P)
-    byte = tl.load(row[:, None, None] + (c % n_bytes)[None, :, :], mask=mask, other=0)
-    return (byte.to(tl.int32) >> (P * (c // n_bytes))[None, :, :]) & ((1 << P) - 1), n_bytes
+    if RUNS:
+        byte_of, slot = c // (8 // P), c % (8 // P)
+    else:
+        byte_of, slot = c % n_bytes, c // n_bytes
+    byte = tl.load(row[:, None, None] + byte_of[None, :, :], mask=mask, other=0)
+    return (byte.to(tl.int32) >> (P * slot)[None, :, :]) & ((1 << P) - 1), n_bytes
 
 
 @triton.jit
-def _load_codes(codes_ptr, rows, row_mask, D, BITS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr):
+def _load_codes(codes_ptr, rows, row_mask, D, BITS: tl.constexpr, PER: tl.constexpr, BLOCK_B: tl.constexpr,
+                RUNS: tl.constexpr):
     """Integer codes int32 ``[R, BLOCK_B, PER]`` of whole rows ``[R]`` of ``BITS``-wide codes, with their mask.
 
-    Slot ``(b, j)`` holds channel ``plane_channels(D)[b, j]`` in the bit planes of the widest piece
-    (``8 // PER`` bits, lowest in the code), whose bytes load contiguously; every narrower piece is gathered
-    into the same slots and or-ed in at its bit offset. Masked slots hold 0.
+    Slot ``(b, j)`` holds channel ``plane_channels(D, PER, BLOCK_B, RUNS)[b, j]``, code ``j`` of byte ``b`` of
+    the widest piece (``8 // PER`` bits, lowest in the code), whose bytes load contiguously; every narrower
+    piece is gathered into the same slots and or-ed in at its bit offset. Masked slots hold 0.
     """
     WIDE: tl.constexpr = 8 // PER
     b = tl.arange(0, BLOCK_B)
     j = tl.arange(0, PER)
-    c, valid = plane_channels(D, PER, BLOCK_B)
+    c, valid = plane_channels(D, PER, BLOCK_B, RUNS)
     mask = row_mask[:, None, None] & valid[None, :, :]
     row = codes_ptr + rows * _row_bytes(D, BITS)
     start = tl.cdiv(D, PER)  # the widest piece's bytes; the next piece starts there
@@ -571,7 +651,7 @@ def _load_codes(codes_ptr, rows, row_mask, D, BITS: tl.constexpr, PER: tl.conste
     q = (byte.to(tl.int32)[:, :, None] >> (j * WIDE)[None, None, :]) & ((1 << WIDE) - 1)
     for i in tl.static_range(1, 4):
         if BITS & (WIDE >> i):  # the narrower pieces, widest first
-            piece, n_bytes = _gather_piece(row + start, c, mask, D, WIDE >> i)
+            piece, n_bytes = _gather_piece(row + start, c, mask, D, WIDE >> i, RUNS)
             q |= piece << (BITS & -2 * (WIDE >> i))  # its bit offset: the wider pieces' bits
             start += n_bytes
     return q, mask
@@ -581,27 +661,27 @@ def _load_codes(codes_ptr, rows, row_mask, D, BITS: tl.constexpr, PER: tl.conste
 def _tuple_levels(table_ptr, q, mask, BITS: tl.constexpr, TUPLE: tl.constexpr):
     """The points of a vector codebook (:func:`tuple_index`) read for codes ``q`` ``[R, BLOCK_B, PER]``.
 
-    Slot ``(b, j)`` holds channel ``j * nb + b``; with ``nb`` a multiple of ``TUPLE`` (:func:`reads_tuples`),
-    the ``TUPLE`` channels of a point are ``TUPLE`` consecutive byte slots of one plane, so one reshape to
-    ``[R, BLOCK_B / TUPLE, TUPLE, PER]`` and a weighted sum give each point's index, and each slot reads its
+    The codes are in runs: slot ``(b, j)`` holds channel ``b * PER + j``, so the slots flattened are the
+    channels in order, and the ``TUPLE`` channels of a point are ``TUPLE`` consecutive ones. One reshape to
+    ``[R, BLOCK_B · PER / TUPLE, TUPLE]`` and a weighted sum give each point's index, and each slot reads its
     own coordinate of that point from the ``[2^(BITS·TUPLE), TUPLE]`` table.
     """
     R: tl.constexpr = q.shape[0]
     BLOCK_B: tl.constexpr = q.shape[1]
     PER: tl.constexpr = q.shape[2]
+    N: tl.constexpr = BLOCK_B * PER // TUPLE  # points per row, padding included
     i = tl.arange(0, TUPLE)
-    digits = tl.reshape(q, (R, BLOCK_B // TUPLE, TUPLE, PER)) << (BITS * (TUPLE - 1 - i))[None, None, :, None]
-    point = tl.sum(digits, axis=2)  # [R, BLOCK_B / TUPLE, PER], first channel most significant
-    entry = point[:, :, None, :] * TUPLE + i[None, None, :, None]
-    levels = tl.load(table_ptr + entry, mask=tl.reshape(mask, (R, BLOCK_B // TUPLE, TUPLE, PER)), other=0.0)
+    digits = tl.reshape(q, (R, N, TUPLE)) << (BITS * (TUPLE - 1 - i))[None, None, :]
+    point = tl.sum(digits, axis=2)  # [R, N], first channel most significant
+    entry = point[:, :, None] * TUPLE + i[None, None, :]
+    levels = tl.load(table_ptr + entry, mask=tl.reshape(mask, (R, N, TUPLE)), other=0.0)
     return tl.reshape(levels, (R, BLOCK_B, PER))
 
 
-def reads_tuples(dim: int, bits: float, t: int) -> bool:
-    """Whether :func:`load_dequant` reads ``t``-channel points of ``dim``-channel rows of ``bits``-wide codes: ``t``
-    must be a power of two (a Triton block) and the widest piece's bytes per row (its plane length) a multiple
-    of ``t``, so that no point straddles two planes. A fractional width (one code per point) is not read."""
-    return bits == int(bits) and t & (t - 1) == 0 and piece_bytes(dim, pieces(int(bits))[0]) % t == 0
+def reads_tuples(bits: float, t: int) -> bool:
+    """Whether :func:`load_dequant` reads ``t``-channel points of ``bits``-wide codes: ``t`` must be a power of
+    two (a Triton block). A fractional width (one code per point) is not read."""
+    return bits == int(bits) and t & (t - 1) == 0
 
 
 @triton.jit
@@ -638,10 +718,11 @@ def load_dequant(codes_ptr, scale_ptr, base_ptr, table_ptr, rows, row_mask, D, G
     -------
     tensor
         ``base + level * scale`` with ``level = table[code]`` (a point's coordinate) or ``code``; slot
-        ``(b, j)`` holds channel ``plane_channels(D, PER, BLOCK_B)[0][b, j]``, zeros where masked or invalid.
+        ``(b, j)`` holds channel ``plane_channels(D, PER, BLOCK_B, TABLE)[0][b, j]`` (table codes are packed in
+        runs), zeros where masked or invalid.
     """
-    q, mask = _load_codes(codes_ptr, rows, row_mask, D, BITS, PER, BLOCK_B)
-    c, _ = plane_channels(D, PER, BLOCK_B)
+    q, mask = _load_codes(codes_ptr, rows, row_mask, D, BITS, PER, BLOCK_B, TABLE)
+    c, _ = plane_channels(D, PER, BLOCK_B, TABLE)
     g = _group_index(rows, c, D, GT, GC)
     s = tl.load(scale_ptr + g, mask=mask, other=0.0).to(tl.float32)
     if not TABLE:
@@ -810,13 +891,14 @@ def dequantize(p: Packed | TablePacked, dtype: torch.dtype = torch.float32,
         return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype, out)
     *lead, t, _ = p.codes.shape
     gt, gc = group_shape((*lead, t, p.dim), p.index_bits, p.group_size, p.along)
-    idx = unpack_indices(p.codes, p.index_bits, p.index_dim).long()
+    idx = unpack_indices(p.codes, p.index_bits, p.index_dim, runs=True).long()
     if p.table.dim() == 2 and not p.joint:  # a vector codebook: each run of t codes indexes one point of t channels
         idx = tuple_index(idx.view(*idx.shape[:-1], -1, p.table.shape[1]), p.bits)
     x = p.table.float()[idx].view(*lead, t, p.dim)
     shape = (math.prod(lead), t // gt, 1, p.dim // gc, 1)
     groups = x.view(shape[0], t // gt, gt, p.dim // gc, gc)
-    groups.mul_(p.scale.float().reshape(shape))
-    if p.mean is not None:
-        groups.add_(p.mean.float().reshape(shape))
+    if p.mean is None:
+        groups.mul_(p.scale.float().reshape(shape))
+    else:  # one torch.addcmul, as the stores' reading takes it
+        torch.addcmul(p.mean.float().reshape(shape), p.scale.float().reshape(shape), groups, out=groups)
     return x.to(dtype) if out is None else out.copy_(x)

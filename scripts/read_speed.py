@@ -10,7 +10,8 @@ everything into one preallocated float32 buffer. Layouts, as the plan builds the
 * keys (``along="tokens"``): groups of 128 tokens per channel for both (KIVI: scale and minimum; codebook:
   mean and deviation).
 
-Prints the median microseconds per read over ``--repeats`` reads (after warm-up) and the ratios codebook /
+Prints the median microseconds per read over ``--repeats`` reads (after warm-up; each repeat reads the stores of
+a row in turn) and the ratios codebook /
 min–max and vector / min–max, one row per width and stream. Width 1.5 exists only in the vector store
 (64 points of 4 channels, one 6-bit code); its row compares it with min–max at 2 bits, the narrowest
 integer width that holds at least as many bits, and has no scalar codebook column. Runs on one torch
@@ -45,16 +46,17 @@ def filled(store_cls: type[QuantizedStore], bits: float, along: str, group: int,
     return store
 
 
-def median_us(store: QuantizedStore, out: torch.Tensor, repeats: int, warmup: int) -> float:
-    """Median wall time of ``store.read(out)`` in microseconds."""
-    for _ in range(warmup):
-        store.read(out)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        store.read(out)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+def median_us(stores: list[QuantizedStore], out: torch.Tensor, repeats: int, warmup: int) -> list[float]:
+    """Median wall time of ``store.read(out)`` in microseconds, per store. Each repeat reads every store once,
+    in turn, so that a machine whose speed drifts (a shared one) slows them all alike."""
+    times: list[list[float]] = [[] for _ in stores]
+    for i in range(warmup + repeats):
+        for store, kept in zip(stores, times, strict=True):
+            start = time.perf_counter()
+            store.read(out)
+            if i >= warmup:
+                kept.append(time.perf_counter() - start)
+    return [statistics.median(kept) * 1e6 for kept in times]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
             vec = filled(VectorCodebookStore, bits, along, g_cb, x)
             cb = filled(CodebookStore, bits, along, g_cb, x) if bits == mm_bits else None
             assert kivi.quantized_length == vec.quantized_length == args.tokens
-            t_kivi, t_vec = (median_us(s, out, args.repeats, args.warmup) for s in (kivi, vec))
             if cb is None:
+                t_kivi, t_vec = median_us([kivi, vec], out, args.repeats, args.warmup)
                 cb_cols = f"{'-':>11}  {'-':>6}"
             else:
                 assert cb.quantized_length == args.tokens and vec.nbytes() == cb.nbytes()
-                t_cb = median_us(cb, out, args.repeats, args.warmup)
+                t_kivi, t_vec, t_cb = median_us([kivi, vec, cb], out, args.repeats, args.warmup)
                 cb_cols = f"{t_cb:>11.1f}  {t_cb / t_kivi:>6.2f}"
             label = f"{bits:g}" if bits == mm_bits else f"{bits:g}/{mm_bits}"
             print(f"{label:>5}  {stream:<6}  {along:<8}  {f'{g_kivi}/{g_cb}':>14}  {t_kivi:>10.1f}  {cb_cols}  "

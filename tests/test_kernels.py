@@ -385,24 +385,22 @@ def test_decode_triton_matches_ref_over_vector_codebook_codes(b: int, hkv: int, 
     torch.testing.assert_close(lse, dense_lse, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("dim", "bits", "t", "reads"), [
-    (64, 1, 4, True), (16, 2, 4, True), (8, 3, 2, True), (32, 4, 2, True),
-    (16, 1, 4, False),  # 1-bit codes of 16 channels: planes of 2 bytes, a 4-channel point spans two
-    (6, 4, 2, False),  # 4-bit codes of 6 channels: planes of 3 channels
+@pytest.mark.parametrize(("dim", "bits", "t"), [
+    (64, 1, 4), (16, 2, 4), (8, 3, 2), (32, 4, 2),
+    (16, 1, 4),  # 1-bit codes of 16 channels: 2 bytes of 8 channels, two points each
+    (6, 4, 2),  # 4-bit codes of 6 channels: 3 bytes, one point each
+    (6, 2, 2),  # 2-bit codes of 6 channels: 2 bytes, the second half padding
 ])
-def test_the_kernel_reads_vector_points_only_within_one_bit_plane(dim: int, bits: int, t: int, reads: bool) -> None:
-    assert reads_tuples(dim, bits, t) is reads
-    assert not reads_tuples(3 * dim, bits, 3)  # 3-channel points: not a block Triton can reshape into
+def test_the_kernel_reads_vector_points_of_any_layout_in_runs(dim: int, bits: int, t: int) -> None:
+    assert reads_tuples(bits, t)
+    assert not reads_tuples(bits, 3)  # 3-channel points: not a block Triton can reshape into
+    assert not reads_tuples(1.5, 4)  # one code per point
     q, k, v, k_res, v_res, _, _ = _table_cache(1, 1, 1, 8, 1, 8, dim, "kivi", 4, bits, 0, v_group=dim, seed=2,
                                                v_kind="vector")
     assert v.table.shape[1] == t
-    if reads:
-        got = decode_attention_triton(q, k, v, k_res, v_res, 0.5)
-        for a, b in zip(got, decode_attention_ref(q, k, v, k_res, v_res, 0.5), strict=True):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
-    else:
-        with pytest.raises(ValueError, match="split into whole points"):
-            decode_attention_triton(q, k, v, k_res, v_res, 0.5)
+    got = decode_attention_triton(q, k, v, k_res, v_res, 0.5)
+    for a, b in zip(got, decode_attention_ref(q, k, v, k_res, v_res, 0.5), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
 
 def test_decode_rejects_a_bad_sink() -> None:

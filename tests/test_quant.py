@@ -22,6 +22,8 @@ from kvcompress.kernels.pack import (
     plane_codes,
     plane_weights,
     quantize_pack_ref,
+    run_index,
+    run_slots,
     unpack_codes,
     unpack_indices,
 )
@@ -89,6 +91,24 @@ def test_pack_unpack_round_trip(bits: int, lead: list, dim: int, data: st.DataOb
     out = torch.full(shape, math.nan)
     assert unpack_codes(wide[..., 1:-2], bits, dim, out=out) is out
     assert torch.equal(out, codes.float())
+    runs = pack_codes(codes, bits, runs=True)  # the table codes' layout: same bytes per row, other order
+    assert runs.shape == packed.shape and torch.equal(unpack_indices(runs, bits, dim, runs=True), codes)
+    assert torch.equal(unpack_codes(wide[..., 1:-2], bits, dim, runs=False), codes.float())
+
+
+@FAST
+@given(st.sampled_from(WIDTHS), st.integers(1, 40), st.data())
+def test_run_index_holds_each_widest_bytes_codes_and_run_slots_splits_them(bits: int, dim: int,
+                                                                          data: st.DataObject) -> None:
+    codes = torch.from_numpy(data.draw(arrays(np.uint8, (3, dim), elements=st.integers(0, 2**bits - 1))))
+    index = run_index(pack_codes(codes, bits, runs=True), bits, dim)
+    u = 8 // pieces(bits)[0]  # codes per byte of the widest piece
+    assert index.dtype == torch.int32 and index.shape == (3, math.ceil(dim / u))
+    assert int(index.min()) >= 0 and int(index.max()) < 2 ** (u * bits)
+    slots = run_slots(index, bits)
+    assert slots.shape == (3, index.shape[1], u)
+    assert torch.equal(slots.flatten(1)[:, :dim], codes.long())
+    assert not slots.flatten(1)[:, dim:].any()  # the padding slots of the last byte
 
 
 @given(st.sampled_from(WIDTHS), st.integers(0, 300))
@@ -129,6 +149,19 @@ def test_unpack_indices_gives_the_codes_from_any_lane_width_and_offset(bits: int
     assert torch.equal(unpack_indices(packed.transpose(0, 1), bits, dim), codes.transpose(0, 1))
     assert torch.equal(unpack_indices(packed[:, 1:, 2:], bits, dim), codes[:, 1:, 2:])
     assert unpack_indices(packed[..., :0, :], bits, dim).shape == (2, 3, 0, dim)
+
+
+def test_table_codes_pack_in_runs() -> None:
+    # channel d of a p-bit piece goes to byte d // (8 // p) at bit offset p * (d % (8 // p))
+    codes = torch.tensor([1, 2, 3, 0, 3, 3, 0, 1], dtype=torch.uint8)
+    assert pack_codes(codes, 2, runs=True).tolist() == [1 | 2 << 2 | 3 << 4 | 0 << 6, 3 | 3 << 2 | 0 << 4 | 1 << 6]
+    assert pack_codes(torch.tensor([0xA, 0x5, 0x1], dtype=torch.uint8), 4, runs=True).tolist() == [0x5A, 0x01]
+    # 3 bits = a 2-bit piece (2 bytes, channels 5-7 padding) then a 1-bit piece (1 byte, channels 5-7 padding)
+    codes = torch.tensor([0b101, 0b011, 0b111, 0b000, 0b110], dtype=torch.uint8)
+    runs = pack_codes(codes, 3, runs=True)
+    assert runs.tolist() == [0b01 | 0b11 << 2 | 0b11 << 4, 0b10, 1 | 0 << 1 | 1 << 2 | 0 << 3 | 1 << 4]
+    # one index per 2-bit byte: the byte, then the 4 bits of the 1-bit piece for its 4 channels
+    assert run_index(runs, 3, 5).tolist() == [runs[0] | 0b0101 << 8, runs[1] | 0b0001 << 8]
 
 
 def test_pack_layout_is_bit_planes() -> None:

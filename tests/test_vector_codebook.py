@@ -99,19 +99,20 @@ def _point_index(p) -> torch.Tensor:
     (a fractional width)."""
     t = p.table.view(len(p.table), -1).shape[1]
     if p.bits != int(p.bits):
-        return unpack_codes(p.codes, round(p.bits * t), p.dim // t).long()
-    codes = unpack_codes(p.codes, p.bits, p.dim).long()
+        return unpack_codes(p.codes, round(p.bits * t), p.dim // t, runs=True).long()
+    codes = unpack_codes(p.codes, p.bits, p.dim, runs=True).long()
     return (codes.unflatten(-1, (-1, t)) * (2 ** (p.bits * torch.arange(t - 1, -1, -1)))).sum(-1)
 
 
 def _reference(p) -> torch.Tensor:
-    """The decode written out: the point of each run of ``t`` codes, times the scale, plus the mean."""
+    """The decode written out: the point of each run of ``t`` codes, times the scale, plus the mean (one
+    ``addcmul``)."""
     table = p.table.view(len(p.table), -1)
     x = table[_point_index(p)].flatten(-2)
     if p.along == "channels":
         return (x.unflatten(-1, (-1, p.group_size)) * p.scale.float().unsqueeze(-1)).flatten(-2)
-    x = x.unflatten(-2, (-1, p.group_size)) * p.scale.float().unsqueeze(-2)
-    return (x + p.mean.float().unsqueeze(-2)).flatten(-3, -2)
+    x = torch.addcmul(p.mean.float().unsqueeze(-2), p.scale.float().unsqueeze(-2), x.unflatten(-2, (-1, p.group_size)))
+    return x.flatten(-3, -2)
 
 
 @pytest.mark.parametrize("dim", [8, 64, 66, 128])
@@ -223,8 +224,9 @@ def test_vector_store_counts_the_codebook_bytes_and_reads_what_it_encoded(bits):
         assert err < 1.2 * VECTOR_DISTORTION.get((t, bits), lloyd_max(math.floor(bits))[1])  # the codebook's distortion
 
 
-def test_a_layer_of_vector_values_hands_its_codes_to_the_triton_kernel():
-    layer = KVCompressLayer(layer_plan(LayerRecipe(0, 16, 16, 2, 3),
+@pytest.mark.parametrize(("bits", "points"), [(3, (64, 2)), (1, (16, 4))])  # 1 bit: 2 bytes of 8 channels, 2 points
+def test_a_layer_of_vector_values_hands_its_codes_to_the_triton_kernel(bits, points):
+    layer = KVCompressLayer(layer_plan(LayerRecipe(0, 16, 16, 2, bits),
                                        Quant(enabled=True, method="vector", key_method="kivi", group_size=16,
                                              residual_length=8)))
     assert type(layer.value_store) is VectorCodebookStore and layer.can_read("packed")
@@ -232,27 +234,13 @@ def test_a_layer_of_vector_values_hands_its_codes_to_the_triton_kernel():
     k, v, q = torch.randn(1, 1, 21, 16, generator=g), torch.randn(1, 1, 21, 16, generator=g), torch.randn(1, 2, 16)
     layer.step(k[:, :, :20], v[:, :, :20])  # packs 16 tokens
     held = layer.step(k[:, :, 20:], v[:, :, 20:], layout="packed")  # codes and the residual, as the kernel reads them
-    assert held.values is layer.value_store.packed and held.values.table.shape == (64, 2)  # 3 bits, 2 channels a point
+    assert held.values is layer.value_store.packed and held.values.table.shape == points
     keys, values = layer.key_store.read(), layer.value_store.read()  # the stores' own dense reading, 21 tokens
     scores = torch.einsum("bhd,bhtd->bht", q, keys.repeat_interleave(2, dim=1)) * 0.25
     want = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), values.repeat_interleave(2, dim=1))
     args = (q, held.keys, held.values, held.key_residual, held.value_residual, 0.25, held.key_sink, held.value_sink)
     torch.testing.assert_close(decode_attention_ref(*args)[0], want, atol=1e-5, rtol=1e-5)  # the torch twin
     torch.testing.assert_close(decode_attention_triton(*args)[0], want, atol=1e-5, rtol=1e-5)  # the interpreter
-
-
-def test_a_layer_whose_vector_points_straddle_the_kernels_bit_planes_reads_dense():
-    layer = KVCompressLayer(layer_plan(LayerRecipe(0, 16, 16, 2, 1),
-                                       Quant(enabled=True, method="vector", key_method="kivi", group_size=16,
-                                             residual_length=8)))
-    assert not layer.can_read("packed")  # decided from the layout, before anything is packed
-    g = torch.Generator().manual_seed(5)
-    layer.step(torch.randn(1, 1, 20, 16, generator=g), torch.randn(1, 1, 20, 16, generator=g))
-    values = layer.value_store.packed
-    assert values.table.shape == (16, 4)  # 1-bit values, 4 channels a point; 16 channels pack in planes of 2 bytes
-    assert not layer.can_read("packed") and layer.can_read("dense")
-    with pytest.raises(ValueError, match="vector points"):
-        layer.step(torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g), layout="packed")
 
 
 def test_vector_values_export_load_and_generate(llama_gqa, tmp_path, one_thread):

@@ -67,7 +67,7 @@ import torch
 from safetensors.torch import load
 
 from kvcompress.errors import KVCompressError
-from kvcompress.kernels.pack import TablePacked, pack_codes, packed_bytes, tuple_index, unpack_indices
+from kvcompress.kernels.pack import TablePacked, pack_codes, packed_bytes, pieces, run_index, run_slots, tuple_index
 from kvcompress.methods.dense import FP16
 from kvcompress.methods.kivi import QuantizedStore, effective_group
 
@@ -258,90 +258,81 @@ def encode(x: torch.Tensor, bits: float, group: int, along: str = "channels",
     cc = c.square().sum(dim=axis, keepdim=True)  # 0 only for a codebook with a 0 point and y all 0
     scale = torch.where(cc > 0, (centred * c).sum(dim=axis, keepdim=True) / cc.clamp_min(1e-30), 0.0)
     scale = scale.clamp_max(torch.finfo(torch.float16).max).to(torch.float16)
-    codes = (pack_codes(grouped_idx.reshape(x.shape), bits) if bits == int(bits)  # one code per point:
-             else pack_codes(cell.to(torch.uint8).view(*x.shape[:-1], d // t), round(bits * t)))
+    codes = (pack_codes(grouped_idx.reshape(x.shape), bits, runs=True) if bits == int(bits)  # one code per point:
+             else pack_codes(cell.to(torch.uint8).view(*x.shape[:-1], d // t), round(bits * t), runs=True))
     return TablePacked(codes, scale.squeeze(axis), None if mean is None else mean.squeeze(axis), points, bits,
                        group, along, d)
 
 
-# A lookup element: ``k`` float32 points of consecutive channels, moved by one gather as one wider number
+# A lookup element: ``k`` float32 values of consecutive channels, moved by one gather as one wider number (8: rows)
 _ELEMENTS = {4: torch.complex128, 2: torch.float64, 1: torch.float32}
-_QUAD_BITS = 3  # the widest codes looked up 4 channels at a time (4-bit quads: a 1 MB table, no faster than pairs)
 
 
-def _element_index(codes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """One int32 table index per ``k`` consecutive channels of uint8 ``codes`` ``[..., D]`` (``k`` divides ``D``).
+def _run_table(points: torch.Tensor, bits: float) -> torch.Tensor:
+    """The values of every :func:`~kvcompress.kernels.pack.run_index` of codes of ``points``: float32 ``[E, k]``.
 
-    ``k = 1``: the code. ``k = 2``: the two codes' bytes read as one 16-bit number. ``k = 4`` (``bits <= 4``):
-    the four bytes read as one 32-bit number ``n0 | n1 << 8 | n2 << 16 | n3 << 24``, folded by one shift, ``or``
-    and ``and`` to ``n0 | n2 << bits | (n1 | n3 << bits) << 8``. The tables index their entries through this
-    same function (:func:`_element_table`), so both read the bytes in the machine's order.
+    ``points`` is a scalar codebook ``[n]`` or a vector codebook ``[m, t]``; the codes are ``w`` bits wide
+    (:attr:`~kvcompress.kernels.pack.TablePacked.index_bits`), ``u`` of them per byte of the widest piece, so
+    ``E = 2^(u·w)`` indices (4096 at most for the shipped codebooks, 16384 for 7-bit codes). Entry ``i`` holds
+    the ``k`` consecutive channels of the ``u`` codes of index ``i``: ``k = u`` for a scalar codebook and for
+    a vector codebook's digits (``t`` of them per point, ``t`` dividing ``u``), ``k = u·t`` for one code per
+    point (a fractional width). Codes past the last point read NaN.
     """
-    if k == 1:
-        return codes.int()
-    if k == 2:
-        return codes.view(torch.uint16).int()
-    x = codes.view(torch.int32)
-    idx = x >> (16 - bits)
-    idx |= x
-    idx &= 0x0101 * (2 ** (2 * bits) - 1)
-    return idx
-
-
-def _element_table(points: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Every ``k``-tuple of codes' values at the tuple's :func:`_element_index`: 1-D, one ``_ELEMENTS[k]`` per entry.
-
-    ``points`` is a scalar codebook ``[n]`` or a vector codebook ``[2^(bits·t), t]`` (``t`` divides ``k``), whose
-    point ``Σ_i code_i · 2^(bits·(t−1−i))`` gives ``t`` consecutive channels. Entries no tuple maps to hold zeros;
-    codes past the last point (a scalar codebook with fewer than ``2**bits`` points) read NaN.
-    """
-    n = 2**bits
     vector = points.view(-1, 1) if points.dim() == 1 else points
-    t = vector.shape[1]
-    values = vector.new_full((n**t, t), math.nan, dtype=torch.float32)
-    values[:vector.shape[0]] = vector
-    tuples = torch.cartesian_prod(*[torch.arange(n, device=points.device)] * k).view(-1, k)
-    idx = _element_index(tuples.to(torch.uint8), bits, k).view(-1).long()
-    table = values.new_zeros((int(idx.max()) + 1, k))
-    table[idx] = values[tuple_index(tuples.view(-1, k // t, t), bits)].view(-1, k)
-    return table.view(_ELEMENTS[k]).view(-1)
+    t, joint = vector.shape[1], bits != int(bits)
+    width = round(bits * t) if joint else int(bits)
+    u = 8 // pieces(width)[0]
+    slots = run_slots(torch.arange(2 ** (u * width), device=points.device), width)  # [E, u] codes
+    digits = t > 1 and not joint
+    if digits:
+        if u % t:
+            raise ValueError(f"points of {t} channels straddle the bytes of {width}-bit codes ({u} per byte)")
+        slots = tuple_index(slots.view(len(slots), u // t, t), width)  # [E, u / t] points
+    values = vector.new_full((2 ** (width * t if digits else width), t), math.nan, dtype=torch.float32)
+    values[:len(vector)] = vector
+    return values[slots].view(len(slots), -1)
 
 
 @functools.cache
-def _lookup_table(bits: int, t: int, k: int, device: torch.device) -> torch.Tensor:
-    """:func:`_element_table` of the stores' codebook (:func:`_codebook`; data-free, so cached: 520 kB at most,
-    8-bit scalar pairs)."""
-    return _element_table(_codebook(bits, t, device), bits, k)
+def _lookup_table(bits: float, t: int, device: torch.device) -> torch.Tensor:
+    """:func:`_run_table` of the stores' codebook (:func:`_codebook`; data-free, so cached: 128 kB at most)."""
+    return _run_table(_codebook(bits, t, device), bits)
+
+
+def _gather(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = table[index]``, ``table`` ``[E, k]``, into a contiguous float32 ``out`` of ``index.numel() · k``
+    values: each row as one ``_ELEMENTS[k]`` where ``out``'s offset allows it (3 × 2048 × 64 values take about
+    600 µs one at a time, 130 two, 100 four and 160 eight, on one CPU thread), else row by row."""
+    k = table.shape[1]
+    if k in _ELEMENTS and out.storage_offset() % k == 0:
+        element = _ELEMENTS[k]
+        torch.index_select(table.view(element).view(-1), 0, index.view(-1), out=out.view(element).view(-1))
+    else:
+        torch.index_select(table, 0, index.view(-1), out=out.view(-1, k))
 
 
 def _lookup(codes: torch.Tensor, bits: float, dim: int, out: torch.Tensor, points: torch.Tensor) -> None:
     """``out = c[idx]``: the points of packed indices ``codes``, into a contiguous float32 ``out`` ``[..., dim]``.
 
-    The indices are unpacked to uint8 (:func:`~kvcompress.kernels.pack.unpack_indices`), then one gather
-    moves ``k`` consecutive channels per index from a table of ``k``-tuples of points: ``k = 4`` up to
-    ``_QUAD_BITS``, else 2, or fewer where ``dim`` or ``out``'s offset does not split in ``k``; a multiple of
-    a vector codebook's ``t`` (into a fresh buffer first when ``out``'s offset does not split in ``t``). Wider
-    elements cost little more per gather: 3 × 2048 × 64 channels take about 140 µs one at a time, 80 two
-    and 55 four (one CPU thread).
+    The codes are packed in runs (:func:`~kvcompress.kernels.pack.pack_codes`), so each byte of the widest
+    piece, with the narrower pieces' bits for the same codes, is one index
+    (:func:`~kvcompress.kernels.pack.run_index`) of a table of every such byte's consecutive values
+    (:func:`_run_table`): one gather writes them in channel order, nothing is unpacked. Through a fresh
+    buffer where the bytes hold more channels than ``dim``.
     """
     t = 1 if points.dim() == 1 else points.shape[1]
-    if out.storage_offset() % t:
-        fresh = out.new_empty(out.shape)
-        _lookup(codes, bits, dim, fresh, points)
-        out.copy_(fresh)
-        return
-    if bits != int(bits):  # one code per point: gather the points themselves, t channels as one element
-        idx = unpack_indices(codes, round(bits * t), dim // t).int()
-        torch.index_select(points.contiguous().view(_ELEMENTS[t]).view(-1), 0, idx.view(-1),
-                           out=out.view(_ELEMENTS[t]).view(-1))
-        return
-    k = next(k for k in (4, 2, 1) if k % t == 0 and (k < 4 or bits <= _QUAD_BITS) and dim % k == 0
-             and out.storage_offset() % k == 0)
+    joint = bits != int(bits)
+    width, n = (round(bits * t), dim // t) if joint else (int(bits), dim)
     stores_codebook = ((t == 1 or (t, bits) in VECTOR_DISTORTION)  # the stores' codebook: its tables are cached
                        and points is _codebook(bits, t, codes.device))
-    table = _lookup_table(bits, t, k, codes.device) if stores_codebook else _element_table(points, bits, k)
-    idx = _element_index(unpack_indices(codes, bits, dim), bits, k)
-    torch.index_select(table, 0, idx.view(-1), out=out.view(_ELEMENTS[k]).view(-1))
+    table = _lookup_table(bits, t, codes.device) if stores_codebook else _run_table(points, bits)
+    index = run_index(codes, width, n)
+    if index.shape[-1] * table.shape[1] == dim:
+        _gather(table, index, out)
+        return
+    full = out.new_empty((*out.shape[:-1], index.shape[-1] * table.shape[1]))
+    _gather(table, index, full)
+    out.copy_(full[..., :dim])
 
 
 def decode(p: TablePacked, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -349,16 +340,19 @@ def decode(p: TablePacked, dtype: torch.dtype = torch.float32, out: torch.Tensor
 
     The table lookup (:func:`_lookup`) writes straight into ``out`` when it is a contiguous float32 buffer
     (the CPU workspace), and the normalization is applied there in place: no intermediate copy. In float32,
-    the product rounded before the sum, whatever the lookup's element width.
+    whatever the lookup's element width; with a mean, ``torch.addcmul(mean, scale, level)``, one pass (a fused
+    multiply-add where the CPU has one, as the GPU kernel's), which :func:`~kvcompress.kernels.pack.dequantize`
+    also takes.
     """
     axis = -1 if p.along == "channels" else -2
     direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
     x = out if direct else p.codes.new_empty((*p.codes.shape[:-1], p.dim), dtype=torch.float32)
     _lookup(p.codes, p.bits, p.dim, x, p.table)
     g = _grouped(x, p.group_size, p.along)
-    g.mul_(p.scale.float().unsqueeze(axis))
-    if p.mean is not None:
-        g.add_(p.mean.float().unsqueeze(axis))
+    if p.mean is None:
+        g.mul_(p.scale.float().unsqueeze(axis))
+    else:
+        torch.addcmul(p.mean.float().unsqueeze(axis), p.scale.float().unsqueeze(axis), g, out=g)
     if direct:
         return x
     return x.to(dtype) if out is None else out.copy_(x)
@@ -410,8 +404,8 @@ class CodebookStore(QuantizedStore):
 class VectorCodebookStore(CodebookStore):
     """:class:`CodebookStore` with tuples of channels coded jointly by a vector codebook of ``N(0, I_t)``
     (module docstring; ``t`` = :func:`tuple_dim` of the width and the group): the same bytes and groups, a
-    lower distortion. On CUDA the fused decode kernel reads its codes through the points' table, where no point
-    straddles two of the kernel's bit planes (:func:`~kvcompress.kernels.pack.reads_tuples`). It also stores the
+    lower distortion. On CUDA the fused decode kernel reads its codes through the points' table (points of a power
+    of two channels, :func:`~kvcompress.kernels.pack.reads_tuples`: every shipped integer width). It also stores the
     fractional widths of :data:`FRACTIONAL`, one ``bits·t``-bit code per point, which the kernel does not read:
     a layer holding them reads dense."""
 

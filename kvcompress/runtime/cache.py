@@ -40,11 +40,11 @@ PACKED_STORES = (QuantizedStore, CodebookStore, VectorCodebookStore)  # the deco
 
 def _kernel_reads(store: object, width: int) -> bool:
     """Whether the decode kernel reads the codes of ``store``, a ``width``-channel stream: its type is one of
-    :data:`PACKED_STORES`, and the points of a vector codebook do not straddle the kernel's bit planes
+    :data:`PACKED_STORES`, and the kernel reads the points of its vector codebook
     (:func:`~kvcompress.kernels.pack.reads_tuples`), decided from the layout before anything is packed."""
     if type(store) not in PACKED_STORES:
         return False
-    return not isinstance(store, VectorCodebookStore) or reads_tuples(width, store.bits, store.tuple_size(width))
+    return not isinstance(store, VectorCodebookStore) or reads_tuples(store.bits, store.tuple_size(width))
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class KVCompressLayer(CacheLayerMixin):
 
         ``"dense"`` and ``"workspace"`` always; ``"packed"`` when each stream is a plain KIVI store or a
         codebook store (:data:`PACKED_STORES`: not DecoQuant cores nor channel runs of several widths; a
-        vector codebook's points within the kernel's bit planes), both with the same sink and flush block (so
+        vector codebook of integer width), both with the same sink and flush block (so
         both hold the same packed tokens), no padding flags are stored and the values are not predicted from
         the keys, which is what the fused decode kernel reads.
         """
@@ -238,7 +238,7 @@ class KVCompressLayer(CacheLayerMixin):
         if layout == "packed":
             if not self.can_read("packed"):
                 raise ValueError("this layer's stores are not both KIVI or codebook stores with one sink and "
-                                 "no padding (nor vector points within the kernel's bit planes)")
+                                 "no padding (nor vector points of a fractional width)")
             return PackedKV(keys.packed, values.packed, keys.residual(), values.residual(),
                             keys.sink_copy, values.sink_copy)
         if layout == "workspace":
