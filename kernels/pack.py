@@ -98,14 +98,14 @@ class Packed:
 class TablePacked:
     """A ``[..., T, D]`` tensor as packed codes that index a table of levels: ``mean + scale * table[code]``.
 
-    The codes are packed as :class:`Packed`'s and grouped the same way; where a min–max group reconstructs
-    ``minimum + code * scale``, this one looks each code up in ``table`` (a codebook, e.g. the Lloyd–Max
-    points of TurboQuant, arXiv 2504.19874) before scaling, and adds a ``mean`` only if it has one.
+    The codes are grouped as :class:`Packed`'s and packed in runs (module docstring); where a min–max group
+    reconstructs ``minimum + code * scale``, this one looks each code up in ``table`` (a codebook, e.g. the
+    Lloyd–Max points of TurboQuant, arXiv 2504.19874) before scaling, and adds a ``mean`` only if it has one.
 
     Attributes
     ----------
     codes
-        uint8 ``[..., T, packed_bytes(D, bits)]``, as :attr:`Packed.codes`.
+        uint8 ``[..., T, packed_bytes(D, bits)]``: :func:`pack_codes` with ``runs=True``.
     scale
         float16 ``[..., T // group_size, D]`` for ``along="tokens"``, ``[..., T, D // group_size]`` for
         ``along="channels"``.
