@@ -16,9 +16,9 @@ padding). A row of codes is the pieces' bytes one after the other, ``packed_byte
 width costs ``D * bits / 8`` bytes when ``8 // p`` divides ``D`` for every piece. One mask then gives ``nb``
 consecutive channels of a piece; on the CPU one ``and`` unpacks every plane at once, each code left at its
 bit offset (:func:`plane_codes`). The Triton kernels and the decode-attention kernel read this layout
-directly: the encode kernel writes one piece per launch, the decoders read a row in the bit planes of its
-widest piece and gather the narrower pieces into the same slots (:func:`load_dequant`). :class:`Packed` holds
-one such tensor with its layout, :func:`dequantize` reads it back.
+directly: the encode kernel writes one piece per launch, the decoders read a row in the slots of its widest
+piece's bytes and gather the narrower pieces into the same slots (:func:`load_dequant`; they read the runs
+below the same way). :class:`Packed` holds one such tensor with its layout, :func:`dequantize` reads it back.
 
 :class:`TablePacked` holds codes that index a table of levels instead (codebook quantization, e.g. TurboQuant,
 arXiv 2504.19874): ``mean + scale * table[code]`` per group, which :func:`load_dequant` reads too. Its codes are
@@ -353,7 +353,7 @@ def run_index(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         element = _LANE_ELEMENTS[lanes.shape[1]]
         narrow = packed[..., start:start + size].int()
         parts = torch.index_select(lanes.view(element).view(-1), 0, narrow.view(-1)).view(torch.int32)
-        index |= parts.view(*narrow.shape[:-1], -1)[..., :nb]
+        index |= parts.view(*narrow.shape[:-1], size * lanes.shape[1])[..., :nb]
         start, offset = start + size, offset + u * piece
     return index
 
@@ -893,7 +893,7 @@ def dequantize(p: Packed | TablePacked, dtype: torch.dtype = torch.float32,
     gt, gc = group_shape((*lead, t, p.dim), p.index_bits, p.group_size, p.along)
     idx = unpack_indices(p.codes, p.index_bits, p.index_dim, runs=True).long()
     if p.table.dim() == 2 and not p.joint:  # a vector codebook: each run of t codes indexes one point of t channels
-        idx = tuple_index(idx.view(*idx.shape[:-1], -1, p.table.shape[1]), p.bits)
+        idx = tuple_index(idx.view(*idx.shape[:-1], p.dim // p.table.shape[1], p.table.shape[1]), p.bits)
     x = p.table.float()[idx].view(*lead, t, p.dim)
     shape = (math.prod(lead), t // gt, 1, p.dim // gc, 1)
     groups = x.view(shape[0], t // gt, gt, p.dim // gc, gc)

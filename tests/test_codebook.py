@@ -265,6 +265,12 @@ def test_decode_with_a_smaller_codebook_is_bit_for_bit_the_formula(bits):
         assert torch.equal(_bits_of(decode(p)), _bits_of(_decode_reference(p, points)))
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_a_read_of_no_tokens_is_empty(bits):
+    for along in ("channels", "tokens"):
+        assert decode(encode(_gauss(2, 0, 7), bits, 4, along)).shape == (2, 0, 7)
+
+
 def test_lookup_tables_are_kept_per_width_only():
     # the cached tables hold the codebook's points, never data: reads of any data, shape or layout add none
     _lookup_table.cache_clear()

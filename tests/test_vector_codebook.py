@@ -138,6 +138,23 @@ def test_decode_and_the_kernel_twin_read_are_bit_for_bit_the_formula(bits, along
         assert decode(p, out=out) is out and torch.equal(out.view(torch.int32), want)
 
 
+@pytest.mark.parametrize(("bits", "t"), [(4, 4), (8, 2)])  # a byte holds 2 or 1 codes: each point spans 2 bytes
+def test_points_that_span_several_bytes_read_through_the_kernels_twin(bits, t):
+    points = _gauss(2 ** (bits * t), t, seed=bits)
+    x = _gauss(1, 2, 3, 8, seed=t)
+    p = encode(x, bits, 8, "channels", points=points)
+    want = _reference(p).view(torch.int32)
+    assert torch.equal(decode(p).view(torch.int32), want) and torch.equal(dequantize(p).view(torch.int32), want)
+
+
+@pytest.mark.parametrize("bits", [1, 1.5, 2, 3, 4])
+@pytest.mark.parametrize("along", ["channels", "tokens"])
+def test_a_read_of_no_tokens_is_empty(bits, along):
+    p = encode(_gauss(2, 0, 8), bits, 4, along, tuple_size=tuple_dim(bits, 4))
+    assert p.codes.shape == (2, 0, VectorCodebookStore.code_bytes(8, bits, along, 4))
+    assert decode(p).shape == (2, 0, 8) and dequantize(p).shape == (2, 0, 8)
+
+
 def test_tuple_index_reads_the_first_code_as_the_most_significant_digit():
     digits = torch.tensor([[1, 2, 3, 0], [7, 7, 7, 7]])
     assert tuple_index(digits, 3).tolist() == [1 * 512 + 2 * 64 + 3 * 8, 4095]

@@ -67,7 +67,16 @@ import torch
 from safetensors.torch import load
 
 from kvcompress.errors import KVCompressError
-from kvcompress.kernels.pack import TablePacked, pack_codes, packed_bytes, pieces, run_index, run_slots, tuple_index
+from kvcompress.kernels.pack import (
+    TablePacked,
+    dequantize,
+    pack_codes,
+    packed_bytes,
+    pieces,
+    run_index,
+    run_slots,
+    tuple_index,
+)
 from kvcompress.methods.dense import FP16
 from kvcompress.methods.kivi import QuantizedStore, effective_group
 
@@ -273,10 +282,10 @@ def _run_table(points: torch.Tensor, bits: float) -> torch.Tensor:
 
     ``points`` is a scalar codebook ``[n]`` or a vector codebook ``[m, t]``; the codes are ``w`` bits wide
     (:attr:`~kvcompress.kernels.pack.TablePacked.index_bits`), ``u`` of them per byte of the widest piece, so
-    ``E = 2^(u·w)`` indices (4096 at most for the shipped codebooks, 16384 for 7-bit codes). Entry ``i`` holds
-    the ``k`` consecutive channels of the ``u`` codes of index ``i``: ``k = u`` for a scalar codebook and for
-    a vector codebook's digits (``t`` of them per point, ``t`` dividing ``u``), ``k = u·t`` for one code per
-    point (a fractional width). Codes past the last point read NaN.
+    ``E = 2^(u·w)`` indices (256 at 1, 2, 4 and 8 bits, 1024 to 16384 at 5, 3 and 6, and 7 bits). Entry ``i``
+    holds the ``k`` consecutive channels of the ``u`` codes of index ``i``: ``k = u`` for a scalar codebook and
+    for a vector codebook's digits (``t`` of them per point, ``t`` dividing ``u``: :func:`_runs_hold_points`),
+    ``k = u·t`` for one code per point (a fractional width). Codes past the last point read NaN.
     """
     vector = points.view(-1, 1) if points.dim() == 1 else points
     t, joint = vector.shape[1], bits != int(bits)
@@ -285,8 +294,6 @@ def _run_table(points: torch.Tensor, bits: float) -> torch.Tensor:
     slots = run_slots(torch.arange(2 ** (u * width), device=points.device), width)  # [E, u] codes
     digits = t > 1 and not joint
     if digits:
-        if u % t:
-            raise ValueError(f"points of {t} channels straddle the bytes of {width}-bit codes ({u} per byte)")
         slots = tuple_index(slots.view(len(slots), u // t, t), width)  # [E, u / t] points
     values = vector.new_full((2 ** (width * t if digits else width), t), math.nan, dtype=torch.float32)
     values[:len(vector)] = vector
@@ -335,6 +342,12 @@ def _lookup(codes: torch.Tensor, bits: float, dim: int, out: torch.Tensor, point
     out.copy_(full[..., :dim])
 
 
+def _runs_hold_points(p: TablePacked) -> bool:
+    """Whether each byte of the widest piece holds whole points: always but for a vector codebook (given as
+    ``points``; the shipped ones fit) whose ``t`` digits span more codes than such a byte holds."""
+    return p.joint or p.table.dim() == 1 or (8 // pieces(int(p.bits))[0]) % p.table.shape[1] == 0
+
+
 def decode(p: TablePacked, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """``mean + scale · table[idx]`` back in ``[..., T, D]`` (into ``out`` if given).
 
@@ -342,8 +355,10 @@ def decode(p: TablePacked, dtype: torch.dtype = torch.float32, out: torch.Tensor
     (the CPU workspace), and the normalization is applied there in place: no intermediate copy. In float32,
     whatever the lookup's element width; with a mean, ``torch.addcmul(mean, scale, level)``, one pass (a fused
     multiply-add where the CPU has one, as the GPU kernel's), which :func:`~kvcompress.kernels.pack.dequantize`
-    also takes.
+    also takes; it reads the points that span several bytes (:func:`_runs_hold_points`).
     """
+    if not _runs_hold_points(p):
+        return dequantize(p, dtype, out)
     axis = -1 if p.along == "channels" else -2
     direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
     x = out if direct else p.codes.new_empty((*p.codes.shape[:-1], p.dim), dtype=torch.float32)
