@@ -1,6 +1,6 @@
 """CPU micro-benchmark: one full read of a KIVI min–max store against the codebook stores at the same width.
 
-For code widths 1 to 4, each store (min–max, the scalar codebook ``"codebook"`` and the vector codebook
+For code widths 1 to 8, each store (min–max, the scalar codebook ``"codebook"`` and the vector codebook
 ``"vector"``) gets ``--tokens`` tokens of ``--heads`` heads of ``--dim`` channels
 (batch 1, float32 in), all of them flushed into packed form, then ``store.read(out)`` de-quantizes
 everything into one preallocated float32 buffer. Layouts, as the plan builds them:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     per = args.heads * args.tokens
-    for bits in (1, 1.5, 2, 3, 4):
+    for bits in (1, 1.5, *range(2, 9)):
         mm_bits = math.ceil(bits)  # min-max and the scalar codebook take integer widths only
         for stream, (along, g_kivi, g_cb) in LAYOUTS.items():
             kivi = filled(QuantizedStore, mm_bits, along, g_kivi, x)

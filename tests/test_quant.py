@@ -22,6 +22,7 @@ from kvcompress.kernels.pack import (
     plane_codes,
     plane_weights,
     quantize_pack_ref,
+    run_codes,
     run_index,
     run_slots,
     unpack_codes,
@@ -101,8 +102,13 @@ def test_pack_unpack_round_trip(bits: int, lead: list, dim: int, data: st.DataOb
 def test_run_index_holds_each_widest_bytes_codes_and_run_slots_splits_them(bits: int, dim: int,
                                                                           data: st.DataObject) -> None:
     codes = torch.from_numpy(data.draw(arrays(np.uint8, (3, dim), elements=st.integers(0, 2**bits - 1))))
-    index = run_index(pack_codes(codes, bits, runs=True), bits, dim)
-    u = 8 // pieces(bits)[0]  # codes per byte of the widest piece
+    packed = pack_codes(codes, bits, runs=True)
+    index = run_index(packed, bits, dim)
+    wide = torch.zeros((3, packed.shape[1] + 1), dtype=torch.uint8)  # rows at an odd byte offset
+    wide[:, 1:] = packed
+    assert torch.equal(run_index(wide[:, 1:], bits, dim), index)
+    u = run_codes(bits)  # codes per byte of the widest piece, two bytes' at 8 bits
+    assert u == (2 if bits == 8 else 8 // pieces(bits)[0])
     assert index.dtype == torch.int32 and index.shape == (3, math.ceil(dim / u))
     assert int(index.min()) >= 0 and int(index.max()) < 2 ** (u * bits)
     slots = run_slots(index, bits)

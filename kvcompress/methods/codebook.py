@@ -72,7 +72,7 @@ from kvcompress.kernels.pack import (
     dequantize,
     pack_codes,
     packed_bytes,
-    pieces,
+    run_codes,
     run_index,
     run_slots,
     tuple_index,
@@ -281,8 +281,9 @@ def _run_table(points: torch.Tensor, bits: float) -> torch.Tensor:
     """The values of every :func:`~kvcompress.kernels.pack.run_index` of codes of ``points``: float32 ``[E, k]``.
 
     ``points`` is a scalar codebook ``[n]`` or a vector codebook ``[m, t]``; the codes are ``w`` bits wide
-    (:attr:`~kvcompress.kernels.pack.TablePacked.index_bits`), ``u`` of them per byte of the widest piece, so
-    ``E = 2^(u·w)`` indices (256 at 1, 2, 4 and 8 bits, 1024 to 16384 at 5, 3 and 6, and 7 bits). Entry ``i``
+    (:attr:`~kvcompress.kernels.pack.TablePacked.index_bits`), ``u`` of them per index
+    (:func:`~kvcompress.kernels.pack.run_codes`), so ``E = 2^(u·w)`` indices (256 at 1, 2 and 4 bits, 1024 to
+    16384 at 5, 3 and 6, and 7 bits, 65536 at 8 bits). Entry ``i``
     holds the ``k`` consecutive channels of the ``u`` codes of index ``i``: ``k = u`` for a scalar codebook and
     for a vector codebook's digits (``t`` of them per point, ``t`` dividing ``u``: :func:`_runs_hold_points`),
     ``k = u·t`` for one code per point (a fractional width). Codes past the last point read NaN.
@@ -290,7 +291,7 @@ def _run_table(points: torch.Tensor, bits: float) -> torch.Tensor:
     vector = points.view(-1, 1) if points.dim() == 1 else points
     t, joint = vector.shape[1], bits != int(bits)
     width = round(bits * t) if joint else int(bits)
-    u = 8 // pieces(width)[0]
+    u = run_codes(width)
     slots = run_slots(torch.arange(2 ** (u * width), device=points.device), width)  # [E, u] codes
     digits = t > 1 and not joint
     if digits:
@@ -302,7 +303,8 @@ def _run_table(points: torch.Tensor, bits: float) -> torch.Tensor:
 
 @functools.cache
 def _lookup_table(bits: float, t: int, device: torch.device) -> torch.Tensor:
-    """:func:`_run_table` of the stores' codebook (:func:`_codebook`; data-free, so cached: 128 kB at most)."""
+    """:func:`_run_table` of the stores' codebook (:func:`_codebook`; data-free, so cached: 512 kB at 8 bits, 128 kB
+    at most below)."""
     return _run_table(_codebook(bits, t, device), bits)
 
 
@@ -322,10 +324,10 @@ def _lookup(codes: torch.Tensor, bits: float, dim: int, out: torch.Tensor, point
     """``out = c[idx]``: the points of packed indices ``codes``, into a contiguous float32 ``out`` ``[..., dim]``.
 
     The codes are packed in runs (:func:`~kvcompress.kernels.pack.pack_codes`), so each byte of the widest
-    piece, with the narrower pieces' bits for the same codes, is one index
-    (:func:`~kvcompress.kernels.pack.run_index`) of a table of every such byte's consecutive values
+    piece (two bytes at 8 bits), with the narrower pieces' bits for the same codes, is one index
+    (:func:`~kvcompress.kernels.pack.run_index`) of a table of every such index's consecutive values
     (:func:`_run_table`): one gather writes them in channel order, nothing is unpacked. Through a fresh
-    buffer where the bytes hold more channels than ``dim``.
+    buffer where the indices hold more channels than ``dim``.
     """
     t = 1 if points.dim() == 1 else points.shape[1]
     joint = bits != int(bits)
@@ -343,9 +345,9 @@ def _lookup(codes: torch.Tensor, bits: float, dim: int, out: torch.Tensor, point
 
 
 def _runs_hold_points(p: TablePacked) -> bool:
-    """Whether each byte of the widest piece holds whole points: always but for a vector codebook (given as
-    ``points``; the shipped ones fit) whose ``t`` digits span more codes than such a byte holds."""
-    return p.joint or p.table.dim() == 1 or (8 // pieces(int(p.bits))[0]) % p.table.shape[1] == 0
+    """Whether the codes of each :func:`~kvcompress.kernels.pack.run_index` hold whole points: always but for a
+    vector codebook (given as ``points``; the shipped ones fit) whose ``t`` digits span more codes than that."""
+    return p.joint or p.table.dim() == 1 or run_codes(int(p.bits)) % p.table.shape[1] == 0
 
 
 def decode(p: TablePacked, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
