@@ -283,10 +283,10 @@ def _run_table(points: torch.Tensor, bits: float) -> torch.Tensor:
     ``points`` is a scalar codebook ``[n]`` or a vector codebook ``[m, t]``; the codes are ``w`` bits wide
     (:attr:`~kvcompress.kernels.pack.TablePacked.index_bits`), ``u`` of them per index
     (:func:`~kvcompress.kernels.pack.run_codes`), so ``E = 2^(u·w)`` indices (256 at 1, 2 and 4 bits, 1024 to
-    16384 at 5, 3 and 6, and 7 bits, 65536 at 8 bits). Entry ``i``
-    holds the ``k`` consecutive channels of the ``u`` codes of index ``i``: ``k = u`` for a scalar codebook and
-    for a vector codebook's digits (``t`` of them per point, ``t`` dividing ``u``: :func:`_runs_hold_points`),
-    ``k = u·t`` for one code per point (a fractional width). Codes past the last point read NaN.
+    16384 at 5, 3 and 6, and 7 bits, 65536 at 8 bits). Entry ``i`` holds the ``k`` consecutive channels of the
+    ``u`` codes of index ``i``: ``k = u`` for a scalar codebook and for a vector codebook's digits (``t`` of them
+    per point, ``t`` dividing ``u``: :func:`_runs_hold_points`), ``k = u·t`` for one code per point (a
+    fractional width). Codes past the last point read NaN.
     """
     vector = points.view(-1, 1) if points.dim() == 1 else points
     t, joint = vector.shape[1], bits != int(bits)
