@@ -296,9 +296,9 @@ def unpack_indices(packed: torch.Tensor, bits: int, dim: int, runs: bool = False
     torch.Tensor
         uint8 ``[..., dim]``, contiguous.
     """
+    if runs:  # each index's codes, in channel order
+        return run_slots(run_index(packed, bits, dim), bits).flatten(-2)[..., :dim].to(torch.uint8).contiguous()
     sizes = [piece_bytes(dim, p) for p in pieces(bits)]
-    if runs:
-        return _unpack_runs(packed, bits, dim, sizes)
     width, lane = _lane(packed, sizes)
     span = max(nb * (8 // p) for p, nb in zip(pieces(bits), sizes, strict=True))  # channels, padding included
     out = packed.new_empty((*packed.shape[:-1], span))
@@ -322,18 +322,6 @@ def unpack_indices(packed: torch.Tensor, bits: int, dim: int, runs: bool = False
                 dst |= src & mask
         start, shift = start + n, shift + piece
     return out if span == dim else out[..., :dim].contiguous()
-
-
-def _unpack_runs(packed: torch.Tensor, bits: int, dim: int, sizes: list[int]) -> torch.Tensor:
-    """:func:`unpack_indices` of codes packed in runs: per piece, every byte's slots shifted down at once."""
-    out = torch.zeros((*packed.shape[:-1], dim), dtype=torch.uint8, device=packed.device)
-    start, shift = 0, 0
-    for piece, nb in zip(pieces(bits), sizes, strict=True):
-        offsets = torch.arange(0, 8, piece, dtype=torch.uint8, device=packed.device)
-        slots = (packed[..., start:start + nb, None] >> offsets) & (2**piece - 1)  # [..., nb, 8 // piece]
-        out |= slots.flatten(-2)[..., :dim] << shift
-        start, shift = start + nb, shift + piece
-    return out
 
 
 def run_codes(bits: int) -> int:
