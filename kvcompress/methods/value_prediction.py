@@ -133,17 +133,17 @@ class ValuePredictor:
         ``[B, G, T, g·d]`` at positions ``start, start + 1, …``, without a prediction per token.
 
         The prediction is linear in the keys, so the weighted sum of predictions is the prediction of the
-        weighted sum: ``A [Σ_t p_t k_t; Σ_t p_t]``, one ``[q, T] × [T, d]`` product per KV head and one of
-        ``[G·q, H·d] × [H·d, G·r_v]``, where a prediction per token costs ``T × H·d × G·r_v``.
+        weighted sum: ``A [Σ_t p_t k_t; Σ_t p_t]``, one ``[q, T] × [T, d]`` product per KV head and one
+        ``[q, H·d] × [H·d, r_v]`` per group, where a prediction per token costs ``T × H·d × G·r_v``.
         """
         b, groups, q, t = probs.shape
         k = self.pre_rope(keys, start)  # [B, H, T, d]
         rows = probs.reshape(b, 1, groups * q, t)
         summed = (rows @ k).transpose(1, 2).reshape(b, groups * q, -1)  # [B, G·q, H·d]
         a, a0 = self._weight()
-        full = summed @ a.T + rows.sum(dim=-1).view(b, groups * q, 1) * a0  # every group's A: [B, G·q, G·r_v]
-        own = full.view(b, groups, q, groups, -1).diagonal(dim1=1, dim2=3)  # each query row's own group
-        return own.permute(0, 3, 1, 2)
+        a, a0 = a.view(groups, -1, a.shape[-1]), a0.view(groups, 1, -1)  # A's rows are group-major
+        weights = rows.sum(dim=-1).view(b, groups, q, 1)
+        return summed.view(b, groups, q, -1) @ a.transpose(-1, -2) + weights * a0  # [B, G, q, r_v]
 
 
 @dataclass
