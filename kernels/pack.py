@@ -296,8 +296,8 @@ def unpack_indices(packed: torch.Tensor, bits: int, dim: int, runs: bool = False
     torch.Tensor
         uint8 ``[..., dim]``, contiguous.
     """
-    if runs:  # each index's codes, in channel order
-        return run_slots(run_index(packed, bits, dim), bits).flatten(-2)[..., :dim].to(torch.uint8).contiguous()
+    if runs:
+        return _run_codes_int64(packed, bits, dim).to(torch.uint8).contiguous()
     sizes = [piece_bytes(dim, p) for p in pieces(bits)]
     width, lane = _lane(packed, sizes)
     span = max(nb * (8 // p) for p, nb in zip(pieces(bits), sizes, strict=True))  # channels, padding included
@@ -322,6 +322,11 @@ def unpack_indices(packed: torch.Tensor, bits: int, dim: int, runs: bool = False
                 dst |= src & mask
         start, shift = start + n, shift + piece
     return out if span == dim else out[..., :dim].contiguous()
+
+
+def _run_codes_int64(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The codes of a row packed in runs as int64 ``[..., dim]``: each :func:`run_index`'s codes, in channel order."""
+    return run_slots(run_index(packed, bits, dim), bits).flatten(-2)[..., :dim]
 
 
 def run_codes(bits: int) -> int:
@@ -893,7 +898,7 @@ def dequantize(p: Packed | TablePacked, dtype: torch.dtype = torch.float32,
         return unpack_dequantize(p.codes, p.scale, p.minimum, p.bits, p.group_size, p.along, p.dim, dtype, out)
     *lead, t, _ = p.codes.shape
     gt, gc = group_shape((*lead, t, p.dim), p.index_bits, p.group_size, p.along)
-    idx = unpack_indices(p.codes, p.index_bits, p.index_dim, runs=True).long()
+    idx = _run_codes_int64(p.codes, p.index_bits, p.index_dim)
     if p.table.dim() == 2 and not p.joint:  # a vector codebook: each run of t codes indexes one point of t channels
         idx = tuple_index(idx.view(*idx.shape[:-1], p.dim // p.table.shape[1], p.table.shape[1]), p.bits)
     x = p.table.float()[idx].view(*lead, t, p.dim)
