@@ -142,7 +142,7 @@ class ValuePredictor:
         summed = (rows @ k).transpose(1, 2).reshape(b, groups * q, -1)  # [B, G·q, H·d]
         a, a0 = self._weight()
         a, a0 = a.view(groups, -1, a.shape[-1]), a0.view(groups, 1, -1)  # A's rows are group-major
-        weights = rows.sum(dim=-1).view(b, groups, q, 1)
+        weights = probs.sum(dim=-1, keepdim=True)  # [B, G, q, 1]
         return summed.view(b, groups, q, -1) @ a.transpose(-1, -2) + weights * a0  # [B, G, q, r_v]
 
 
